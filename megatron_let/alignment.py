@@ -1,0 +1,97 @@
+"""The alignment loss on target layer k of one megatron-core GPTModel chunk."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_let.autoscaler import LETLossAutoScaler, aux_loss_scale
+from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
+from megatron_let.projector import build_projector, cosine_alignment_terms
+
+if TYPE_CHECKING:
+    from megatron_let.controller import LateToEarlyTraining
+
+
+class LETAlignment(MegatronModule):
+    """Submodule ``let_alignment`` of the chunk owning layer k; its hook adds the LET loss.
+
+    Being a submodule puts a learned projector into the chunk's parameters, so
+    DDP, the (distributed) optimizer and ``sharded_state_dict`` treat it like
+    any other replicated weight. Under sequence parallelism each TP rank sees
+    only its tokens, so projector weights carry ``sequence_parallel`` and their
+    gradients are all-reduced over TP like LayerNorm weights.
+    """
+
+    def __init__(self, config, let: "LateToEarlyTraining", layer: torch.nn.Module, teacher_size: int):
+        super().__init__(config)
+        cfg = let.config
+        self.projector = build_projector(cfg.projector, config.hidden_size, teacher_size,
+                                         cfg.projector_hidden_size, seed=let.seed)
+        for param in self.projector.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        object.__setattr__(self, "_let", let)  # not a submodule: it holds the teacher
+        self._hook = layer.register_forward_hook(self._after_target_layer)
+
+    def detach_hook(self) -> None:
+        """After the stop step: the target layer runs exactly as without LET."""
+        self._hook.remove()
+
+    def _after_target_layer(self, layer, args, output):
+        let = self._let
+        if let.current_lambda == 0.0 or not torch.is_grad_enabled() or not self.training:
+            return output
+        hidden, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+        tokens, loss_mask = let.take_microbatch()
+        teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask)
+        loss_sum, cos_sum = cosine_alignment_terms(hidden, teacher_local, self.projector, mask_local)
+        tokens_in_batch = mask_local.sum().to(torch.float32)
+        group = self._token_group()
+        if group is not None:
+            totals = torch.stack([loss_sum.detach(), cos_sum, tokens_in_batch])
+            dist.all_reduce(totals, group=group)
+            global_loss_sum, cos_sum, tokens_in_batch = totals.unbind()
+        else:
+            global_loss_sum = loss_sum.detach()
+        lambda_ = let.current_lambda
+        if self.config.calculate_per_token_loss:
+            aux_loss = lambda_ * loss_sum  # finalize_model_grads divides by the global token count
+        else:
+            aux_loss = lambda_ * loss_sum / tokens_in_batch.clamp(min=1)
+        let.metrics.add(lambda_ * global_loss_sum, cos_sum, tokens_in_batch)
+        scale = aux_loss_scale(self.config, let.num_microbatches,
+                               parallel_state.get_context_parallel_world_size(), hidden.device)
+        hidden = LETLossAutoScaler.apply(hidden, aux_loss, scale)
+        return (hidden, *rest) if isinstance(output, tuple) else hidden
+
+    def _token_group(self) -> Optional[dist.ProcessGroup]:
+        """Ranks holding different tokens of one micro-batch: CP, and TP under sequence parallel."""
+        sp = self.config.sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1
+        cp = parallel_state.get_context_parallel_world_size() > 1
+        if sp and cp:
+            return parallel_state.get_tensor_and_context_parallel_group()
+        if sp:
+            return parallel_state.get_tensor_model_parallel_group()
+        if cp:
+            return parallel_state.get_context_parallel_group()
+        return None
+
+    def _teacher_for_local_hidden(self, tokens: torch.Tensor, loss_mask: torch.Tensor):
+        """Teacher states and loss mask ([s_local, b]) matching this rank's target hidden states."""
+        cp_size = parallel_state.get_context_parallel_world_size()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        if cp_size > 1:  # the teacher needs the whole sequence
+            parts = [torch.empty_like(tokens) for _ in range(cp_size)]
+            dist.all_gather(parts, tokens.contiguous(), group=parallel_state.get_context_parallel_group())
+            tokens = cp_unshard(parts, seq_dim=1)
+        teacher = self._let.teacher_hidden_states(tokens)  # [s, b, h_T]
+        teacher = cp_shard(teacher, cp_size, parallel_state.get_context_parallel_rank(), seq_dim=0)
+        mask = loss_mask.transpose(0, 1)
+        if self.config.sequence_parallel and tp_size > 1:
+            tp_rank = parallel_state.get_tensor_model_parallel_rank()
+            teacher, mask = sp_shard(teacher, tp_size, tp_rank), sp_shard(mask, tp_size, tp_rank)
+        return teacher, mask

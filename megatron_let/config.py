@@ -1,0 +1,137 @@
+"""LET configuration: one validated dataclass and its Megatron-LM style argparse group."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+SCHEDULES = ("linear", "constant", "cosine")
+PROJECTORS = ("interp", "linear", "mlp")
+TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+class LETConfigError(ValueError):
+    """A user-facing configuration error: the message names the flag and the fix."""
+
+
+@dataclass
+class LETConfig:
+    """Everything LET needs besides the target model.
+
+    ``target_layer`` is 1-based and global, like megatron-core's ``layer_number``.
+    ``teacher_layer`` indexes the teacher's ``hidden_states`` tuple (``None`` = final).
+    The stop step is ``stop_iter`` or ``stop_fraction * train_iters``; after it
+    lambda is 0 and the teacher is released.
+    """
+
+    teacher: str
+    target_layer: int
+    teacher_layer: Optional[int] = None
+    lambda0: float = 0.1
+    stop_iter: Optional[int] = None
+    stop_fraction: Optional[float] = None
+    schedule: str = "linear"
+    projector: str = "interp"
+    projector_hidden_size: Optional[int] = None
+    teacher_dtype: str = "auto"
+
+    def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None) -> "LETConfig":
+        """Raise LETConfigError for a setting that cannot work; return self."""
+        if not isinstance(self.target_layer, int) or self.target_layer < 1:
+            raise LETConfigError(
+                f"--let-target-layer must be a layer number >= 1 (1-based, like Megatron's "
+                f"layer_number); got {self.target_layer}."
+            )
+        if num_layers is not None and self.target_layer > num_layers:
+            raise LETConfigError(
+                f"--let-target-layer {self.target_layer} is beyond the model's --num-layers "
+                f"{num_layers}; choose 1..{num_layers} (the paper uses an early layer, ~1/6 of depth)."
+            )
+        if not isinstance(self.lambda0, (int, float)) or not math.isfinite(self.lambda0) or self.lambda0 < 0:
+            raise LETConfigError(f"--let-lambda must be a finite number >= 0; got {self.lambda0}.")
+        if self.schedule not in SCHEDULES:
+            raise LETConfigError(f"--let-schedule must be one of {SCHEDULES}; got {self.schedule!r}.")
+        if self.projector not in PROJECTORS:
+            raise LETConfigError(f"--let-projector must be one of {PROJECTORS}; got {self.projector!r}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise LETConfigError(
+                f"--let-teacher-dtype must be one of {TEACHER_DTYPES}; got {self.teacher_dtype!r}."
+            )
+        if self.stop_iter is not None and self.stop_fraction is not None:
+            raise LETConfigError("give either --let-stop-iter or --let-stop-fraction, not both.")
+        if self.stop_iter is not None and self.stop_iter <= 0:
+            raise LETConfigError(f"--let-stop-iter must be > 0; got {self.stop_iter}.")
+        if self.stop_fraction is not None and not 0 < self.stop_fraction <= 1:
+            raise LETConfigError(f"--let-stop-fraction must be in (0, 1]; got {self.stop_fraction}.")
+        if self.stop_fraction is not None and train_iters is None:
+            raise LETConfigError("--let-stop-fraction needs --train-iters; or give --let-stop-iter.")
+        if self.stop_iter is None and self.stop_fraction is None and train_iters is None:
+            raise LETConfigError("LET needs a stop step: give --let-stop-iter (or --let-stop-fraction with --train-iters).")
+        if self.projector_hidden_size is not None and self.projector_hidden_size < 1:
+            raise LETConfigError(f"--let-projector-hidden-size must be >= 1; got {self.projector_hidden_size}.")
+        return self
+
+    def resolve_stop_iter(self, train_iters: Optional[int]) -> int:
+        """The iteration at which lambda reaches 0 (default: a quarter of training)."""
+        if self.stop_iter is not None:
+            return self.stop_iter
+        fraction = 0.25 if self.stop_fraction is None else self.stop_fraction
+        return max(1, int(round(fraction * train_iters)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM ``extra_args_provider``: adds the ``--let-*`` flags in their own group."""
+    group = parser.add_argument_group(title="late-to-early training (LET)")
+    group.add_argument("--let-teacher", type=str, default=None,
+                       help="Frozen teacher: a Hugging Face model directory. Enables LET.")
+    group.add_argument("--let-target-layer", type=int, default=None,
+                       help="1-based global layer number of the target whose output is aligned.")
+    group.add_argument("--let-teacher-layer", type=int, default=None,
+                       help="Index into the teacher's hidden_states (default: final layer).")
+    group.add_argument("--let-lambda", type=float, default=0.1,
+                       help="Initial alignment-loss weight lambda0 (paper: 0.1 at 1.4B).")
+    group.add_argument("--let-stop-iter", type=int, default=None,
+                       help="Iteration at which lambda reaches 0 and the teacher is released.")
+    group.add_argument("--let-stop-fraction", type=float, default=None,
+                       help="Stop step as a fraction of --train-iters (default 0.25).")
+    group.add_argument("--let-schedule", choices=SCHEDULES, default="linear",
+                       help="Decay of lambda to 0 at the stop step (linear = the paper).")
+    group.add_argument("--let-projector", choices=PROJECTORS, default="interp",
+                       help="interp: parameter-free 1-D interpolation of the teacher vector to the "
+                            "target width; linear / mlp: learned on the target side (REPA-style MLP).")
+    group.add_argument("--let-projector-hidden-size", type=int, default=None,
+                       help="Hidden width of the mlp projector (default: target hidden size).")
+    group.add_argument("--let-teacher-dtype", choices=TEACHER_DTYPES, default="auto",
+                       help="Teacher weights dtype (auto: bf16 on GPU, fp32 on CPU).")
+    return parser
+
+
+_ARG_NAMES = {
+    "teacher": "let_teacher", "target_layer": "let_target_layer", "teacher_layer": "let_teacher_layer",
+    "lambda0": "let_lambda", "stop_iter": "let_stop_iter", "stop_fraction": "let_stop_fraction",
+    "schedule": "let_schedule", "projector": "let_projector",
+    "projector_hidden_size": "let_projector_hidden_size", "teacher_dtype": "let_teacher_dtype",
+}
+assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}
+
+
+def let_config_from_args(args: argparse.Namespace) -> Optional[LETConfig]:
+    """Build and validate the LETConfig from parsed args; None when LET is off."""
+    if getattr(args, "let_teacher", None) is None:
+        given = [f"--{name.replace('_', '-')}" for name in ("let_target_layer", "let_teacher_layer",
+                                                           "let_stop_iter", "let_stop_fraction",
+                                                           "let_projector_hidden_size")
+                 if getattr(args, name, None) is not None]
+        if given:
+            raise LETConfigError(f"{', '.join(given)} given without --let-teacher; add --let-teacher PATH.")
+        return None
+    if args.let_target_layer is None:
+        raise LETConfigError("--let-teacher needs --let-target-layer K (e.g. 1/6 of --num-layers).")
+    config = LETConfig(**{field: getattr(args, arg) for field, arg in _ARG_NAMES.items()})
+    return config.validate(num_layers=getattr(args, "num_layers", None),
+                           train_iters=getattr(args, "train_iters", None))

@@ -1,0 +1,332 @@
+"""Run megatron-core on a CPU-only machine (gloo backend).
+
+megatron-core hard-codes CUDA in a few places that CPU training reaches:
+``torch.cuda.current_device()`` / ``device="cuda"`` allocations,
+``torch.cuda.synchronize()``, the CUDA RNG state, ``Tensor.cuda()`` and
+``param.type() == "torch.cuda.FloatTensor"`` checks.  ``enable_cpu_megatron()``
+redirects exactly those, at runtime, and only when ``torch.cuda.is_available()``
+is False; with CUDA it does nothing.  No megatron source is edited or copied.
+
+How (three mechanisms, every target listed in the tables below):
+
+1. ``_TORCH_ON_CPU_MODULES``: the module-global ``torch`` of a few megatron
+   modules is replaced by ``_TorchOnCpu``, a stand-in that forwards everything
+   to the real ``torch`` except: tensor factories given a CUDA ``device`` build
+   on CPU, and ``torch.cuda.current_device`` -> ``cpu``,
+   ``torch.cuda.synchronize`` -> no-op, ``torch.cuda.get_rng_state`` /
+   ``manual_seed`` -> the CPU generator.  Nothing outside these modules sees
+   the stand-in, so other libraries are unaffected.
+2. ``_CUDA_LOOKING_TENSORS``: methods that call ``Tensor.cuda()`` or compare
+   ``Tensor.type()`` with ``"torch.cuda.*Tensor"`` are wrapped so that, only
+   for the duration of the call, ``Tensor.cuda()`` returns the tensor itself and
+   ``Tensor.type()`` of a CPU tensor reports its ``torch.cuda.*`` name.
+3. Two single-purpose patches: the RNG tracker's state get/set helpers use the
+   CPU generator (so ``model_parallel_cuda_manual_seed`` gives seeded,
+   TP-rank-aware dropout exactly like on GPU, with the tracker's own logic);
+   and ``WrappedTorchNorm`` (torch LayerNorm/RMSNorm of the local spec) accepts
+   ``sequence_parallel`` and tags its weights so their grads are all-reduced
+   across TP, as megatron's fused norms do.
+
+Not covered (they need CUDA-only code, not a redirection): TransformerEngine,
+context parallelism, CUDA graphs, multiple distributed-optimizer instances,
+overlapped communication streams, CPU offloading of the optimizer.
+
+Traps seen on gloo (not fixable here): interleaved PP with
+``batch_p2p_comm=True`` gives silently wrong losses (use
+``batch_p2p_comm=False, batch_p2p_sync=False``); the torch_dist saver starts a
+helper process that re-imports ``__main__`` (guard scripts with
+``if __name__ == "__main__"`` and call ``enable_cpu_megatron()`` there too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib
+import logging
+import re
+import types
+import warnings
+
+import torch
+
+__all__ = ["enable_cpu_megatron"]
+
+# megatron-core versions this was verified with (the smoke test
+# tests/cpu_compat_smoke.py passes on them); older than _MIN_VERSION is refused.
+_VERIFIED_RANGE = ((0, 16, 0), (0, 17, 0))  # [low, high)
+_MIN_VERSION = (0, 13, 0)
+
+# 1. Modules whose global ``torch`` becomes ``_TorchOnCpu``: why each one.
+_TORCH_ON_CPU_MODULES = {
+    "megatron.core.utils": "GlobalMemoryBuffer.get_tensor and the local "
+    "multi_tensor_l2_norm (grad norm) allocate on CUDA",
+    "megatron.core.transformer.utils": "get_default_causal_mask: device='cuda'",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq / "
+    "rotary freqs moved to torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.mappings": "gather/reduce-scatter outputs "
+    "allocated on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.layers": "sequence-parallel all-gather "
+    "buffers allocated on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.random": "RNG tracker seeds and reads "
+    "torch.cuda RNG state (see also _patch_rng_tracker)",
+    "megatron.core.pipeline_parallel.schedules": "token counter "
+    "torch.zeros(..., device='cuda')",
+    "megatron.core.pipeline_parallel.p2p_communication": "shape/recv buffers on "
+    "torch.cuda.current_device(); torch.cuda.synchronize()",
+    "megatron.core.distributed.param_and_grad_buffer": "param/grad buffers on "
+    "torch.cuda.current_device()",
+    "megatron.core.distributed.distributed_data_parallel": "torch.cuda.synchronize "
+    "in buffer offload/restore",
+    "megatron.core.optimizer.optimizer": "found_inf / scale tensors on 'cuda'",
+    "megatron.core.optimizer.distrib_optimizer": "gather/scatter buffers on "
+    "torch.cuda.current_device()",
+    "megatron.core.optimizer.clip_grads": "grad-norm / zero-count tensors on 'cuda'",
+    "megatron.core.optimizer.grad_scaler": "loss-scale tensors on 'cuda' (fp16)",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "writer calls "
+    "torch.cuda.synchronize after the host copy",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save "
+    "verification all-reduce tensors on 'cuda'",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "liveness "
+    "all-reduce on torch.cuda.current_device(); torch.cuda.synchronize",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": "torch.cuda.synchronize",
+    "megatron.core.dist_checkpointing.exchange_utils": "exchange buffers on 'cuda'",
+}
+
+# 2. (module, "Class.method" or "function"): why it needs CUDA-looking tensors.
+_CUDA_LOOKING_TENSORS = {
+    ("megatron.core.optimizer.distrib_optimizer",
+     "DistributedOptimizer._build_model_and_main_param_groups"):
+        "raises TypeError unless param.type() is torch.cuda.{Float,Half,BFloat16}Tensor",
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"):
+        "same type() check for bf16/fp16 params",
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"):
+        "asserts grad.type() == 'torch.cuda.FloatTensor' (the name optimizer.py calls)",
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"):
+        "same function, for direct callers",
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer"):
+        "weight.data.cuda() before the tied-embedding all-reduce (PP > 1)",
+}
+
+_log = logging.getLogger(__name__)
+_ENABLED = False
+
+
+# --------------------------------------------------------------------------
+# 1. the torch stand-in
+# --------------------------------------------------------------------------
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _factory_on_cpu(factory):
+    """Wrap a torch tensor factory: a CUDA ``device=`` becomes CPU."""
+
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+            kwargs.pop("pin_memory", None)
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+class _CudaOnCpu(types.ModuleType):
+    """``torch.cuda`` as the patched modules see it."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        self.current_device = lambda: torch.device("cpu")
+        self.synchronize = lambda device=None: None
+        self.get_rng_state = lambda device="cuda": torch.get_rng_state()
+        self.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+        self.manual_seed = lambda seed: torch.manual_seed(seed)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like",
+              "zeros_like", "ones_like", "full_like", "rand", "randn", "randint")
+
+
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` as the patched modules see it: everything else is the real one."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCpu()
+        for name in _FACTORIES:
+            setattr(self, name, _factory_on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------
+# 2. CUDA-looking tensors for the duration of one call
+# --------------------------------------------------------------------------
+@contextlib.contextmanager
+def _cuda_looking_tensors():
+    """Temporarily: ``t.cuda()`` -> ``t``; ``t.type()`` of a CPU tensor -> 'torch.cuda.X'."""
+    saved = {name: torch.Tensor.__dict__.get(name) for name in ("type", "cuda")}
+    real_type = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        name = real_type(self, *args, **kwargs)
+        if not args and not kwargs and self.device.type == "cpu":
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    torch.Tensor.type = type_
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        for name, attr in saved.items():
+            if attr is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, attr)
+
+
+def _with_cuda_looking_tensors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_looking_tensors():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _resolve(module_name: str, path: str):
+    """(owner, attribute name, raw attribute) for 'func' or 'Class.method'."""
+    module = importlib.import_module(module_name)
+    owner_name, _, attr = path.rpartition(".")
+    owner = getattr(module, owner_name) if owner_name else module
+    return owner, attr, vars(owner)[attr]
+
+
+def _wrap(owner, attr: str, raw) -> None:
+    if isinstance(raw, staticmethod):
+        setattr(owner, attr, staticmethod(_with_cuda_looking_tensors(raw.__func__)))
+    else:
+        setattr(owner, attr, _with_cuda_looking_tensors(raw))
+
+
+# --------------------------------------------------------------------------
+# 3. RNG tracker and torch norms
+# --------------------------------------------------------------------------
+def _patch_rng_tracker(random) -> None:
+    """Make megatron's CudaRNGStatesTracker track CPU generator states.
+
+    With the torch stand-in, ``tracker.add`` seeds/reads the CPU generator; the
+    two helpers below are what ``fork`` and activation recompute use to swap
+    states.  The tracker keeps its own seeding (``seed + 2718 + tp_rank`` for the
+    model-parallel state), so dropout stays seeded and TP-rank-aware.
+    """
+    random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(
+        new_state
+    )
+
+    class _DropSameGeneratorWarning(logging.Filter):
+        # fork() warns if the CPU generator moved inside a "GPU" RNG context;
+        # on CPU the tracked generator *is* the CPU generator, so it always does.
+        def filter(self, record):
+            return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+    logging.getLogger(random.__name__).addFilter(_DropSameGeneratorWarning())
+
+
+def _patch_torch_norm(cls) -> None:
+    """Let torch LayerNorm/RMSNorm (local spec) run under sequence parallelism.
+
+    The norm acts per token, so it is correct on a sequence shard; its weight
+    grads are partial per TP rank, and megatron all-reduces the grads of params
+    tagged ``sequence_parallel`` across TP (finalize_model_grads).
+    """
+    real_new = cls.__new__
+
+    def __new__(klass, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return real_new(klass, config, *args, **kwargs)
+        no_sp = copy.copy(config)
+        no_sp.sequence_parallel = False
+        norm = real_new(klass, no_sp, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    cls.__new__ = staticmethod(__new__)
+
+
+# --------------------------------------------------------------------------
+def _megatron_version() -> tuple:
+    from megatron.core import package_info
+
+    return tuple(int(x) for x in re.findall(r"\d+", package_info.__version__)[:3])
+
+
+def _check_version() -> None:
+    version = _megatron_version()
+    shown = ".".join(map(str, version))
+    if version < _MIN_VERSION:
+        raise RuntimeError(
+            f"megatron_let.cpu_compat supports megatron-core >= "
+            f"{'.'.join(map(str, _MIN_VERSION))}; found {shown}."
+        )
+    low, high = _VERIFIED_RANGE
+    if not low <= version < high:
+        warnings.warn(
+            f"megatron_let.cpu_compat was verified with megatron-core "
+            f"[{'.'.join(map(str, low))}, {'.'.join(map(str, high))}); found {shown}. "
+            "Run tests/cpu_compat_smoke.py before trusting CPU results.",
+            stacklevel=3,
+        )
+
+
+def enable_cpu_megatron() -> bool:
+    """Apply the CPU redirections if CUDA is unavailable (idempotent).
+
+    Returns True if it patched anything (i.e. on the first call on a CPU-only
+    machine), False otherwise.  Raises RuntimeError for a megatron-core that is
+    too old or whose layout no longer matches the tables above.
+    """
+    global _ENABLED
+    if _ENABLED or torch.cuda.is_available():
+        return False
+    _check_version()
+
+    try:  # resolve every target first, so a layout change patches nothing
+        modules = [importlib.import_module(name) for name in _TORCH_ON_CPU_MODULES]
+        for module in modules:
+            if module.__dict__.get("torch") is not torch:
+                raise AttributeError(f"{module.__name__} has no global 'torch'")
+        wrap_targets = [_resolve(name, path) for name, path in _CUDA_LOOKING_TENSORS]
+        random = importlib.import_module("megatron.core.tensor_parallel.random")
+        torch_norm = importlib.import_module("megatron.core.transformer.torch_norm")
+        for attr in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+            getattr(random, attr)
+        norm_cls = torch_norm.WrappedTorchNorm
+    except (ImportError, AttributeError, KeyError) as exc:
+        raise RuntimeError(
+            f"megatron_let.cpu_compat: megatron-core {_megatron_version()} does not "
+            f"have the layout this module patches ({exc!r})."
+        ) from exc
+
+    stand_in = _TorchOnCpu()
+    for module in modules:
+        module.torch = stand_in
+    for owner, attr, raw in wrap_targets:
+        _wrap(owner, attr, raw)
+    _patch_rng_tracker(random)
+    _patch_torch_norm(norm_cls)
+    _ENABLED = True
+    _log.info("megatron-core CPU redirections enabled")
+    return True
