@@ -213,8 +213,8 @@ def _resolve(module_name: str, path: str):
 
 
 def _wrap(owner, attr: str, raw) -> None:
-    if isinstance(raw, staticmethod):
-        setattr(owner, attr, staticmethod(_with_cuda_looking_tensors(raw.__func__)))
+    if isinstance(raw, (staticmethod, classmethod)):
+        setattr(owner, attr, type(raw)(_with_cuda_looking_tensors(raw.__func__)))
     else:
         setattr(owner, attr, _with_cuda_looking_tensors(raw))
 

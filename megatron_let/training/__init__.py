@@ -1,0 +1,1 @@
+"""A lean GPT trainer assembled from megatron-core parts (used when Megatron-LM is absent)."""

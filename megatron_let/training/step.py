@@ -1,0 +1,76 @@
+"""One GPT micro-batch step (Megatron-LM's pretrain_gpt conventions) and one training iteration."""
+
+from functools import partial
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from megatron_let.controller import LateToEarlyTraining
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron-LM's three-value loss: summed masked loss, token count, and the logging pair."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1), num_tokens.float().view(1)])}
+
+
+def forward_step(data_iterator: Iterator, model, let: Optional[LateToEarlyTraining] = None):
+    """Fetch this micro-batch on every stage (LET's stage needs the tokens too), then run the chunk."""
+    batch = get_batch_on_this_cp_rank(dict(next(data_iterator)))
+    if let is not None:
+        let.set_microbatch(batch["tokens"], batch["loss_mask"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _reduce_lm_loss(losses_reduced: List[Dict[str, torch.Tensor]]) -> Optional[float]:
+    """Token-weighted LM loss of the iteration over micro-batches and DP ranks, on every rank."""
+    pair = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for item in losses_reduced:
+            pair += item["lm loss"].double().cpu()
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        pair = pair.to(device)
+        dist.all_reduce(pair, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        dist.all_reduce(pair, group=parallel_state.get_pipeline_model_parallel_group())
+        pair = pair.cpu()
+    return (pair[0] / pair[1]).item() if pair[1] > 0 else None
+
+
+def train_step(data_iterator, model: List, optimizer, let: Optional[LateToEarlyTraining],
+               iteration: int, num_microbatches: int, seq_length: int, micro_batch_size: int,
+               forward_only: bool = False) -> Dict[str, float]:
+    """One iteration: schedule forward/backward over all micro-batches, optimizer step, metrics."""
+    if let is not None:
+        let.begin_iteration(iteration, num_microbatches)
+    if not forward_only:
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+    losses_reduced = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, let=let),
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    metrics = {"lm loss": _reduce_lm_loss(losses_reduced)}
+    if not forward_only:
+        update_successful, grad_norm, _ = optimizer.step()
+        metrics["grad norm"] = grad_norm
+        metrics["skipped"] = 0.0 if update_successful else 1.0
+    if let is not None and not forward_only:
+        metrics.update(let.report())
+    return metrics

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny real Hugging Face teacher on disk and a torchrun launcher."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKERS = os.path.join(ROOT, "tests", "workers")
+
+
+def make_tiny_llama(path: str, vocab_size: int = 128, hidden_size: int = 48, seed: int = 0) -> str:
+    """A randomly initialised Llama causal LM saved with save_pretrained (safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> str:
+    return make_tiny_llama(str(tmp_path_factory.mktemp("teacher") / "tiny-llama"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, nproc: int, args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a worker under torchrun on CPU; fail the test with its output when it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", script, *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore",
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_layout(tmp_path, name: str, nproc: int, args) -> dict:
+    out = tmp_path / f"{name}.json"
+    torchrun(os.path.join(WORKERS, "layout_worker.py"), nproc, [*args, "--out", out])
+    return json.loads(out.read_text())

@@ -1,0 +1,131 @@
+"""Trains a tiny GPTModel with LET under one parallel layout and writes per-iteration numbers.
+
+Run under torchrun. All layouts load the same initial weights (a torch_dist
+checkpoint written once with ``--save-ref``), see the same global batches, and
+record lm loss, let loss/cos/lambda, grad norm and a teacher weight checksum.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+
+from megatron_let import LateToEarlyTraining, LETConfig  # noqa: E402
+from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp  # noqa: E402
+from megatron_let.training.model import build_gpt_chunks  # noqa: E402
+from megatron_let.training.step import train_step  # noqa: E402
+
+VOCAB, SEQ, MBS = 128, 32, 2
+
+
+def parse():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--sp", action="store_true")
+    p.add_argument("--dist-opt", action="store_true")
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--teacher", default=None, help="HF teacher dir; no LET when absent")
+    p.add_argument("--target-layer", type=int, default=2)
+    p.add_argument("--lambda0", type=float, default=0.5)
+    p.add_argument("--stop-iter", type=int, default=100)
+    p.add_argument("--projector", default="linear")
+    p.add_argument("--per-token-loss", action="store_true")
+    p.add_argument("--save-ref", default=None)
+    p.add_argument("--load-ref", default=None)
+    p.add_argument("--out", required=True)
+    return p.parse_args()
+
+
+def global_batch(iteration: int, size: int):
+    """Deterministic token batch for one iteration; some EOD (0) tokens give loss-mask zeros."""
+    gen = torch.Generator().manual_seed(1000 + iteration)
+    data = torch.randint(1, VOCAB, (size, SEQ + 1), generator=gen)
+    data[torch.rand(size, SEQ + 1, generator=gen) < 0.1] = 0
+    return data
+
+
+def microbatches(iteration: int, args):
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    data = global_batch(iteration, args.global_batch)
+    per_rank = args.global_batch // dp_size
+    local = data[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    for start in range(0, per_rank, MBS):
+        chunk = local[start:start + MBS]
+        tokens, labels = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+        yield {"tokens": tokens, "labels": labels, "loss_mask": (tokens != 0).float(),
+               "position_ids": torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], SEQ).contiguous(),
+               "attention_mask": None}
+
+
+def main():
+    args = parse()
+    initialize_parallel(tp=args.tp, pp=args.pp, vpp=args.vpp, seed=1234)
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=args.vpp, sequence_parallel=args.sp,
+        pipeline_dtype=torch.float32, params_dtype=torch.float32, use_cpu_initialization=True,
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        batch_p2p_sync=False, batch_p2p_comm=False, calculate_per_token_loss=args.per_token_loss,
+    )
+    let = None
+    if args.teacher:
+        let = LateToEarlyTraining(LETConfig(teacher=args.teacher, target_layer=args.target_layer,
+                                            lambda0=args.lambda0, stop_iter=args.stop_iter,
+                                            projector=args.projector))
+    chunks = build_gpt_chunks(config, VOCAB, SEQ, let=let)
+    if args.save_ref:
+        os.makedirs(args.save_ref, exist_ok=True)
+        dist_checkpointing.save(chunks[0].sharded_state_dict(), args.save_ref)
+        return
+    if args.load_ref:
+        if len(chunks) == 1:
+            state = dist_checkpointing.load(chunks[0].sharded_state_dict(), args.load_ref)
+            chunks[0].load_state_dict(state)
+        else:  # interleaved: one load call for all chunks
+            sharded = {f"model{i}": c.sharded_state_dict(prefix="") for i, c in enumerate(chunks)}
+            state = dist_checkpointing.load(sharded, args.load_ref)
+            for i, chunk in enumerate(chunks):
+                chunk.load_state_dict(state[f"model{i}"])
+    model = wrap_ddp(chunks, use_distributed_optimizer=args.dist_opt)
+    optimizer = build_optimizer(model, OptimizerConfig(
+        optimizer="adam", lr=1e-3, weight_decay=0.01, clip_grad=1.0, bf16=False, fp16=False,
+        use_distributed_optimizer=args.dist_opt))
+    dp_size = parallel_state.get_data_parallel_world_size()
+    num_microbatches = args.global_batch // dp_size // MBS
+    teacher_before = None
+    records = []
+    for iteration in range(args.iters):
+        iterators = [microbatches(iteration, args) for _ in model]
+        metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, let,
+                             iteration, num_microbatches, SEQ, MBS)
+        if let is not None and let.owns_target_layer and let._teacher is not None:
+            teacher_params = list(let._teacher.model.parameters())
+            checksum = sum(p.double().sum().item() for p in teacher_params)
+            metrics["teacher checksum"] = checksum
+            metrics["teacher has grad"] = any(p.grad is not None for p in teacher_params)
+            teacher_before = checksum if teacher_before is None else teacher_before
+        records.append(metrics)
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        with open(args.out, "w") as f:
+            json.dump({"records": records, "teacher_first_checksum": teacher_before}, f)
+
+
+if __name__ == "__main__":
+    main()
