@@ -57,12 +57,13 @@ def build_projector(kind: str, target_size: int, teacher_size: int,
     """
     if kind == "interp":
         return InterpolationProjector(target_size, teacher_size)
-    if kind == "linear":
-        projector = LinearProjector(target_size, teacher_size)
-    elif kind == "mlp":
-        projector = MLPProjector(target_size, teacher_size, hidden_size)
-    else:
-        raise ValueError(f"unknown projector {kind!r}")
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global stream
+        if kind == "linear":
+            projector = LinearProjector(target_size, teacher_size)
+        elif kind == "mlp":
+            projector = MLPProjector(target_size, teacher_size, hidden_size)
+        else:
+            raise ValueError(f"unknown projector {kind!r}")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in projector.modules():

@@ -52,3 +52,35 @@ def run_layout(tmp_path, name: str, nproc: int, args) -> dict:
     out = tmp_path / f"{name}.json"
     torchrun(os.path.join(WORKERS, "layout_worker.py"), nproc, [*args, "--out", out])
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def megatron_world1():
+    """megatron-core process groups for a single process (TP=PP=CP=DP=1), in this pytest process."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_let.training.components import initialize_parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    initialize_parallel(seed=1234)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def tiny_transformer_config(num_layers: int = 2, **overrides):
+    """A small fp32 LLaMA-style TransformerConfig with the CPU-friendly switches."""
+    import torch
+    from megatron.core.transformer import TransformerConfig
+
+    kwargs = dict(
+        num_layers=num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        pipeline_dtype=torch.float32, params_dtype=torch.float32, use_cpu_initialization=True,
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        batch_p2p_sync=False, batch_p2p_comm=False)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

@@ -93,6 +93,8 @@ def main():
     if args.save_ref:
         os.makedirs(args.save_ref, exist_ok=True)
         dist_checkpointing.save(chunks[0].sharded_state_dict(), args.save_ref)
+        with open(args.out, "w") as f:
+            json.dump({"saved": args.save_ref}, f)
         return
     if args.load_ref:
         if len(chunks) == 1:

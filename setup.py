@@ -1,0 +1,31 @@
+"""megatron-let: Late-to-Early Training for Megatron-Core GPT pretraining."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-let",
+    version="0.1.0",
+    description="Late-to-Early Training (LET) plugin for NVIDIA Megatron-Core / Megatron-LM GPT pretraining",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_let", "megatron_let.*"]),
+    py_modules=["pretrain_gpt_let"],
+    install_requires=[
+        # torch is not pinned here: on CPU machines install torch==2.13.0 first (.ci/run does),
+        # so pip never pulls a multi-GB CUDA build.
+        "torch>=2.4",
+        "megatron-core>=0.13,<0.17",
+        "transformers>=4.56",
+        "safetensors",
+        "psutil",  # needed by megatron-core's torch_dist checkpoint writer
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis"],
+        "quickstart": ["matplotlib", "tensorboard"],
+        "gguf": ["gguf"],
+        # GPU only: never installed on CPU machines or in CI.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)
