@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import make_viewless_tensor
 
 from megatron_let.autoscaler import LETLossAutoScaler, aux_loss_scale
 from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
@@ -65,7 +66,9 @@ class LETAlignment(MegatronModule):
         let.metrics.add(lambda_ * global_loss_sum, cos_sum, tokens_in_batch)
         scale = aux_loss_scale(self.config, let.num_microbatches,
                                parallel_state.get_context_parallel_world_size(), hidden.device)
-        hidden = LETLossAutoScaler.apply(hidden, aux_loss, scale)
+        # viewless, as megatron-core keeps layer outputs: pipeline stages free them after sending
+        hidden = make_viewless_tensor(LETLossAutoScaler.apply(hidden, aux_loss, scale),
+                                      requires_grad=True, keep_graph=True)
         return (hidden, *rest) if isinstance(output, tuple) else hidden
 
     def _token_group(self) -> Optional[dist.ProcessGroup]:

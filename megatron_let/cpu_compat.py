@@ -1,41 +1,43 @@
 """Run megatron-core on a CPU-only machine (gloo backend).
 
-megatron-core hard-codes CUDA in a few places that CPU training reaches:
+megatron-core hard-codes CUDA in the places CPU training reaches:
 ``torch.cuda.current_device()`` / ``device="cuda"`` allocations,
 ``torch.cuda.synchronize()``, the CUDA RNG state, ``Tensor.cuda()`` and
 ``param.type() == "torch.cuda.FloatTensor"`` checks.  ``enable_cpu_megatron()``
 redirects exactly those, at runtime, and only when ``torch.cuda.is_available()``
-is False; with CUDA it does nothing.  No megatron source is edited or copied.
+is False; with CUDA it does nothing.  No megatron file is edited or copied.
 
-How (three mechanisms, every target listed in the tables below):
+Three mechanisms; every target is listed, with its reason, in a table below:
 
-1. ``_TORCH_ON_CPU_MODULES``: the module-global ``torch`` of a few megatron
-   modules is replaced by ``_TorchOnCpu``, a stand-in that forwards everything
-   to the real ``torch`` except: tensor factories given a CUDA ``device`` build
-   on CPU, and ``torch.cuda.current_device`` -> ``cpu``,
-   ``torch.cuda.synchronize`` -> no-op, ``torch.cuda.get_rng_state`` /
-   ``manual_seed`` -> the CPU generator.  Nothing outside these modules sees
-   the stand-in, so other libraries are unaffected.
-2. ``_CUDA_LOOKING_TENSORS``: methods that call ``Tensor.cuda()`` or compare
-   ``Tensor.type()`` with ``"torch.cuda.*Tensor"`` are wrapped so that, only
-   for the duration of the call, ``Tensor.cuda()`` returns the tensor itself and
-   ``Tensor.type()`` of a CPU tensor reports its ``torch.cuda.*`` name.
-3. Two single-purpose patches: the RNG tracker's state get/set helpers use the
-   CPU generator (so ``model_parallel_cuda_manual_seed`` gives seeded,
-   TP-rank-aware dropout exactly like on GPU, with the tracker's own logic);
-   and ``WrappedTorchNorm`` (torch LayerNorm/RMSNorm of the local spec) accepts
-   ``sequence_parallel`` and tags its weights so their grads are all-reduced
-   across TP, as megatron's fused norms do.
+1. ``_TORCH_ON_CPU_MODULES``: the module-global ``torch`` of these megatron
+   modules becomes ``_TorchOnCpu``, which forwards everything to the real
+   ``torch`` except: a tensor factory given a CUDA ``device`` builds on CPU;
+   ``torch.cuda.current_device()`` is ``cpu``; ``torch.cuda.synchronize()`` is
+   a no-op; ``torch.cuda.get_rng_state/set_rng_state/manual_seed`` act on the
+   CPU generator.  Code outside these modules never sees it.
+2. ``_CUDA_LOOKING_TENSORS``: functions that call ``Tensor.cuda()`` or compare
+   ``Tensor.type()`` with ``"torch.cuda.*Tensor"`` are wrapped; only while
+   they run, ``t.cuda()`` returns ``t`` and a CPU tensor's ``type()`` reads
+   ``torch.cuda.<X>Tensor``.
+3. ``_SINGLE_PATCHES``: four small patches whose docstrings say why (RNG
+   tracker on the CPU generator, torch norms under sequence parallelism,
+   unbatched P2P on gloo, ``ShardedTensor.init_data``).
 
-Not covered (they need CUDA-only code, not a redirection): TransformerEngine,
-context parallelism, CUDA graphs, multiple distributed-optimizer instances,
-overlapped communication streams, CPU offloading of the optimizer.
+Verified by tests/cpu_compat_smoke.py (TP, TP+SP, PP, interleaved PP, DP,
+distributed optimizer, torch_dist and fully parallel save/load reproduce the
+single-process losses and grad norms to < 1e-6 relative in fp32).
 
-Traps seen on gloo (not fixable here): interleaved PP with
-``batch_p2p_comm=True`` gives silently wrong losses (use
-``batch_p2p_comm=False, batch_p2p_sync=False``); the torch_dist saver starts a
-helper process that re-imports ``__main__`` (guard scripts with
-``if __name__ == "__main__"`` and call ``enable_cpu_megatron()`` there too).
+Not covered (CUDA-only code, not a redirection): TransformerEngine, context
+parallelism, CUDA graphs, several distributed-optimizer instances, overlapped
+communication streams, optimizer CPU offloading, fp16 loss scaling, async save.
+
+Behaviour to know on CPU:
+- The tracker's default state *is* torch's global CPU generator: weight init
+  (``use_cpu_initialization``), dropout outside TP regions and anything else
+  drawing from it (e.g. a DataLoader without its own generator) share one
+  stream, so give data loaders their own ``torch.Generator``.
+- The torch_dist saver starts a helper process that re-imports ``__main__``:
+  guard scripts with ``if __name__ == "__main__"``.
 """
 
 from __future__ import annotations
@@ -77,19 +79,14 @@ _TORCH_ON_CPU_MODULES = {
     "torch.cuda.current_device(); torch.cuda.synchronize()",
     "megatron.core.distributed.param_and_grad_buffer": "param/grad buffers on "
     "torch.cuda.current_device()",
-    "megatron.core.distributed.distributed_data_parallel": "torch.cuda.synchronize "
-    "in buffer offload/restore",
     "megatron.core.optimizer.optimizer": "found_inf / scale tensors on 'cuda'",
     "megatron.core.optimizer.distrib_optimizer": "gather/scatter buffers on "
     "torch.cuda.current_device()",
     "megatron.core.optimizer.clip_grads": "grad-norm / zero-count tensors on 'cuda'",
-    "megatron.core.optimizer.grad_scaler": "loss-scale tensors on 'cuda' (fp16)",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "writer calls "
     "torch.cuda.synchronize after the host copy",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save "
     "verification all-reduce tensors on 'cuda'",
-    "megatron.core.dist_checkpointing.strategies.async_utils": "liveness "
-    "all-reduce on torch.cuda.current_device(); torch.cuda.synchronize",
     "megatron.core.dist_checkpointing.strategies.fully_parallel": "torch.cuda.synchronize",
     "megatron.core.dist_checkpointing.exchange_utils": "exchange buffers on 'cuda'",
 }
@@ -103,8 +100,8 @@ _CUDA_LOOKING_TENSORS = {
         "same type() check for bf16/fp16 params",
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"):
         "asserts grad.type() == 'torch.cuda.FloatTensor' (the name optimizer.py calls)",
-    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"):
-        "same function, for direct callers",
+    ("megatron.core.dist_checkpointing.strategies.fully_parallel", "exchange_by_distribution"):
+        "fully parallel load: exchanged shards are moved with .cuda()",
     ("megatron.core.models.common.language_module.language_module",
      "LanguageModule.setup_embeddings_and_output_layer"):
         "weight.data.cuda() before the tied-embedding all-reduce (PP > 1)",
@@ -220,7 +217,7 @@ def _wrap(owner, attr: str, raw) -> None:
 
 
 # --------------------------------------------------------------------------
-# 3. RNG tracker and torch norms
+# 3. single-purpose patches (each takes the megatron module it patches)
 # --------------------------------------------------------------------------
 def _patch_rng_tracker(random) -> None:
     """Make megatron's CudaRNGStatesTracker track CPU generator states.
@@ -244,13 +241,14 @@ def _patch_rng_tracker(random) -> None:
     logging.getLogger(random.__name__).addFilter(_DropSameGeneratorWarning())
 
 
-def _patch_torch_norm(cls) -> None:
+def _patch_torch_norm(torch_norm) -> None:
     """Let torch LayerNorm/RMSNorm (local spec) run under sequence parallelism.
 
     The norm acts per token, so it is correct on a sequence shard; its weight
     grads are partial per TP rank, and megatron all-reduces the grads of params
     tagged ``sequence_parallel`` across TP (finalize_model_grads).
     """
+    cls = torch_norm.WrappedTorchNorm
     real_new = cls.__new__
 
     def __new__(klass, config, *args, **kwargs):
@@ -264,6 +262,50 @@ def _patch_torch_norm(cls) -> None:
         return norm
 
     cls.__new__ = staticmethod(__new__)
+
+
+def _patch_batched_p2p(p2p) -> None:
+    """``batch_p2p_comm=True`` uses megatron's unbatched P2P ops on CPU.
+
+    With gloo, ``batch_isend_irecv`` matches the messages between two ranks in
+    posting order.  With PP=2 the previous and the next stage are the same
+    rank, so when the interleaved schedule sends and receives in both
+    directions at once the tensors land in swapped buffers: wrong losses, no
+    error.  ``_p2p_ops`` keeps the two directions apart (two process groups).
+    """
+    unbatched = p2p._p2p_ops
+
+    def _batched_p2p_ops(**kwargs):
+        return list(unbatched(**kwargs).values())
+
+    p2p._batched_p2p_ops = _batched_p2p_ops
+
+
+def _patch_sharded_tensor_init(mapping) -> None:
+    """``ShardedTensor.init_data("cuda")`` (fully parallel load) allocates on CPU.
+
+    Its default ``init_fn=torch.empty`` is bound at import, out of reach of the
+    torch stand-in, so the device argument is redirected here instead.
+    """
+    cls = mapping.ShardedTensor
+    real_init_data = cls.init_data
+
+    @functools.wraps(real_init_data)
+    def init_data(self, device, *args, **kwargs):
+        return real_init_data(self, "cpu" if _is_cuda_device(device) else device, *args, **kwargs)
+
+    cls.init_data = init_data
+
+
+# 3. module -> (attributes it must have, patch function); see each docstring.
+_SINGLE_PATCHES = {
+    "megatron.core.tensor_parallel.random": (
+        ("_get_cuda_rng_state", "_set_cuda_rng_state"), _patch_rng_tracker),
+    "megatron.core.transformer.torch_norm": (("WrappedTorchNorm",), _patch_torch_norm),
+    "megatron.core.pipeline_parallel.p2p_communication": (
+        ("_batched_p2p_ops", "_p2p_ops"), _patch_batched_p2p),
+    "megatron.core.dist_checkpointing.mapping": (("ShardedTensor",), _patch_sharded_tensor_init),
+}
 
 
 # --------------------------------------------------------------------------
@@ -306,14 +348,15 @@ def enable_cpu_megatron() -> bool:
     try:  # resolve every target first, so a layout change patches nothing
         modules = [importlib.import_module(name) for name in _TORCH_ON_CPU_MODULES]
         for module in modules:
-            if module.__dict__.get("torch") is not torch:
+            if vars(module).get("torch") is not torch:
                 raise AttributeError(f"{module.__name__} has no global 'torch'")
         wrap_targets = [_resolve(name, path) for name, path in _CUDA_LOOKING_TENSORS]
-        random = importlib.import_module("megatron.core.tensor_parallel.random")
-        torch_norm = importlib.import_module("megatron.core.transformer.torch_norm")
-        for attr in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
-            getattr(random, attr)
-        norm_cls = torch_norm.WrappedTorchNorm
+        single = []
+        for name, (attrs, patch) in _SINGLE_PATCHES.items():
+            module = importlib.import_module(name)
+            for attr in attrs:
+                getattr(module, attr)
+            single.append((patch, module))
     except (ImportError, AttributeError, KeyError) as exc:
         raise RuntimeError(
             f"megatron_let.cpu_compat: megatron-core {_megatron_version()} does not "
@@ -325,8 +368,8 @@ def enable_cpu_megatron() -> bool:
         module.torch = stand_in
     for owner, attr, raw in wrap_targets:
         _wrap(owner, attr, raw)
-    _patch_rng_tracker(random)
-    _patch_torch_norm(norm_cls)
+    for patch, module in single:
+        patch(module)
     _ENABLED = True
     _log.info("megatron-core CPU redirections enabled")
     return True

@@ -48,12 +48,18 @@ class HFTeacher:
     def __init__(self, path: str, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None, layer: Optional[int] = None):
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
         self.path = _check_dir(path)
         self.layer = layer
         device = device or (torch.device("cuda", torch.cuda.current_device())
                             if torch.cuda.is_available() else torch.device("cpu"))
-        model = AutoModel.from_pretrained(self.path, dtype=dtype, local_files_only=True)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the skipped LM head is intended, not worth a warning
+        try:
+            model = AutoModel.from_pretrained(self.path, dtype=dtype, local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.model = model.to(device).eval().requires_grad_(False)
         self.hidden_size = self.model.config.hidden_size
         self.device = device

@@ -31,8 +31,8 @@ def forward_step(data_iterator: Iterator, model, let: Optional[LateToEarlyTraini
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def _reduce_lm_loss(losses_reduced: List[Dict[str, torch.Tensor]]) -> Optional[float]:
-    """Token-weighted LM loss of the iteration over micro-batches and DP ranks, on every rank."""
+def reduce_lm_loss(losses_reduced: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
+    """[summed LM loss, token count] over micro-batches, DP ranks and pipeline stages, on every rank."""
     pair = torch.zeros(2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for item in losses_reduced:
@@ -44,19 +44,12 @@ def _reduce_lm_loss(losses_reduced: List[Dict[str, torch.Tensor]]) -> Optional[f
         dist.all_reduce(pair, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         dist.all_reduce(pair, group=parallel_state.get_pipeline_model_parallel_group())
         pair = pair.cpu()
-    return (pair[0] / pair[1]).item() if pair[1] > 0 else None
+    return pair
 
 
-def train_step(data_iterator, model: List, optimizer, let: Optional[LateToEarlyTraining],
-               iteration: int, num_microbatches: int, seq_length: int, micro_batch_size: int,
-               forward_only: bool = False) -> Dict[str, float]:
-    """One iteration: schedule forward/backward over all micro-batches, optimizer step, metrics."""
-    if let is not None:
-        let.begin_iteration(iteration, num_microbatches)
-    if not forward_only:
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
+def run_schedule(data_iterator, model: List, let: Optional[LateToEarlyTraining], num_microbatches: int,
+                 seq_length: int, micro_batch_size: int, forward_only: bool = False) -> torch.Tensor:
+    """megatron-core's schedule for this layout over all micro-batches; returns the LM loss pair."""
     losses_reduced = get_forward_backward_func()(
         forward_step_func=partial(forward_step, let=let),
         data_iterator=data_iterator,
@@ -66,11 +59,27 @@ def train_step(data_iterator, model: List, optimizer, let: Optional[LateToEarlyT
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    metrics = {"lm loss": _reduce_lm_loss(losses_reduced)}
+    return reduce_lm_loss(losses_reduced)
+
+
+def train_step(data_iterator, model: List, optimizer, let: Optional[LateToEarlyTraining],
+               iteration: int, num_microbatches: int, seq_length: int, micro_batch_size: int,
+               forward_only: bool = False) -> Dict[str, float]:
+    """One iteration: schedule forward/backward over all micro-batches, optimizer step.
+
+    Returns the iteration's lm loss (and grad norm); LET scalars accumulate in
+    ``let.metrics`` until the caller asks ``let.report()`` at log time.
+    """
+    if let is not None:
+        let.begin_iteration(iteration, num_microbatches)
+    if not forward_only:
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+    pair = run_schedule(data_iterator, model, let, num_microbatches, seq_length, micro_batch_size, forward_only)
+    metrics = {"lm loss": (pair[0] / pair[1]).item() if pair[1] > 0 else None}
     if not forward_only:
         update_successful, grad_norm, _ = optimizer.step()
         metrics["grad norm"] = grad_norm
         metrics["skipped"] = 0.0 if update_successful else 1.0
-    if let is not None and not forward_only:
-        metrics.update(let.report())
     return metrics

@@ -117,6 +117,8 @@ def main():
         iterators = [microbatches(iteration, args) for _ in model]
         metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, let,
                              iteration, num_microbatches, SEQ, MBS)
+        if let is not None:
+            metrics.update(let.report())
         if let is not None and let.owns_target_layer and let._teacher is not None:
             teacher_params = list(let._teacher.model.parameters())
             checksum = sum(p.double().sum().item() for p in teacher_params)

@@ -1,0 +1,254 @@
+"""Run Megatron-LM's own training loop (``megatron/training``) on a CPU-only machine.
+
+``enable_cpu_megatron_lm()`` first applies megatron-core's redirections
+(:func:`megatron_let.cpu_compat.enable_cpu_megatron`), then the few that
+Megatron-LM's training package needs on top.  Like the core layer it acts at
+runtime, only when ``torch.cuda.is_available()`` is False (with CUDA it does
+nothing), and edits or copies no Megatron file.  It must run before
+``megatron.training`` is imported (the triton stub) and before a script
+imports names from it (``pretrain_gpt`` binds ``get_batch_on_this_tp_rank``
+at import).
+
+What is redirected, and why (``_TORCH_ON_CPU_MODULES`` and the patches below):
+
+- ``megatron.core.transformer.custom_layers.batch_invariant_kernels``:
+  ``training/initialize.py`` imports it and it imports triton, absent on CPU.
+  A stub module is registered whose ``enable_batch_invariant_mode`` raises
+  (``--batch-invariant-mode`` is a CUDA kernel feature).
+- The module-global ``torch`` of the modules in ``_TORCH_ON_CPU_MODULES``
+  becomes a stand-in: ``device='cuda'`` factories build on CPU;
+  ``torch.cuda.current_device()`` is ``cpu``; ``device_count()`` is 1 (so
+  ``initialize_megatron`` still builds the model-parallel groups and seeds
+  megatron's RNG tracker); ``set_device``, ``synchronize``, ``empty_cache``,
+  streams, memory statistics are no-ops / zeros; the CUDA RNG state is the CPU
+  generator's (so checkpoints keep a ``cuda_rng_state`` entry).
+- ``initialize_megatron`` is called by ``pretrain`` with ``allow_no_cuda=True``.
+- ``get_model`` (``Module.cuda(...)``), ``get_batch_on_this_tp_rank``
+  (``Tensor.cuda()``) and ``evaluate``: ``.cuda()`` returns the object
+  unchanged while they run.
+- ``fused_kernels.load`` (needs CUDA_HOME and nvcc) is skipped;
+  ``compile_helpers`` (runs ``make``) is skipped when the compiled dataset
+  helpers already import; ``get_device_arch_version`` reports 0 and, for
+  TP/CP > 1, ``CUDA_DEVICE_MAX_CONNECTIONS`` defaults to 1 (argument
+  validation asserts it; it means nothing on CPU).
+
+Flags a CPU run needs: ``--transformer-impl local --distributed-backend gloo
+--no-gradient-accumulation-fusion --no-persist-layer-norm
+--no-masked-softmax-fusion --no-bias-gelu-fusion --no-bias-dropout-fusion
+--no-rope-fusion --use-cpu-initialization`` and an explicit ``--eval-interval``
+when ``--eval-iters 0``.
+
+Verified with Megatron-LM tag ``core_v0.16.1`` and megatron-core 0.16.1
+(tests/test_megatron_lm.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import sys
+import types
+
+import torch
+
+from megatron_let.cpu_compat import enable_cpu_megatron
+
+__all__ = ["enable_cpu_megatron_lm"]
+
+_log = logging.getLogger(__name__)
+_ENABLED = False
+
+_TRITON_MODULE = "megatron.core.transformer.custom_layers.batch_invariant_kernels"
+
+# Modules whose global ``torch`` becomes the stand-in: why each one.
+_TORCH_ON_CPU_MODULES = {
+    "megatron.training.initialize": "device_count() gates model-parallel init and RNG-tracker "
+    "seeding; torch.cuda.set_device; 'cuda' tensors in the JIT warm-up",
+    "megatron.training.training": "device='cuda' tensors (start time, loss totals, exit flags, "
+    "do_train/valid/test flags); torch.cuda.Stream for DDP; empty_cache",
+    "megatron.training.utils": "device='cuda' / current_device() tensors (batch broadcast, "
+    "norms, stats); memory report",
+    "megatron.training.checkpointing": "iteration tensor on 'cuda'; cuda rng state save/load; "
+    "empty_cache",
+    "megatron.core.timers": "torch.cuda.synchronize; timing buffers on current_device()",
+    "megatron.core.rerun_state_machine": "state tensors on 'cuda' / current_device(); "
+    "cuda rng state",
+}
+
+# (module, function): while it runs ``Tensor.cuda()`` / ``Module.cuda()`` return their object.
+_CUDA_CALLS_ARE_IDENTITY = {
+    ("megatron.training.training", "get_model"): "model_module.cuda(current_device())",
+    ("megatron.training.training", "evaluate"): "loss totals moved with .cuda()",
+    ("megatron.training.utils", "get_batch_on_this_tp_rank"): "batch tensors moved with .cuda()",
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _factory_on_cpu(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+            kwargs.pop("pin_memory", None)
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+class _NoStream:
+    """What a CUDA stream or event does on CPU: nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class _CudaForTraining(types.ModuleType):
+    """``torch.cuda`` as the Megatron-LM training modules see it."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        zero = lambda *args, **kwargs: 0  # noqa: E731
+        none = lambda *args, **kwargs: None  # noqa: E731
+        self.current_device = lambda: torch.device("cpu")
+        self.device_count = lambda: 1
+        self.set_device = none
+        self.synchronize = none
+        self.empty_cache = none
+        self.reset_peak_memory_stats = none
+        for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
+                     "max_memory_reserved", "device_memory_used"):
+            setattr(self, name, zero)
+        self.memory_stats = lambda *args, **kwargs: {}
+        self.get_device_capability = lambda *args, **kwargs: (0, 0)
+        self.Stream = _NoStream
+        self.Event = _NoStream
+        self.current_stream = lambda *args, **kwargs: _NoStream()
+        self.stream = lambda *args, **kwargs: contextlib.nullcontext()
+        self.get_rng_state = lambda device="cuda": torch.get_rng_state()
+        self.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+        self.manual_seed = lambda seed: torch.manual_seed(seed)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like",
+              "zeros_like", "ones_like", "full_like", "rand", "randn", "randint")
+
+
+class _TorchForTraining(types.ModuleType):
+    """``torch`` as the Megatron-LM training modules see it: everything else is the real one."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaForTraining()
+        for name in _FACTORIES:
+            setattr(self, name, _factory_on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _cuda_calls_are_identity():
+    saved = (torch.Tensor.__dict__.get("cuda"), torch.nn.Module.cuda)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            del torch.Tensor.cuda
+        else:
+            torch.Tensor.cuda = saved[0]
+        torch.nn.Module.cuda = saved[1]
+
+
+def _identity_cuda_calls(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_calls_are_identity():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _register_triton_stub() -> None:
+    """Stand in for the triton-based kernels module unless triton is importable."""
+    if _TRITON_MODULE in sys.modules:
+        return
+    try:
+        importlib.import_module("triton")
+        return
+    except ImportError:
+        pass
+    stub = types.ModuleType(_TRITON_MODULE)
+    stub.__doc__ = "megatron_let CPU stub: the real module needs triton (CUDA)."
+
+    def enable_batch_invariant_mode(*args, **kwargs):
+        raise RuntimeError("--batch-invariant-mode needs triton and CUDA; not available on CPU.")
+
+    stub.enable_batch_invariant_mode = enable_batch_invariant_mode
+    sys.modules[_TRITON_MODULE] = stub
+
+
+def _compiled_helpers_import() -> bool:
+    try:
+        importlib.import_module("megatron.core.datasets.helpers_cpp")
+        return True
+    except ImportError:
+        return False
+
+
+def enable_cpu_megatron_lm() -> bool:
+    """Apply megatron-core's and Megatron-LM's CPU redirections if CUDA is unavailable.
+
+    Idempotent; returns True if it patched anything. Call it before importing
+    ``megatron.training`` or a Megatron-LM script such as ``pretrain_gpt``.
+    """
+    global _ENABLED
+    if _ENABLED or torch.cuda.is_available():
+        return False
+    enable_cpu_megatron()
+    _register_triton_stub()
+
+    modules = {name: importlib.import_module(name) for name in _TORCH_ON_CPU_MODULES}
+    for module in modules.values():
+        if vars(module).get("torch") is not torch:
+            raise RuntimeError(f"megatron_let.cpu_compat_megatron_lm: {module.__name__} has no "
+                               "global 'torch'; this Megatron-LM layout is not supported on CPU.")
+    stand_in = _TorchForTraining()
+    for module in modules.values():
+        module.torch = stand_in
+
+    for module_name, function in _CUDA_CALLS_ARE_IDENTITY:
+        module = importlib.import_module(module_name)
+        setattr(module, function, _identity_cuda_calls(getattr(module, function)))
+
+    training = modules["megatron.training.training"]
+    training.initialize_megatron = functools.partial(training.initialize_megatron,
+                                                     allow_no_cuda=True)
+
+    initialize = modules["megatron.training.initialize"]
+    initialize.fused_kernels = types.SimpleNamespace(load=lambda args: None)
+    if _compiled_helpers_import():
+        importlib.import_module("megatron.core.datasets.utils").compile_helpers = lambda: None
+
+    arguments = importlib.import_module("megatron.training.arguments")
+    arguments.get_device_arch_version = lambda: 0
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+    _ENABLED = True
+    _log.info("Megatron-LM CPU redirections enabled")
+    return True

@@ -1,0 +1,250 @@
+"""Megatron-LM's command line, the subset the megatron-core-only trainer implements.
+
+Flag names, defaults and meanings follow ``megatron/training/arguments.py`` so a
+user's launch script works unchanged. A flag outside this subset stops the run
+with one line naming it: silently ignoring e.g. ``--recompute-granularity``
+would train something other than what the user asked for.
+"""
+
+import argparse
+import math
+import sys
+from typing import List, Optional
+
+from megatron_let.config import LETConfigError, add_let_args
+
+NEEDS_MEGATRON_LM = ("needs Megatron-LM: put a Megatron-LM checkout on PYTHONPATH (or MEGATRON_LM_PATH) "
+                     "and pretrain_gpt_let.py runs on its pretrain()")
+
+
+class ArgumentError(ValueError):
+    """A bad command line: one line for the user, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ArgumentError(message)
+
+
+def _add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"],
+                   default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="transformer_engine")
+    g.add_argument("--attention-backend", default="auto")
+    # Fusions Megatron-LM lets users switch off; on CPU they are always off.
+    for flag in ("--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
+                 "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
+                 "--no-rope-fusion", "--use-cpu-initialization", "--attention-softmax-in-fp32",
+                 "--accumulate-allreduce-grads-in-fp32", "--use-flash-attn"):
+        g.add_argument(flag, action="store_true")
+
+
+def _add_parallel_args(p):
+    g = p.add_argument_group("distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None)
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--calculate-per-token-loss", action="store_true")
+
+
+def _add_training_args(p):
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
+                   default="exponential")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None)
+    g.add_argument("--initial-loss-scale", type=float, default=2 ** 32)
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None)
+
+
+def _add_data_args(p):
+    g = p.add_argument_group("data and tokenizer")
+    g.add_argument("--data-path", nargs="*", default=None)
+    g.add_argument("--split", type=str, default="969, 30, 1")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--tokenizer-type", choices=["HuggingFaceTokenizer", "NullTokenizer"],
+                   default=None)
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-size", type=int, default=None)
+
+
+def _add_checkpoint_logging_args(p):
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true")
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--exit-interval", type=int, default=None)
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default="")
+    g.add_argument("--wandb-exp-name", default="")
+    g.add_argument("--wandb-save-dir", default="")
+    g.add_argument("--log-throughput", action="store_true")
+
+
+def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="pretrain_gpt_let.py", allow_abbrev=False,
+                     description="GPT pretraining with Late-to-Early Training (megatron-core trainer)")
+    for add in (_add_model_args, _add_parallel_args, _add_training_args, _add_data_args,
+                _add_checkpoint_logging_args, add_let_args):
+        add(parser)
+    parser.add_argument_group("LET export").add_argument(
+        "--let-export-dir", default=None,
+        help="Load --load, write its model weights without LET state (no projector, no optimizer) "
+             "to this directory as a plain Megatron checkpoint, and exit.")
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    return parser
+
+
+def vocab_size_with_padding(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's padding: a multiple of make-vocab-size-divisible-by x TP."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argparse.Namespace:
+    """Parse and validate; raises ArgumentError / LETConfigError with a one-line message."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    flags = [u for u in unknown if u.startswith("--")]
+    if unknown:
+        raise ArgumentError(f"unsupported flag {(flags or unknown)[0]}: the megatron-core-only trainer does not "
+                            f"implement it; it {NEEDS_MEGATRON_LM}.")
+    _validate(args, world_size)
+    return args
+
+
+def _validate(args, world_size):
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ArgumentError(f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}.")
+    args.data_parallel_size = world_size // model_parallel
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
+        raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                            f"x data-parallel size ({args.micro_batch_size} x {args.data_parallel_size}).")
+    if args.num_layers % pp:
+        raise ArgumentError(f"--num-layers {args.num_layers} is not divisible by "
+                            f"--pipeline-model-parallel-size {pp}.")
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = args.num_layers // pp
+        if per_stage % args.num_layers_per_virtual_pipeline_stage:
+            raise ArgumentError("--num-layers-per-virtual-pipeline-stage must divide num-layers / pipeline size.")
+        args.virtual_pipeline_model_parallel_size = per_stage // args.num_layers_per_virtual_pipeline_stage
+    if args.virtual_pipeline_model_parallel_size is not None and pp == 1:
+        raise ArgumentError("a virtual pipeline (--num-layers-per-virtual-pipeline-stage) needs "
+                            "--pipeline-model-parallel-size > 1.")
+    if args.virtual_pipeline_model_parallel_size == 1:
+        args.virtual_pipeline_model_parallel_size = None
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # as Megatron-LM does
+    if args.bf16 and args.fp16:
+        raise ArgumentError("give --bf16 or --fp16, not both.")
+    if args.fp8_format is not None and not _has_transformer_engine():
+        raise ArgumentError("--fp8-format needs TransformerEngine on a GPU (pip install megatron-let[gpu]).")
+    if cp > 1 and not _has_transformer_engine():
+        raise ArgumentError("--context-parallel-size > 1 needs TransformerEngine attention on a GPU.")
+    if args.transformer_impl == "transformer_engine" and not _has_transformer_engine():
+        args.transformer_impl = "local"
+    if not args.mock_data and not args.data_path:
+        raise ArgumentError("give --data-path PREFIX (Megatron indexed data) or --mock-data.")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+        if args.swiglu:  # Megatron-LM: keep the parameter count of a 4h MLP
+            args.ffn_hidden_size = int(2 * 4 * args.hidden_size / 3 / 64) * 64
+    if not args.group_query_attention:
+        args.num_query_groups = None
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_fraction is not None:
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    if args.save is not None and args.save_interval is None:
+        args.save_interval = args.train_iters
+    if args.tokenizer_type is None:
+        args.tokenizer_type = "NullTokenizer" if args.mock_data and args.tokenizer_model is None \
+            else "HuggingFaceTokenizer"
+    if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer_model is None:
+        raise ArgumentError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR.")
+    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        raise ArgumentError("--tokenizer-type NullTokenizer needs --vocab-size N.")
+    if args.let_export_dir and not args.load:
+        raise ArgumentError("--let-export-dir needs --load CHECKPOINT_DIR.")
+
+
+def _has_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["ArgumentError", "LETConfigError", "build_parser", "parse_args", "vocab_size_with_padding"]

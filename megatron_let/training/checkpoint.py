@@ -1,0 +1,117 @@
+"""Sharded checkpoints (megatron-core dist_checkpointing, Megatron-LM's directory layout).
+
+``<save>/iter_0000100/`` holds model, optimizer and the trainer/LET state;
+``<save>/latest_checkpointed_iteration.txt`` names the newest complete one.
+A checkpoint is written under a temporary name and renamed only once every
+rank has finished, and the tracker is replaced atomically after that, so a
+crash mid-save never leaves something that loads as valid.
+"""
+
+import os
+import shutil
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+TRACKER = "latest_checkpointed_iteration.txt"
+LET_KEY_FRAGMENT = "let_alignment."
+# Optimizer state stored re-shardable across TP/PP/DP and distributed/plain optimizers.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: Optional[str]) -> Optional[int]:
+    """The iteration the tracker names, or None when there is no complete checkpoint."""
+    if not root or not os.path.isfile(os.path.join(root, TRACKER)):
+        return None
+    with open(os.path.join(root, TRACKER)) as f:
+        text = f.read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def model_sharded_state_dict(model: List, include_let: bool = True) -> dict:
+    """Model chunks as one sharded dict ('model' or 'model0', 'model1', ... like Megatron-LM)."""
+    state = {}
+    for index, chunk in enumerate(model):
+        key = "model" if len(model) == 1 else f"model{index}"
+        sharded = _unwrap(chunk).sharded_state_dict()
+        if not include_let:
+            sharded = {k: v for k, v in sharded.items() if LET_KEY_FRAGMENT not in k}
+        state[key] = sharded
+    return state
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def save_checkpoint(root: str, iteration: int, model: List, optimizer, common: dict,
+                    save_optimizer: bool = True, include_let: bool = True) -> str:
+    """Write ``iter_N`` atomically and point the tracker at it."""
+    final = iteration_dir(root, iteration)
+    partial = final + ".partial"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    _barrier()
+    state = model_sharded_state_dict(model, include_let)
+    state["has_optimizer"] = save_optimizer and optimizer is not None
+    if state["has_optimizer"]:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
+    state.update(common)
+    dist_checkpointing.save(state, partial)
+    _barrier()
+    if rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, TRACKER))
+    _barrier()
+    return final
+
+
+def load_common(root: str, iteration: int) -> dict:
+    """The non-sharded part (iteration, schedules, LET state) without touching tensors."""
+    return dist_checkpointing.load_common_state_dict(iteration_dir(root, iteration))
+
+
+def load_checkpoint(root: str, iteration: int, model: List, optimizer, load_optimizer: bool = True) -> dict:
+    """Load model (and optimizer) shards into place, re-sharding across layouts; return common state."""
+    directory = iteration_dir(root, iteration)
+    state = model_sharded_state_dict(model)
+    if load_optimizer and optimizer is not None and load_common(root, iteration).get("has_optimizer"):
+        _materialize_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
+    loaded = dist_checkpointing.load(state, directory, strict="assume_ok_unexpected")
+    for index, chunk in enumerate(model):
+        _unwrap(chunk).load_state_dict(loaded["model" if len(model) == 1 else f"model{index}"])
+    if "optimizer" in state:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+    return loaded
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """The distributed optimizer over plain torch Adam (no TE/apex) cannot describe an empty state
+    (it asserts on the Adam step); give it one to overwrite, as megatron-core itself does."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,21 @@
+"""Command-line entry of the lean trainer: one-line errors, exit codes, no tracebacks for bad input."""
+
+import os
+import sys
+
+from megatron_let.config import LETConfigError
+from megatron_let.training.arguments import ArgumentError, parse_args
+
+
+def main(argv=None) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        args = parse_args(argv, world_size=world_size)
+        from megatron_let.training.trainer import pretrain  # heavy imports only for valid input
+
+        pretrain(args)
+    except (ArgumentError, LETConfigError) as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pretrain_gpt_let.py: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -1,0 +1,143 @@
+"""LET inside Megatron-LM's own pretrain() (pretrain_gpt_let.py), on CPU with gloo.
+
+Megatron-LM (``megatron/training``, ``pretrain_gpt.py``) is not on PyPI, so
+this test runs only when ``MEGATRON_LM_PATH`` names a checkout (tag
+``core_v0.16.1`` matches megatron-core 0.16.1); otherwise it is skipped.
+
+Every layout loads the same initial weights (Megatron-LM seeds each pipeline
+stage differently, so fresh inits differ across PP layouts): a TP1 run saves a
+torch_dist checkpoint after one step and each layout loads it with
+``--finetune``. Then each layout trains 4 iterations on mock data with a tiny
+Hugging Face teacher, and its per-iteration ``lm loss`` / ``let loss`` /
+``let lambda`` (parsed from Megatron-LM's log line) must equal TP1's.
+The target layer 3 lies on the last stage with PP=2 (with and without TP=2)
+and on a middle stage with PP=4, where Megatron-LM's get_batch has no batch
+of its own.
+"""
+
+import os
+import re
+
+import pytest
+
+from conftest import ROOT, torchrun
+
+MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
+SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
+ITERS = 4
+LAMBDA0, STOP_ITER, TARGET_LAYER = 0.5, 100, 3
+
+pytestmark = pytest.mark.skipif(
+    not MEGATRON_LM_PATH,
+    reason="Megatron-LM is not on PyPI: set MEGATRON_LM_PATH to a Megatron-LM checkout "
+           "(tag core_v0.16.1 for megatron-core 0.16.1) to run the Megatron-LM integration test",
+)
+
+MODEL_ARGS = [
+    "--num-layers", 4, "--hidden-size", 64, "--num-attention-heads", 4, "--ffn-hidden-size", 128,
+    "--seq-length", 32, "--max-position-embeddings", 32, "--normalization", "RMSNorm", "--swiglu",
+    "--disable-bias-linear", "--position-embedding-type", "rope",
+    "--untie-embeddings-and-output-weights", "--hidden-dropout", 0, "--attention-dropout", 0,
+    # padded vocab 128 for TP 1 and 2 alike (the default 128 * TP would change the shapes)
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 127,
+    "--make-vocab-size-divisible-by", 64,
+    "--micro-batch-size", 2, "--global-batch-size", 8, "--lr", 1e-3, "--lr-decay-style", "constant",
+    "--eval-iters", 0, "--eval-interval", 1000, "--log-interval", 1,
+    # CPU: no TransformerEngine, no fused CUDA kernels, gloo
+    "--transformer-impl", "local", "--distributed-backend", "gloo", "--use-cpu-initialization",
+    "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
+    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
+]
+
+LAYOUTS = {  # name: (processes, parallel flags)
+    "tp2": (2, ["--tensor-model-parallel-size", 2]),
+    "pp2": (2, ["--pipeline-model-parallel-size", 2]),
+    "tp2pp2": (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2]),
+    "pp4": (4, ["--pipeline-model-parallel-size", 4]),
+}
+
+_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
+_FIELD = re.compile(r"\s*([a-z][a-z ]*[a-z]): ([-+0-9.eE]+)\s*$")
+
+
+def parse_log(text: str) -> dict:
+    """{iteration: {key: value}} from Megatron-LM's training log lines."""
+    iterations = {}
+    for match in _LINE.finditer(text):
+        fields = {}
+        for part in match.group(2).split("|"):
+            field = _FIELD.match(part)
+            if field:
+                fields[field.group(1)] = float(field.group(2))
+        iterations[int(match.group(1))] = fields
+    return iterations
+
+
+def per_iteration(logged: dict, key: str) -> list:
+    """Per-iteration values of ``key``: Megatron-LM does not reset its totals after the first
+    logged iteration of a run, so with --log-interval 1 the second printed value is the mean of
+    iterations 1 and 2; every other one is that iteration's own."""
+    values = [logged[i][key] for i in range(1, ITERS + 1)]
+    values[1] = 2 * values[1] - values[0]
+    return values
+
+
+@pytest.fixture(scope="module")
+def megatron_lm_path():
+    if not os.path.isfile(os.path.join(MEGATRON_LM_PATH, "pretrain_gpt.py")):
+        pytest.fail(f"MEGATRON_LM_PATH={MEGATRON_LM_PATH} holds no pretrain_gpt.py")
+    if not os.path.isfile(SCRIPT):
+        pytest.fail(f"{SCRIPT} is missing")
+    return MEGATRON_LM_PATH
+
+
+def run(nproc: int, args) -> dict:
+    proc = torchrun(SCRIPT, nproc, args, timeout=600)
+    logged = parse_log(proc.stdout)
+    assert "lm loss" in logged.get(1, {}), (
+        "no Megatron-LM training log line: did pretrain_gpt_let.py dispatch to Megatron-LM's "
+        f"pretrain()?\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return logged
+
+
+@pytest.fixture(scope="module")
+def let_args(tiny_teacher):
+    return ["--let-teacher", tiny_teacher, "--let-target-layer", TARGET_LAYER, "--let-lambda", LAMBDA0,
+            "--let-stop-iter", STOP_ITER, "--let-projector", "linear"]
+
+
+@pytest.fixture(scope="module")
+def initial_checkpoint(megatron_lm_path, let_args, tmp_path_factory):
+    """One TP1 step saved as torch_dist: the common starting point of all layouts."""
+    ckpt = tmp_path_factory.mktemp("megatron_lm") / "init"
+    run(1, [*MODEL_ARGS, *let_args, "--train-iters", 1, "--save", ckpt, "--save-interval", 1])
+    return ckpt
+
+
+def train(nproc: int, parallel, let_args, checkpoint) -> dict:
+    return run(nproc, [*MODEL_ARGS, *let_args, *parallel, "--train-iters", ITERS,
+                       "--load", checkpoint, "--finetune"])
+
+
+@pytest.fixture(scope="module")
+def reference(let_args, initial_checkpoint):
+    return train(1, [], let_args, initial_checkpoint)
+
+
+def test_tp1_logs_let_scalars(reference):
+    for iteration in range(1, ITERS + 1):
+        assert {"lm loss", "let loss", "let lambda"} <= set(reference[iteration]), reference[iteration]
+    lambdas = per_iteration(reference, "let lambda")
+    assert lambdas == pytest.approx([LAMBDA0 * (1 - i / STOP_ITER) for i in range(ITERS)], rel=1e-6)
+    let_losses = per_iteration(reference, "let loss")
+    # let loss = lambda * mean(1 - cos): within (0, 2 lambda]
+    assert all(0 < loss <= 2 * lam for loss, lam in zip(let_losses, lambdas))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_matches_tp1(layout, reference, let_args, initial_checkpoint):
+    nproc, parallel = LAYOUTS[layout]
+    logged = train(nproc, parallel, let_args, initial_checkpoint)
+    for key in ("lm loss", "let loss", "let lambda"):
+        assert per_iteration(logged, key) == pytest.approx(per_iteration(reference, key), rel=1e-5), \
+            f"{layout}: {key} differs from TP1"
