@@ -24,7 +24,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis"],
         "quickstart": ["matplotlib", "tensorboard"],
-        "gguf": ["gguf"],
+        "gguf": ["gguf", "accelerate"],  # transformers' gguf_file= loading needs both
         # GPU only: never installed on CPU machines or in CI.
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -36,11 +36,13 @@ class LETAlignment(MegatronModule):
         for param in self.projector.parameters():
             param.sequence_parallel = config.sequence_parallel
         object.__setattr__(self, "_let", let)  # not a submodule: it holds the teacher
-        self._hook = layer.register_forward_hook(self._after_target_layer)
+        self._hook = None if let.finished else layer.register_forward_hook(self._after_target_layer)
 
     def detach_hook(self) -> None:
         """After the stop step: the target layer runs exactly as without LET."""
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def _after_target_layer(self, layer, args, output):
         let = self._let

@@ -26,8 +26,10 @@ class LateToEarlyTraining:
       and the teacher released: the rest of training runs as without LET.
     """
 
-    def __init__(self, config: LETConfig, train_iters: Optional[int] = None, seed: int = 1234):
+    def __init__(self, config: LETConfig, train_iters: Optional[int] = None, seed: int = 1234,
+                 teacher_hidden_size: Optional[int] = None):
         self.config = config
+        self._teacher_hidden_size = teacher_hidden_size
         self.stop_iter = config.resolve_stop_iter(train_iters)
         self.seed = seed
         self.metrics = LETMetrics()
@@ -43,12 +45,18 @@ class LateToEarlyTraining:
         """Add the alignment to a GPTModel chunk if it owns the target layer; True if it does."""
         for layer in model.decoder.layers:
             if layer.layer_number == self.config.target_layer:
-                alignment = LETAlignment(model.config, self, layer,
-                                         teacher_hidden_size(self.config.teacher))
+                alignment = LETAlignment(model.config, self, layer, self.teacher_hidden_size)
                 model.let_alignment = alignment
                 self.alignments.append(alignment)
                 return True
         return False
+
+    @property
+    def teacher_hidden_size(self) -> int:
+        """From the teacher's config (or the checkpoint, so a resume past the stop needs no teacher)."""
+        if self._teacher_hidden_size is None:
+            self._teacher_hidden_size = teacher_hidden_size(self.config.teacher)
+        return self._teacher_hidden_size
 
     @property
     def owns_target_layer(self) -> bool:

@@ -1,9 +1,10 @@
-"""The frozen teacher: loads a Hugging Face model directory and returns its hidden states."""
+"""The frozen teacher: a Hugging Face model (directory or GGUF file) that returns hidden states."""
 
 from __future__ import annotations
 
 import gc
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,20 +21,54 @@ def resolve_teacher_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a Hugging Face teacher lives: a model directory, optionally a GGUF file in it."""
+
+    directory: str
+    gguf_file: Optional[str] = None
+
+    @property
+    def kwargs(self) -> dict:
+        return {"local_files_only": True, **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
+
+    def config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.directory, **self.kwargs)
+
+    def tokenizer(self):
+        """The teacher's own tokenizer, or None when the directory ships none."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.directory, **self.kwargs)
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def resolve_teacher(path: str) -> TeacherSource:
+    """Accept a save_pretrained directory, a .gguf file, or a directory holding one .gguf file."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return TeacherSource(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return TeacherSource(path)
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return TeacherSource(path, ggufs[0])
+        if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
+            raise LETConfigError(
+                f"--let-teacher {path!r} is a Megatron checkpoint; convert it once with "
+                f"'python -m megatron_let.megatron_teacher --load {path} --output DIR' and pass DIR.")
+    raise LETConfigError(
+        f"--let-teacher {path!r} is not a Hugging Face model directory (no config.json) nor a .gguf file; "
+        "point it at a directory written by save_pretrained.")
+
+
 def teacher_hidden_size(path: str) -> int:
     """The teacher's width, read from its config only (cheap; no weights)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(_check_dir(path), local_files_only=True).hidden_size
-
-
-def _check_dir(path: str) -> str:
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise LETConfigError(
-            f"--let-teacher {path!r} is not a Hugging Face model directory (no config.json); "
-            "point it at a directory written by save_pretrained."
-        )
-    return path
+    return resolve_teacher(path).config().hidden_size
 
 
 class HFTeacher:
@@ -50,14 +85,14 @@ class HFTeacher:
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
-        self.path = _check_dir(path)
+        self.source = resolve_teacher(path)
         self.layer = layer
         device = device or (torch.device("cuda", torch.cuda.current_device())
                             if torch.cuda.is_available() else torch.device("cpu"))
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the skipped LM head is intended, not worth a warning
         try:
-            model = AutoModel.from_pretrained(self.path, dtype=dtype, local_files_only=True)
+            model = AutoModel.from_pretrained(self.source.directory, dtype=dtype, **self.source.kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
         self.model = model.to(device).eval().requires_grad_(False)

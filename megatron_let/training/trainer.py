@@ -14,6 +14,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_let.config import let_config_from_args
 from megatron_let.controller import LateToEarlyTraining
+from megatron_let.vocab import check_vocabulary, hf_tokenizer_of
 from megatron_let.training import checkpoint as ckpt
 from megatron_let.training.arguments import vocab_size_with_padding
 from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp
@@ -58,27 +59,37 @@ def _reseed(seed: int, iteration: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed + iteration)
 
 
-def _build_let(args, resume_common: dict) -> Optional[LateToEarlyTraining]:
+def _build_let(args, tokenizer, resume_iteration: Optional[int], resume_common: dict
+               ) -> Optional[LateToEarlyTraining]:
+    """LET from the flags, checked against the checkpoint and the target's vocabulary."""
     let_config = let_config_from_args(args)
     if let_config is None:
         return None
-    saved = resume_common.get("let")
+    saved = resume_common.get("let") or {}
     if saved and saved["config"] != let_config.to_dict():
         changed = sorted(k for k in saved["config"] if saved["config"][k] != let_config.to_dict().get(k))
         print_rank_last(f"WARNING: LET settings differ from the checkpoint's: {', '.join(changed)}; "
                         "continuing with the new ones.")
-    return LateToEarlyTraining(let_config, args.train_iters, seed=args.seed)
+    let = LateToEarlyTraining(let_config, args.train_iters, seed=args.seed,
+                              teacher_hidden_size=saved.get("teacher_hidden_size"))
+    if resume_iteration is not None and resume_iteration >= let.stop_iter and "teacher_hidden_size" in saved:
+        let.finish()  # past the stop step: the teacher is never read again (it may be gone)
+        return let
+    target = f"--tokenizer-model {args.tokenizer_model}" if args.tokenizer_model else "the target's vocabulary"
+    check_vocabulary(let_config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), target)
+    return let
 
 
 def pretrain(args) -> dict:
     """Train (or export) per ``args``; returns the last logged metrics."""
+    # Everything that can be wrong with the input is checked before process groups exist.
+    resume_iteration = ckpt.latest_iteration(args.load)
+    resume_common = ckpt.load_common(args.load, resume_iteration) if resume_iteration is not None else {}
+    tokenizer = build_tokenizer(args)
+    let = _build_let(args, tokenizer, resume_iteration, resume_common)
     initialize_parallel(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, cp=args.context_parallel_size,
                         seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
-    resume_iteration = ckpt.latest_iteration(args.load)
-    resume_common = ckpt.load_common(args.load, resume_iteration) if resume_iteration is not None else {}
-    let = _build_let(args, resume_common)
-    tokenizer = build_tokenizer(args)
     padded_vocab = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                            args.tensor_model_parallel_size)
     config = transformer_config_from_args(args)
@@ -132,7 +143,8 @@ def pretrain(args) -> dict:
         state = {"iteration": iteration, "consumed_train_samples": consumed,
                  "opt_param_scheduler": scheduler.state_dict()}
         if let is not None:
-            state["let"] = {"config": let.config.to_dict(), "stop_iter": let.stop_iter}
+            state["let"] = {"config": let.config.to_dict(), "stop_iter": let.stop_iter,
+                            "teacher_hidden_size": let.teacher_hidden_size}
         return state
 
     while iteration < args.train_iters:
