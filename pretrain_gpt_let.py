@@ -8,6 +8,7 @@ lean trainer built from megatron-core parts that accepts Megatron-LM's names
 for the flags it implements and refuses every other flag.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -16,11 +17,11 @@ def _megatron_lm_available() -> bool:
     path = os.environ.get("MEGATRON_LM_PATH")
     if path and path not in sys.path:
         sys.path.append(path)  # append: megatron.core keeps coming from the installed wheel
-    try:
-        import megatron.training  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.training") is None:
+        return False  # cheap answer first: the lean trainer's bad-flag errors stay instant
+    from megatron_let.megatron_lm import megatron_lm_available  # applies the CPU redirections it needs
+
+    return megatron_lm_available()
 
 
 def main(argv=None) -> int:

@@ -66,6 +66,7 @@ class LETAlignment(MegatronModule):
         else:
             aux_loss = lambda_ * loss_sum / tokens_in_batch.clamp(min=1)
         let.metrics.add(lambda_ * global_loss_sum, cos_sum, tokens_in_batch)
+        let.record_loss(global_loss_sum)
         scale = aux_loss_scale(self.config, let.num_microbatches,
                                parallel_state.get_context_parallel_world_size(), hidden.device)
         # viewless, as megatron-core keeps layer outputs: pipeline stages free them after sending

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import List, Optional
+
+from megatron_let.errors import LETConfigError
 
 SCHEDULES = ("linear", "constant", "cosine")
 PROJECTORS = ("interp", "linear", "mlp")
 TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
-
-
-class LETConfigError(ValueError):
-    """A user-facing configuration error: the message names the flag and the fix."""
+NONFINITE_POLICIES = ("error", "skip")
 
 
 @dataclass
@@ -36,6 +35,7 @@ class LETConfig:
     projector: str = "interp"
     projector_hidden_size: Optional[int] = None
     teacher_dtype: str = "auto"
+    on_nonfinite: str = "error"
 
     def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None) -> "LETConfig":
         """Raise LETConfigError for a setting that cannot work; return self."""
@@ -59,6 +59,8 @@ class LETConfig:
             raise LETConfigError(
                 f"--let-teacher-dtype must be one of {TEACHER_DTYPES}; got {self.teacher_dtype!r}."
             )
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise LETConfigError(f"--let-on-nonfinite must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}.")
         if self.stop_iter is not None and self.stop_fraction is not None:
             raise LETConfigError("give either --let-stop-iter or --let-stop-fraction, not both.")
         if self.stop_iter is not None and self.stop_iter <= 0:
@@ -72,6 +74,18 @@ class LETConfig:
         if self.projector_hidden_size is not None and self.projector_hidden_size < 1:
             raise LETConfigError(f"--let-projector-hidden-size must be >= 1; got {self.projector_hidden_size}.")
         return self
+
+    def warnings(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None) -> List[str]:
+        """Settings that run but are probably not what the user wants."""
+        found = []
+        if num_layers and self.target_layer > num_layers / 2:
+            found.append(f"--let-target-layer {self.target_layer} is in the second half of {num_layers} layers; "
+                         "the paper aligns an EARLY layer (~1/6 of depth): late layers gave a loss spike after "
+                         "the stop step.")
+        if train_iters and self.resolve_stop_iter(train_iters) > train_iters:
+            found.append(f"--let-stop-iter {self.stop_iter} is beyond --train-iters {train_iters}: lambda never "
+                         "reaches 0 and the teacher runs for the whole job.")
+        return found
 
     def resolve_stop_iter(self, train_iters: Optional[int]) -> int:
         """The iteration at which lambda reaches 0 (default: a quarter of training)."""
@@ -108,6 +122,9 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Hidden width of the mlp projector (default: target hidden size).")
     group.add_argument("--let-teacher-dtype", choices=TEACHER_DTYPES, default="auto",
                        help="Teacher weights dtype (auto: bf16 on GPU, fp32 on CPU).")
+    group.add_argument("--let-on-nonfinite", choices=NONFINITE_POLICIES, default="error",
+                       help="A NaN/Inf alignment loss (e.g. a broken teacher): stop with the iteration and "
+                            "rank (error), or skip that optimizer step like an fp16 overflow (skip).")
     return parser
 
 
@@ -116,6 +133,7 @@ _ARG_NAMES = {
     "lambda0": "let_lambda", "stop_iter": "let_stop_iter", "stop_fraction": "let_stop_fraction",
     "schedule": "let_schedule", "projector": "let_projector",
     "projector_hidden_size": "let_projector_hidden_size", "teacher_dtype": "let_teacher_dtype",
+    "on_nonfinite": "let_on_nonfinite",
 }
 assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}
 

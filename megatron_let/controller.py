@@ -39,6 +39,7 @@ class LateToEarlyTraining:
         self.finished = False
         self._teacher: Optional[HFTeacher] = None
         self._microbatch = None
+        self._nonfinite = False
 
     # -- model ---------------------------------------------------------------------------------
     def attach(self, model) -> bool:
@@ -55,7 +56,7 @@ class LateToEarlyTraining:
     def teacher_hidden_size(self) -> int:
         """From the teacher's config (or the checkpoint, so a resume past the stop needs no teacher)."""
         if self._teacher_hidden_size is None:
-            self._teacher_hidden_size = teacher_hidden_size(self.config.teacher)
+            self._teacher_hidden_size = teacher_hidden_size(self.config.teacher, self.config.teacher_layer)
         return self._teacher_hidden_size
 
     @property
@@ -84,6 +85,23 @@ class LateToEarlyTraining:
             )
         microbatch, self._microbatch = self._microbatch, None
         return microbatch
+
+    def record_loss(self, loss_sum: torch.Tensor) -> None:
+        """Remember (without a device sync) whether this micro-batch's alignment loss was finite."""
+        bad = ~torch.isfinite(loss_sum.detach())
+        self._nonfinite = bad if self._nonfinite is False else (self._nonfinite | bad)
+
+    def nonfinite_ranks(self) -> List[int]:
+        """Ranks whose alignment loss was NaN/Inf this iteration (a collective over all ranks)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        flags = torch.zeros(world, device=_device())
+        if self._nonfinite is not False:
+            flags[rank] = self._nonfinite.float().to(flags.device)
+        self._nonfinite = False
+        if world > 1:
+            dist.all_reduce(flags)
+        return [r for r, flag in enumerate(flags.tolist()) if flag]
 
     def finish(self) -> None:
         """Past the stop step: remove hooks, free the teacher (its memory is returned)."""
@@ -126,10 +144,12 @@ class LateToEarlyTraining:
     # -- logging -------------------------------------------------------------------------------
     def report(self) -> Dict[str, float]:
         """LET scalars since the last report, identical on every rank."""
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
         groups = ()
         if dist.is_initialized():
             groups = (parallel_state.get_pipeline_model_parallel_group(),
                       parallel_state.get_data_parallel_group())
-        return self.metrics.report(self.current_lambda, device, groups)
+        return self.metrics.report(self.current_lambda, _device(), groups)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -66,9 +66,53 @@ def resolve_teacher(path: str) -> TeacherSource:
         "point it at a directory written by save_pretrained.")
 
 
-def teacher_hidden_size(path: str) -> int:
-    """The teacher's width, read from its config only (cheap; no weights)."""
-    return resolve_teacher(path).config().hidden_size
+def preflight_teacher(path: str, teacher_layer: Optional[int] = None) -> "object":
+    """Everything about the teacher that can be checked without loading it; returns its config.
+
+    Catches a wrong path, an unreadable or corrupt config or weight file, and a
+    --let-teacher-layer the teacher does not have, in seconds instead of at the
+    first training step on some rank.
+    """
+    source = resolve_teacher(path)
+    try:
+        config = source.config()
+    except Exception as error:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise LETConfigError(f"--let-teacher {path!r}: cannot read its config ({type(error).__name__}: "
+                             f"{error}); re-save the model with save_pretrained.") from None
+    if source.gguf_file is None:
+        _check_safetensors(source.directory, path)
+    layers = config.num_hidden_layers
+    if teacher_layer is not None and not -(layers + 1) <= teacher_layer <= layers:
+        raise LETConfigError(f"--let-teacher-layer {teacher_layer} does not exist: the teacher's hidden_states "
+                             f"go from 0 (embeddings) to {layers} (final); omit the flag for the final layer.")
+    return config
+
+
+def _check_safetensors(directory: str, path: str) -> None:
+    from safetensors import safe_open
+
+    files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
+    if not files and not any(f.endswith(".bin") for f in os.listdir(directory)):
+        raise LETConfigError(f"--let-teacher {path!r} has a config but no weights (*.safetensors or *.bin).")
+    for name in files:
+        try:
+            with safe_open(os.path.join(directory, name), "pt") as handle:
+                handle.keys()
+        except Exception as error:  # noqa: BLE001
+            raise LETConfigError(f"--let-teacher {path!r}: weight file {name} is unreadable or corrupt "
+                                 f"({error}); re-download or re-save the teacher.") from None
+
+
+def output_width(config, layer: Optional[int] = None) -> int:
+    """Width of the states we align to: OPT models with ``project_out`` end at ``word_embed_proj_dim``."""
+    final = layer is None or layer in (-1, config.num_hidden_layers)
+    projected = getattr(config, "word_embed_proj_dim", None)
+    return projected if final and projected else config.hidden_size
+
+
+def teacher_hidden_size(path: str, layer: Optional[int] = None) -> int:
+    """The teacher's output width, read from its config only (cheap; no weights)."""
+    return output_width(resolve_teacher(path).config(), layer)
 
 
 class HFTeacher:
@@ -91,12 +135,14 @@ class HFTeacher:
                             if torch.cuda.is_available() else torch.device("cpu"))
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the skipped LM head is intended, not worth a warning
+        hf_logging.disable_progress_bar()
         try:
             model = AutoModel.from_pretrained(self.source.directory, dtype=dtype, **self.source.kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
         self.model = model.to(device).eval().requires_grad_(False)
-        self.hidden_size = self.model.config.hidden_size
+        self.hidden_size = output_width(self.model.config, layer)
         self.device = device
 
     @torch.no_grad()

@@ -114,14 +114,17 @@ def initial_checkpoint(megatron_lm_path, let_args, tmp_path_factory):
     return ckpt
 
 
-def train(nproc: int, parallel, let_args, checkpoint) -> dict:
-    return run(nproc, [*MODEL_ARGS, *let_args, *parallel, "--train-iters", ITERS,
-                       "--load", checkpoint, "--finetune"])
+def train(nproc: int, parallel, let_args, checkpoint, name: str) -> dict:
+    logged = run(nproc, [*MODEL_ARGS, *let_args, *parallel, "--train-iters", ITERS,
+                         "--load", checkpoint, "--finetune"])
+    for key in ("lm loss", "let loss", "let lambda"):  # shown with -s or on failure
+        print(f"{name:7s} {key:10s}", " ".join(f"{v:.6e}" for v in per_iteration(logged, key)))
+    return logged
 
 
 @pytest.fixture(scope="module")
 def reference(let_args, initial_checkpoint):
-    return train(1, [], let_args, initial_checkpoint)
+    return train(1, [], let_args, initial_checkpoint, "tp1")
 
 
 def test_tp1_logs_let_scalars(reference):
@@ -137,7 +140,7 @@ def test_tp1_logs_let_scalars(reference):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_tp1(layout, reference, let_args, initial_checkpoint):
     nproc, parallel = LAYOUTS[layout]
-    logged = train(nproc, parallel, let_args, initial_checkpoint)
+    logged = train(nproc, parallel, let_args, initial_checkpoint, layout)
     for key in ("lm loss", "let loss", "let lambda"):
         assert per_iteration(logged, key) == pytest.approx(per_iteration(reference, key), rel=1e-5), \
             f"{layout}: {key} differs from TP1"

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from megatron_let.config import LETConfigError
+from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.training.arguments import ArgumentError, parse_args
 
 
@@ -15,7 +15,15 @@ def main(argv=None) -> int:
 
         pretrain(args)
     except (ArgumentError, LETConfigError) as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"pretrain_gpt_let.py: error: {error}", file=sys.stderr, flush=True)
+        _one_line(error)
         return 2
+    except LETNonFiniteError as error:
+        _one_line(error)
+        return 1
     return 0
+
+
+def _one_line(error: Exception) -> None:
+    """Every rank hits the same error; rank 0 says it once."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pretrain_gpt_let.py: error: {error}", file=sys.stderr, flush=True)

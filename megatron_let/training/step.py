@@ -10,6 +10,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_let.controller import LateToEarlyTraining
+from megatron_let.errors import LETNonFiniteError
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -78,6 +79,16 @@ def train_step(data_iterator, model: List, optimizer, let: Optional[LateToEarlyT
         optimizer.zero_grad()
     pair = run_schedule(data_iterator, model, let, num_microbatches, seq_length, micro_batch_size, forward_only)
     metrics = {"lm loss": (pair[0] / pair[1]).item() if pair[1] > 0 else None}
+    if not forward_only and let is not None and not let.finished:
+        bad_ranks = let.nonfinite_ranks()
+        if bad_ranks and let.config.on_nonfinite == "error":
+            raise LETNonFiniteError(
+                f"non-finite LET alignment loss at iteration {iteration + 1} on rank(s) {bad_ranks}: the "
+                f"teacher ({let.config.teacher}) produced NaN/Inf hidden states or the target diverged; "
+                "use --let-on-nonfinite skip to skip such steps.")
+        if bad_ranks:
+            metrics.update({"grad norm": None, "skipped": 1.0})
+            return metrics
     if not forward_only:
         update_successful, grad_norm, _ = optimizer.step()
         metrics["grad norm"] = grad_norm

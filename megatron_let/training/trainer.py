@@ -14,6 +14,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_let.config import let_config_from_args
 from megatron_let.controller import LateToEarlyTraining
+from megatron_let.teacher import preflight_teacher
 from megatron_let.vocab import check_vocabulary, hf_tokenizer_of
 from megatron_let.training import checkpoint as ckpt
 from megatron_let.training.arguments import vocab_size_with_padding
@@ -75,8 +76,15 @@ def _build_let(args, tokenizer, resume_iteration: Optional[int], resume_common: 
     if resume_iteration is not None and resume_iteration >= let.stop_iter and "teacher_hidden_size" in saved:
         let.finish()  # past the stop step: the teacher is never read again (it may be gone)
         return let
+    teacher_config = preflight_teacher(let_config.teacher, let_config.teacher_layer)
     target = f"--tokenizer-model {args.tokenizer_model}" if args.tokenizer_model else "the target's vocabulary"
     check_vocabulary(let_config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), target)
+    for warning in let_config.warnings(args.num_layers, args.train_iters):
+        print_rank_last(f"WARNING: {warning}")
+    if let_config.projector == "interp" and teacher_config.hidden_size > args.hidden_size:
+        print_rank_last(f"WARNING: --let-projector interp shrinks the teacher's {teacher_config.hidden_size} "
+                        f"features to --hidden-size {args.hidden_size} by interpolation, dropping detail; "
+                        "--let-projector linear or mlp learns the map instead.")
     return let
 
 
@@ -141,7 +149,8 @@ def pretrain(args) -> dict:
 
     def common_state():
         state = {"iteration": iteration, "consumed_train_samples": consumed,
-                 "opt_param_scheduler": scheduler.state_dict()}
+                 "opt_param_scheduler": scheduler.state_dict(),
+                 "args": args}  # as Megatron-LM: lets megatron_teacher convert this model into a teacher
         if let is not None:
             state["let"] = {"config": let.config.to_dict(), "stop_iter": let.stop_iter,
                             "teacher_hidden_size": let.teacher_hidden_size}

@@ -1,0 +1,182 @@
+"""Every bad input and fault in the README's reliability table: exit code, one-line message naming
+the flag (or iteration and rank), and for faults that the last good checkpoint loads and training
+continues from it."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port, make_tiny_llama
+
+SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
+BASE = ["--num-layers", 4, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
+        "--micro-batch-size", 2, "--train-iters", 4, "--lr", "1e-3", "--mock-data", "--vocab-size", 128,
+        "--log-interval", 1, "--eval-iters", 0, "--eval-interval", 100]
+
+
+def run(*args, timeout=180):
+    """pretrain_gpt_let.py as one process (no torchrun wrapper adding its own traceback)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc, *fragments, code=2):
+    """The run ends with exactly one error line (library progress output may precede it)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_tiny_llama(str(tmp_path_factory.mktemp("teacher") / "good"), vocab_size=256)
+
+
+def let(teacher, layer=1, *extra):
+    return ["--let-teacher", teacher, "--let-target-layer", layer, *extra]
+
+
+@pytest.mark.parametrize("flags,fragments", [
+    (["--let-target-layer", "0"], ["--let-target-layer", ">= 1"]),
+    (["--let-target-layer", "-3"], ["--let-target-layer", ">= 1"]),
+    (["--let-target-layer", "5"], ["--let-target-layer 5", "--num-layers 4"]),
+    (["--let-target-layer", "1", "--let-lambda", "-0.1"], ["--let-lambda", ">= 0"]),
+    (["--let-target-layer", "1", "--let-lambda", "nan"], ["--let-lambda", "finite"]),
+    (["--let-target-layer", "1", "--let-lambda", "abc"], ["--let-lambda", "invalid float"]),
+    (["--let-target-layer", "1", "--let-stop-iter", "0"], ["--let-stop-iter", "> 0"]),
+    (["--let-target-layer", "1", "--let-teacher-layer", "7"], ["--let-teacher-layer 7", "0 (embeddings) to 2"]),
+    (["--let-target-layer", "1", "--let-projector", "conv"], ["--let-projector", "invalid choice"]),
+    (["--let-target-layer", "1", "--context-parallel-size", "2"], ["--context-parallel-size", "TransformerEngine"]),
+    (["--let-target-layer", "1", "--recompute-granularity", "full"], ["--recompute-granularity", "Megatron-LM"]),
+], ids=["layer0", "layer_negative", "layer_beyond", "lambda_negative", "lambda_nan", "lambda_not_a_number",
+        "stop_zero", "teacher_layer_missing", "projector_unknown", "cp_without_te", "unsupported_flag"])
+def test_bad_let_flag(teacher, flags, fragments):
+    assert_one_line_error(run(*BASE, "--let-teacher", teacher, *flags), *fragments)
+
+
+def test_let_flags_without_teacher():
+    assert_one_line_error(run(*BASE, "--let-target-layer", 2), "--let-target-layer", "without --let-teacher")
+
+
+def test_missing_teacher_path(tmp_path):
+    assert_one_line_error(run(*BASE, *let(str(tmp_path / "nowhere"))), "--let-teacher", "not a Hugging Face")
+
+
+def test_teacher_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert_one_line_error(run(*BASE, *let(str(tmp_path))), "--let-teacher", "save_pretrained")
+
+
+def test_corrupt_teacher_config(tmp_path, teacher):
+    broken = shutil.copytree(teacher, tmp_path / "broken")
+    (broken / "config.json").write_text("{ this is not json")
+    assert_one_line_error(run(*BASE, *let(str(broken))), "--let-teacher", "cannot read its config")
+
+
+def test_corrupt_teacher_weights(tmp_path, teacher):
+    broken = shutil.copytree(teacher, tmp_path / "truncated")
+    weights = broken / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    assert_one_line_error(run(*BASE, *let(str(broken))), "--let-teacher", "model.safetensors", "corrupt")
+
+
+def test_warnings_for_late_layer_stop_beyond_training_and_interp_downsampling(tmp_path):
+    wide = make_tiny_llama(str(tmp_path / "wide"), vocab_size=256, hidden_size=64)
+    proc = run(*BASE, "--train-iters", 1, *let(wide, 4, "--let-stop-iter", 10, "--let-projector", "interp"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING: --let-target-layer 4 is in the second half" in proc.stdout
+    assert "WARNING: --let-stop-iter 10 is beyond --train-iters 1" in proc.stdout
+    assert "WARNING: --let-projector interp shrinks the teacher's 64 features" in proc.stdout
+
+
+def _nan_teacher(path, like):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(like)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(path)
+    return path
+
+
+def test_nonfinite_teacher_fails_fast_and_the_last_checkpoint_resumes(tmp_path, teacher):
+    work = shutil.copytree(teacher, tmp_path / "teacher")
+    ckpt = str(tmp_path / "ckpt")
+    common = [*BASE, *let(str(work), 1, "--let-stop-iter", 4), "--save", ckpt, "--save-interval", 2]
+    assert run(*common, "--exit-interval", 2).returncode == 0
+    shutil.rmtree(work)
+    _nan_teacher(str(work), teacher)  # the teacher's files go bad between two runs of the job
+    line = assert_one_line_error(run(*common, "--load", ckpt), "non-finite LET alignment loss",
+                                 "iteration 3", "rank(s) [0]", "--let-on-nonfinite skip", code=1)
+    assert str(work) in line
+    shutil.rmtree(work)
+    shutil.copytree(teacher, work)
+    resumed = run(*common, "--load", ckpt)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "loaded checkpoint" in resumed.stdout and "iteration        3/" in resumed.stdout
+    assert "iteration        4/" in resumed.stdout
+
+
+def test_nonfinite_teacher_with_skip_policy_skips_steps(tmp_path, teacher):
+    bad = _nan_teacher(str(tmp_path / "nan"), teacher)
+    proc = run(*BASE, "--train-iters", 3, *let(bad, 1, "--let-stop-iter", 2, "--let-on-nonfinite", "skip"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "consumed samples" in line]
+    assert ["number of skipped iterations:   1" in line for line in lines] == [True, True, False]
+    assert "nan" not in lines[2].split("lm loss:")[1].split("|")[0].lower()
+
+
+def test_changed_let_settings_on_resume_are_reported(tmp_path, teacher):
+    ckpt = str(tmp_path / "ckpt")
+    assert run(*BASE, *let(teacher, 1), "--save", ckpt, "--exit-interval", 1, "--save-interval", 1).returncode == 0
+    proc = run(*BASE, *let(teacher, 2, "--let-lambda", 0.3), "--load", ckpt)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING: LET settings differ from the checkpoint's: lambda0, target_layer" in proc.stdout
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint_valid(megatron_world1, tmp_path, monkeypatch):
+    """A save that dies half-way is never named by the tracker and never loads; the old one does."""
+    from megatron.core import dist_checkpointing
+
+    from conftest import tiny_transformer_config
+    from megatron_let.training import checkpoint as ckpt
+    from megatron_let.training.model import build_gpt_chunks
+
+    model = build_gpt_chunks(tiny_transformer_config(), 128, 16)
+    root = str(tmp_path / "ckpt")
+    os.makedirs(root)
+    ckpt.save_checkpoint(root, 2, model, None, {"iteration": 2}, save_optimizer=False)
+    saved = {k: v.clone() for k, v in model[0].state_dict().items() if isinstance(v, torch.Tensor)}
+
+    real_save = dist_checkpointing.save
+
+    def crash_after_writing(state, directory, *args, **kwargs):
+        real_save(state, directory, *args, **kwargs)
+        raise RuntimeError("node lost power")
+
+    monkeypatch.setattr(dist_checkpointing, "save", crash_after_writing)
+    with torch.no_grad():
+        for p in model[0].parameters():
+            p.add_(1.0)
+    with pytest.raises(RuntimeError, match="node lost power"):
+        ckpt.save_checkpoint(root, 4, model, None, {"iteration": 4}, save_optimizer=False)
+    monkeypatch.undo()
+    assert ckpt.latest_iteration(root) == 2
+    assert not os.path.exists(ckpt.iteration_dir(root, 4))
+    loaded = ckpt.load_checkpoint(root, ckpt.latest_iteration(root), model, None)
+    assert loaded["iteration"] == 2
+    for key, value in model[0].state_dict().items():
+        if key in saved:
+            assert torch.equal(value, saved[key]), key
