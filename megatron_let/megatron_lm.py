@@ -51,7 +51,8 @@ from typing import Callable, Optional, Set
 
 import torch
 
-from megatron_let.config import LETConfigError, add_let_args, let_config_from_args
+from megatron_let.config import add_let_args, let_config_from_args
+from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
 
 __all__ = ["LETMegatronLM", "import_pretrain_gpt", "main", "megatron_lm_available"]
@@ -156,8 +157,7 @@ class LETMegatronLM:
             args = get_args()
             config = let_config_from_args(args)
             if config is not None:
-                if getattr(args, "use_legacy_models", False):
-                    raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
+                _check_supported(args, config)
                 self.let = LateToEarlyTraining(config, args.train_iters, args.seed)
             self._let_created = True
         return self.let
@@ -229,6 +229,14 @@ class LETMegatronLM:
         @functools.wraps(training_log)
         def training_log_with_let(loss_dict, total_loss_dict, *args, **kwargs):
             if self.let is not None and not self.let.finished:
+                bad_ranks = self.let.nonfinite_ranks()  # collective, like report()
+                if bad_ranks:
+                    from megatron.training import get_args
+
+                    raise LETNonFiniteError(
+                        f"non-finite LET alignment loss at iteration {get_args().curr_iteration + 1} on "
+                        f"rank(s) {bad_ranks}: the teacher ({self.let.config.teacher}) produced NaN/Inf "
+                        "hidden states or the target diverged.")
                 device = torch.device("cuda", torch.cuda.current_device()) \
                     if torch.cuda.is_available() else torch.device("cpu")
                 for key, value in self.let.report().items():  # collective: all ranks, every iteration
@@ -245,7 +253,29 @@ class LETMegatronLM:
         self._patch_training_log(training)
 
 
-def main(extra_args_provider: Optional[Callable] = None) -> None:
+def _check_supported(args, config) -> None:
+    """Settings LET cannot honour under Megatron-LM yet, and the teacher/vocabulary preflight."""
+    from megatron.training import get_tokenizer
+
+    from megatron_let.teacher import preflight_teacher
+    from megatron_let.vocab import check_vocabulary, hf_tokenizer_of
+
+    if getattr(args, "use_legacy_models", False):
+        raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
+    if getattr(args, "recompute_granularity", None) == "full":
+        raise LETConfigError("--recompute-granularity full re-runs --let-target-layer in the backward pass, "
+                             "which LET does not support yet; use --recompute-granularity selective.")
+    if config.on_nonfinite == "skip":
+        raise LETConfigError("--let-on-nonfinite skip needs the megatron-core trainer; under Megatron-LM use "
+                             "--let-on-nonfinite error with Megatron's --check-for-nan-in-loss-and-grad.")
+    preflight_teacher(config.teacher, config.teacher_layer)
+    tokenizer = get_tokenizer()
+    name = f"--tokenizer-model {args.tokenizer_model}" if getattr(args, "tokenizer_model", None) \
+        else f"--tokenizer-type {args.tokenizer_type}"
+    check_vocabulary(config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), name)
+
+
+def main(extra_args_provider: Optional[Callable] = None) -> int:
     """``pretrain_gpt.py``'s ``__main__`` with LET; ``extra_args_provider`` adds more flags."""
     pretrain_gpt = import_pretrain_gpt()
     from megatron.core.enums import ModelType
@@ -284,12 +314,18 @@ def main(extra_args_provider: Optional[Callable] = None) -> None:
     if hasattr(pretrain_gpt, "get_embedding_ranks"):
         kwargs["get_embedding_ranks"] = pretrain_gpt.get_embedding_ranks
 
-    pretrain(
-        provider,
-        integration.model_provider(model_provider),
-        ModelType.encoder_or_decoder,
-        integration.forward_step(pretrain_gpt.forward_step),
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-        extra_args_provider=integration.extra_args_provider(base_args),
-        **kwargs,
-    )
+    try:
+        pretrain(
+            provider,
+            integration.model_provider(model_provider),
+            ModelType.encoder_or_decoder,
+            integration.forward_step(pretrain_gpt.forward_step),
+            args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+            extra_args_provider=integration.extra_args_provider(base_args),
+            **kwargs,
+        )
+    except (LETConfigError, LETNonFiniteError) as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pretrain_gpt_let.py: error: {error}", file=sys.stderr, flush=True)
+        return 2 if isinstance(error, LETConfigError) else 1
+    return 0
