@@ -50,7 +50,8 @@ class LETAlignment(MegatronModule):
             return output
         hidden, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
         tokens, loss_mask = let.take_microbatch()
-        teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask)
+        alignment = let.take_alignment()  # LET token alignment (None: exact, or computed in the hook)
+        teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask, alignment)
         loss_sum, cos_sum = cosine_alignment_terms(hidden, teacher_local, self.projector, mask_local)
         tokens_in_batch = mask_local.sum().to(torch.float32)
         group = self._token_group()
@@ -86,7 +87,7 @@ class LETAlignment(MegatronModule):
             return parallel_state.get_context_parallel_group()
         return None
 
-    def _teacher_for_local_hidden(self, tokens: torch.Tensor, loss_mask: torch.Tensor):
+    def _teacher_for_local_hidden(self, tokens: torch.Tensor, loss_mask: torch.Tensor, alignment=None):
         """Teacher states and loss mask ([s_local, b]) matching this rank's target hidden states."""
         cp_size = parallel_state.get_context_parallel_world_size()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -94,9 +95,13 @@ class LETAlignment(MegatronModule):
             parts = [torch.empty_like(tokens) for _ in range(cp_size)]
             dist.all_gather(parts, tokens.contiguous(), group=parallel_state.get_context_parallel_group())
             tokens = cp_unshard(parts, seq_dim=1)
-        teacher = self._let.teacher_hidden_states(tokens)  # [s, b, h_T]
+        # [s, b, h_T]; valid [b, s]: positions a causal-span teacher token is aligned to (None: all)
+        teacher, valid = self._let.aligned_teacher_hidden_states(tokens, alignment)
         teacher = cp_shard(teacher, cp_size, parallel_state.get_context_parallel_rank(), seq_dim=0)
         mask = loss_mask.transpose(0, 1)
+        if valid is not None:  # LET token alignment: unaligned positions leave the loss
+            valid = cp_shard(valid.transpose(0, 1), cp_size, parallel_state.get_context_parallel_rank(), seq_dim=0)
+            mask = mask * valid.to(device=mask.device, dtype=mask.dtype)
         if self.config.sequence_parallel and tp_size > 1:
             tp_rank = parallel_state.get_tensor_model_parallel_rank()
             teacher, mask = sp_shard(teacher, tp_size, tp_rank), sp_shard(mask, tp_size, tp_rank)

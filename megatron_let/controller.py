@@ -27,8 +27,13 @@ class LateToEarlyTraining:
     """
 
     def __init__(self, config: LETConfig, train_iters: Optional[int] = None, seed: int = 1234,
-                 teacher_hidden_size: Optional[int] = None):
+                 teacher_hidden_size: Optional[int] = None, target_tokenizer=None, eod_id: Optional[int] = None):
         self.config = config
+        # --- LET token alignment (causal-span): the target's tokenizer and EOD id ---
+        self.target_tokenizer, self.eod_id = target_tokenizer, eod_id
+        self._aligner = None
+        self._alignment = None
+        # --- end LET token alignment ---
         self._teacher_hidden_size = teacher_hidden_size
         self.stop_iter = config.resolve_stop_iter(train_iters)
         self.seed = seed
@@ -73,9 +78,14 @@ class LateToEarlyTraining:
             self.finish()
         return self.current_lambda
 
-    def set_microbatch(self, tokens: Optional[torch.Tensor], loss_mask: Optional[torch.Tensor]) -> None:
-        """Tokens [b, s] and loss mask [b, s] exactly as this rank feeds them to the model (CP-local)."""
+    def set_microbatch(self, tokens: Optional[torch.Tensor], loss_mask: Optional[torch.Tensor],
+                       alignment=None) -> None:
+        """Tokens [b, s] and loss mask [b, s] exactly as this rank feeds them to the model (CP-local).
+
+        ``alignment``: the micro-batch's precomputed causal-span TokenAlignment (full sequence), if any.
+        """
         self._microbatch = (tokens, loss_mask)
+        self._alignment = alignment  # LET token alignment
 
     def take_microbatch(self):
         if self._microbatch is None or self._microbatch[0] is None:
@@ -85,6 +95,43 @@ class LateToEarlyTraining:
             )
         microbatch, self._microbatch = self._microbatch, None
         return microbatch
+
+    # --- LET token alignment (causal-span; megatron_let/token_alignment.py) -----------------------
+    def take_alignment(self):
+        """The precomputed TokenAlignment given with this micro-batch (None: the hook computes it)."""
+        alignment, self._alignment = self._alignment, None
+        return alignment
+
+    @property
+    def aligner(self):
+        """The CausalSpanAligner, or None in exact mode (the teacher reads the target's ids)."""
+        if self.config.token_alignment != "causal-span":
+            return None
+        if self._aligner is None:
+            from megatron_let.teacher import resolve_teacher
+            from megatron_let.token_alignment import build_aligner, teacher_max_positions
+
+            if self.eod_id is None:
+                raise RuntimeError("LET causal-span alignment needs the target's EOD id (LateToEarlyTraining("
+                                   "..., target_tokenizer=..., eod_id=...)).")
+            source = resolve_teacher(self.config.teacher)
+            self._aligner = build_aligner(self.target_tokenizer, self.config.teacher_tokenizer or source.directory,
+                                          self.eod_id, teacher_max_positions(source.config()))
+        return self._aligner
+
+    def aligned_teacher_hidden_states(self, tokens: torch.Tensor, alignment=None):
+        """Teacher states [s, b, h_T] for the target's full-sequence ``tokens`` [b, s], and the
+        [b, s] bool mask of aligned positions (None in exact mode)."""
+        aligner = self.aligner
+        if aligner is None:
+            return self.teacher_hidden_states(tokens), None
+        from megatron_let.token_alignment import gather_teacher_states
+
+        if alignment is None:
+            alignment = aligner(tokens)
+        states = self.teacher_hidden_states(alignment.teacher_tokens, alignment.teacher_attention_mask)
+        return gather_teacher_states(states, alignment.index), alignment.valid
+    # --- end LET token alignment ----------------------------------------------------------------
 
     def record_loss(self, loss_sum: torch.Tensor) -> None:
         """Remember (without a device sync) whether this micro-batch's alignment loss was finite."""
@@ -113,6 +160,7 @@ class LateToEarlyTraining:
             self._teacher.release()
         self._teacher = None
         self._microbatch = None
+        self._alignment = None  # LET token alignment
         self.finished = True
 
     # -- teacher -------------------------------------------------------------------------------
@@ -126,17 +174,22 @@ class LateToEarlyTraining:
                                       layer=self.config.teacher_layer)
         return self._teacher
 
-    def teacher_hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+    def teacher_hidden_states(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+                              ) -> torch.Tensor:
         """Teacher states [s, b, h_T] for the full micro-batch.
 
         With TP > 1 each TP rank runs 1/TP of the micro-batch and the parts are
         all-gathered, so the teacher's cost is not repeated on every TP rank.
+        ``attention_mask`` [b, s] (causal-span token alignment) masks right padding.
         """
+        from megatron_let.token_alignment import run_teacher  # LET token alignment
+
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         if tp_size == 1 or tokens.shape[0] % tp_size:
-            return self.teacher.hidden_states(tokens)
+            return run_teacher(self.teacher, tokens, attention_mask)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        local = self.teacher.hidden_states(tokens.chunk(tp_size, dim=0)[tp_rank])
+        local_mask = None if attention_mask is None else attention_mask.chunk(tp_size, dim=0)[tp_rank]
+        local = run_teacher(self.teacher, tokens.chunk(tp_size, dim=0)[tp_rank], local_mask)
         parts = [torch.empty_like(local) for _ in range(tp_size)]
         dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
         return torch.cat(parts, dim=1)

@@ -13,6 +13,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_let.config import let_config_from_args
+from megatron_let.errors import LETConfigError  # LET token alignment
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.teacher import preflight_teacher
 from megatron_let.vocab import check_vocabulary, hf_tokenizer_of
@@ -71,14 +72,29 @@ def _build_let(args, tokenizer, resume_iteration: Optional[int], resume_common: 
         changed = sorted(k for k in saved["config"] if saved["config"][k] != let_config.to_dict().get(k))
         print_rank_last(f"WARNING: LET settings differ from the checkpoint's: {', '.join(changed)}; "
                         "continuing with the new ones.")
+    causal_span = let_config.token_alignment == "causal-span"  # LET token alignment
     let = LateToEarlyTraining(let_config, args.train_iters, seed=args.seed,
-                              teacher_hidden_size=saved.get("teacher_hidden_size"))
+                              teacher_hidden_size=saved.get("teacher_hidden_size"),
+                              target_tokenizer=hf_tokenizer_of(tokenizer) if causal_span else None,
+                              eod_id=getattr(tokenizer, "eod", None) if causal_span else None)
     if resume_iteration is not None and resume_iteration >= let.stop_iter and "teacher_hidden_size" in saved:
         let.finish()  # past the stop step: the teacher is never read again (it may be gone)
         return let
     teacher_config = preflight_teacher(let_config.teacher, let_config.teacher_layer)
     target = f"--tokenizer-model {args.tokenizer_model}" if args.tokenizer_model else "the target's vocabulary"
-    check_vocabulary(let_config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), target)
+    # --- LET token alignment: causal-span re-tokenizes for the teacher; exact needs one vocabulary ---
+    if causal_span:
+        aligner = let.aligner  # built now: a tokenizer it cannot handle fails before any process group
+        print_rank_last(f" LET token alignment causal-span: target {target} -> teacher tokenizer "
+                        f"{let_config.teacher_tokenizer or let_config.teacher}"
+                        f"{' (same vocabulary: identity map)' if aligner.identity else ''}")
+    else:
+        try:
+            check_vocabulary(let_config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), target)
+        except LETConfigError as error:
+            raise LETConfigError(f"{error} Or align across tokenizers with --let-token-alignment causal-span."
+                                 ) from None
+    # --- end LET token alignment ---
     for warning in let_config.warnings(args.num_layers, args.train_iters):
         print_rank_last(f"WARNING: {warning}")
     if let_config.projector == "interp" and teacher_config.hidden_size > args.hidden_size:
@@ -86,6 +102,23 @@ def _build_let(args, tokenizer, resume_iteration: Optional[int], resume_common: 
                         f"features to --hidden-size {args.hidden_size} by interpolation, dropping detail; "
                         "--let-projector linear or mlp learns the map instead.")
     return let
+
+
+# --- LET token alignment ------------------------------------------------------------------------
+def _prefetch_alignments(iterators: list, model: list, let: Optional[LateToEarlyTraining]) -> list:
+    """causal-span: the chunk owning the target layer gets its micro-batches' alignments computed in a
+    background thread ahead of time (other chunks and stages never need them)."""
+    if let is None or let.finished or not let.owns_target_layer or let.aligner is None:
+        return iterators
+    from megatron_let.token_alignment import AlignmentPrefetcher
+
+    def owns(chunk) -> bool:
+        while chunk is not None and not hasattr(chunk, "let_alignment"):
+            chunk = getattr(chunk, "module", None)
+        return chunk is not None
+
+    return [AlignmentPrefetcher(it, let.aligner) if owns(chunk) else it for it, chunk in zip(iterators, model)]
+# --- end LET token alignment ----------------------------------------------------------------------
 
 
 def pretrain(args) -> dict:
@@ -162,6 +195,7 @@ def pretrain(args) -> dict:
             chunk.train()
         iterators = [microbatches(train_ds, consumed, args.micro_batch_size, dp_rank, dp_size, num_microbatches)
                      for _ in model]
+        iterators = _prefetch_alignments(iterators, model, let)  # LET token alignment
         metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, let, iteration,
                              num_microbatches, args.seq_length, args.micro_batch_size)
         iteration += 1

@@ -45,27 +45,32 @@ def parse():
     p.add_argument("--save-ref", default=None)
     p.add_argument("--load-ref", default=None)
     p.add_argument("--out", required=True)
+    # LET token alignment (tests/test_token_alignment.py): a teacher with another tokenizer
+    p.add_argument("--target-tokenizer", default=None, help="HF tokenizer dir of the target: ids drawn from it, "
+                                                            "EOD = its eos id, --let-token-alignment causal-span")
+    p.add_argument("--teacher-tokenizer", default=None)
+    p.add_argument("--prefetch-alignment", action="store_true", help="alignments from the micro-batch iterator")
     return p.parse_args()
 
 
-def global_batch(iteration: int, size: int):
+def global_batch(iteration: int, size: int, vocab: int = VOCAB, eod: int = 0):
     """Deterministic token batch for one iteration; some EOD (0) tokens give loss-mask zeros."""
     gen = torch.Generator().manual_seed(1000 + iteration)
-    data = torch.randint(1, VOCAB, (size, SEQ + 1), generator=gen)
-    data[torch.rand(size, SEQ + 1, generator=gen) < 0.1] = 0
+    data = torch.randint(1, vocab, (size, SEQ + 1), generator=gen)
+    data[torch.rand(size, SEQ + 1, generator=gen) < 0.1] = eod
     return data
 
 
 def microbatches(iteration: int, args):
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    data = global_batch(iteration, args.global_batch)
+    data = global_batch(iteration, args.global_batch, args.data_vocab, args.eod)
     per_rank = args.global_batch // dp_size
     local = data[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     for start in range(0, per_rank, MBS):
         chunk = local[start:start + MBS]
         tokens, labels = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
-        yield {"tokens": tokens, "labels": labels, "loss_mask": (tokens != 0).float(),
+        yield {"tokens": tokens, "labels": labels, "loss_mask": (tokens != args.eod).float(),
                "position_ids": torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], SEQ).contiguous(),
                "attention_mask": None}
 
@@ -85,11 +90,22 @@ def main():
         batch_p2p_sync=False, batch_p2p_comm=False, calculate_per_token_loss=args.per_token_loss,
     )
     let = None
+    # LET token alignment: ids from a real target tokenizer, teacher re-tokenizes (causal-span)
+    target_tokenizer, vocab, args.data_vocab, args.eod = None, VOCAB, VOCAB, 0
+    if args.target_tokenizer:
+        from transformers import AutoTokenizer
+
+        target_tokenizer = AutoTokenizer.from_pretrained(args.target_tokenizer)
+        args.data_vocab, args.eod = len(target_tokenizer), target_tokenizer.eos_token_id
+        vocab = -(-args.data_vocab // 128) * 128
     if args.teacher:
+        alignment = {"token_alignment": "causal-span", "teacher_tokenizer": args.teacher_tokenizer} \
+            if args.target_tokenizer else {}
         let = LateToEarlyTraining(LETConfig(teacher=args.teacher, target_layer=args.target_layer,
                                             lambda0=args.lambda0, stop_iter=args.stop_iter,
-                                            projector=args.projector))
-    chunks = build_gpt_chunks(config, VOCAB, SEQ, let=let)
+                                            projector=args.projector, **alignment),
+                                  target_tokenizer=target_tokenizer, eod_id=args.eod)
+    chunks = build_gpt_chunks(config, vocab, SEQ, let=let)
     if args.save_ref:
         os.makedirs(args.save_ref, exist_ok=True)
         dist_checkpointing.save(chunks[0].sharded_state_dict(), args.save_ref)
@@ -115,6 +131,10 @@ def main():
     records = []
     for iteration in range(args.iters):
         iterators = [microbatches(iteration, args) for _ in model]
+        if args.prefetch_alignment and let is not None and let.owns_target_layer:  # LET token alignment
+            from megatron_let.token_alignment import AlignmentPrefetcher
+
+            iterators = [AlignmentPrefetcher(it, let.aligner) for it in iterators]
         metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, let,
                              iteration, num_microbatches, SEQ, MBS)
         if let is not None:
