@@ -51,7 +51,8 @@ from typing import Callable, Optional, Set
 
 import torch
 
-from megatron_let.config import add_let_args, let_config_from_args
+from megatron_let.config import add_let_args
+from megatron_let.launch import build_let
 from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
 
@@ -154,11 +155,14 @@ class LETMegatronLM:
         if not self._let_created:
             from megatron.training import get_args
 
+            from megatron.training import get_tokenizer, print_rank_last
+
             args = get_args()
-            config = let_config_from_args(args)
-            if config is not None:
-                _check_supported(args, config)
-                self.let = LateToEarlyTraining(config, args.train_iters, args.seed)
+            if getattr(args, "let_teacher", None) is not None:
+                _check_supported(args)
+            name = f"--tokenizer-model {args.tokenizer_model}" if getattr(args, "tokenizer_model", None) \
+                else f"--tokenizer-type {args.tokenizer_type}"
+            self.let = build_let(args, get_tokenizer(), name, print_rank_last)
             self._let_created = True
         return self.let
 
@@ -253,26 +257,16 @@ class LETMegatronLM:
         self._patch_training_log(training)
 
 
-def _check_supported(args, config) -> None:
-    """Settings LET cannot honour under Megatron-LM yet, and the teacher/vocabulary preflight."""
-    from megatron.training import get_tokenizer
-
-    from megatron_let.teacher import preflight_teacher
-    from megatron_let.vocab import check_vocabulary, hf_tokenizer_of
-
+def _check_supported(args) -> None:
+    """Settings LET cannot honour under Megatron-LM yet."""
     if getattr(args, "use_legacy_models", False):
         raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
     if getattr(args, "recompute_granularity", None) == "full":
         raise LETConfigError("--recompute-granularity full re-runs --let-target-layer in the backward pass, "
                              "which LET does not support yet; use --recompute-granularity selective.")
-    if config.on_nonfinite == "skip":
+    if getattr(args, "let_on_nonfinite", "error") == "skip":
         raise LETConfigError("--let-on-nonfinite skip needs the megatron-core trainer; under Megatron-LM use "
                              "--let-on-nonfinite error with Megatron's --check-for-nan-in-loss-and-grad.")
-    preflight_teacher(config.teacher, config.teacher_layer)
-    tokenizer = get_tokenizer()
-    name = f"--tokenizer-model {args.tokenizer_model}" if getattr(args, "tokenizer_model", None) \
-        else f"--tokenizer-type {args.tokenizer_type}"
-    check_vocabulary(config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), name)
 
 
 def main(extra_args_provider: Optional[Callable] = None) -> int:

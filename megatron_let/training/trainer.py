@@ -12,11 +12,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from megatron_let.config import let_config_from_args
-from megatron_let.errors import LETConfigError  # LET token alignment
 from megatron_let.controller import LateToEarlyTraining
-from megatron_let.teacher import preflight_teacher
-from megatron_let.vocab import check_vocabulary, hf_tokenizer_of
+from megatron_let.launch import build_let
 from megatron_let.training import checkpoint as ckpt
 from megatron_let.training.arguments import vocab_size_with_padding
 from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp
@@ -61,49 +58,6 @@ def _reseed(seed: int, iteration: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed + iteration)
 
 
-def _build_let(args, tokenizer, resume_iteration: Optional[int], resume_common: dict
-               ) -> Optional[LateToEarlyTraining]:
-    """LET from the flags, checked against the checkpoint and the target's vocabulary."""
-    let_config = let_config_from_args(args)
-    if let_config is None:
-        return None
-    saved = resume_common.get("let") or {}
-    if saved and saved["config"] != let_config.to_dict():
-        changed = sorted(k for k in saved["config"] if saved["config"][k] != let_config.to_dict().get(k))
-        print_rank_last(f"WARNING: LET settings differ from the checkpoint's: {', '.join(changed)}; "
-                        "continuing with the new ones.")
-    causal_span = let_config.token_alignment == "causal-span"  # LET token alignment
-    let = LateToEarlyTraining(let_config, args.train_iters, seed=args.seed,
-                              teacher_hidden_size=saved.get("teacher_hidden_size"),
-                              target_tokenizer=hf_tokenizer_of(tokenizer) if causal_span else None,
-                              eod_id=getattr(tokenizer, "eod", None) if causal_span else None)
-    if resume_iteration is not None and resume_iteration >= let.stop_iter and "teacher_hidden_size" in saved:
-        let.finish()  # past the stop step: the teacher is never read again (it may be gone)
-        return let
-    teacher_config = preflight_teacher(let_config.teacher, let_config.teacher_layer)
-    target = f"--tokenizer-model {args.tokenizer_model}" if args.tokenizer_model else "the target's vocabulary"
-    # --- LET token alignment: causal-span re-tokenizes for the teacher; exact needs one vocabulary ---
-    if causal_span:
-        aligner = let.aligner  # built now: a tokenizer it cannot handle fails before any process group
-        print_rank_last(f" LET token alignment causal-span: target {target} -> teacher tokenizer "
-                        f"{let_config.teacher_tokenizer or let_config.teacher}"
-                        f"{' (same vocabulary: identity map)' if aligner.identity else ''}")
-    else:
-        try:
-            check_vocabulary(let_config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), target)
-        except LETConfigError as error:
-            raise LETConfigError(f"{error} Or align across tokenizers with --let-token-alignment causal-span."
-                                 ) from None
-    # --- end LET token alignment ---
-    for warning in let_config.warnings(args.num_layers, args.train_iters):
-        print_rank_last(f"WARNING: {warning}")
-    if let_config.projector == "interp" and teacher_config.hidden_size > args.hidden_size:
-        print_rank_last(f"WARNING: --let-projector interp shrinks the teacher's {teacher_config.hidden_size} "
-                        f"features to --hidden-size {args.hidden_size} by interpolation, dropping detail; "
-                        "--let-projector linear or mlp learns the map instead.")
-    return let
-
-
 # --- LET token alignment ------------------------------------------------------------------------
 def _prefetch_alignments(iterators: list, model: list, let: Optional[LateToEarlyTraining]) -> list:
     """causal-span: the chunk owning the target layer gets its micro-batches' alignments computed in a
@@ -127,7 +81,9 @@ def pretrain(args) -> dict:
     resume_iteration = ckpt.latest_iteration(args.load)
     resume_common = ckpt.load_common(args.load, resume_iteration) if resume_iteration is not None else {}
     tokenizer = build_tokenizer(args)
-    let = _build_let(args, tokenizer, resume_iteration, resume_common)
+    tokenizer_name = f"--tokenizer-model {args.tokenizer_model}" if args.tokenizer_model \
+        else "the target's vocabulary"
+    let = build_let(args, tokenizer, tokenizer_name, print_rank_last, resume_common.get("let"), resume_iteration)
     initialize_parallel(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, cp=args.context_parallel_size,
                         seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)

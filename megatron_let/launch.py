@@ -1,0 +1,69 @@
+"""From parsed flags to a checked LateToEarlyTraining: shared by the lean trainer and Megatron-LM.
+
+Everything here runs before any process group exists, so a wrong teacher path, a corrupt
+teacher, a vocabulary mismatch or a tokenizer the aligner cannot read fails in seconds with one
+line, never hours into a job on some rank.
+"""
+
+from dataclasses import fields
+from typing import Callable, Optional
+
+from megatron_let.config import LETConfig, let_config_from_args
+from megatron_let.errors import LETConfigError
+from megatron_let.teacher import preflight_teacher
+from megatron_let.vocab import check_vocabulary, hf_tokenizer_of
+
+
+def changed_settings(saved_config: dict, config: LETConfig) -> list:
+    """Names of LET settings that differ from a checkpoint's (fields it predates count as defaults)."""
+    defaults = {f.name: f.default for f in fields(LETConfig)}
+    current = config.to_dict()
+    return sorted(k for k in current if {**defaults, **saved_config}.get(k) != current[k])
+
+
+def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
+              saved: Optional[dict] = None, resume_iteration: Optional[int] = None):
+    """The LateToEarlyTraining for ``args`` (None without --let-teacher), validated against the
+    target's tokenizer, the teacher files and, when resuming, the checkpoint's LET state.
+    ``log`` prints one line on the logging rank (warnings get a WARNING prefix here)."""
+
+    def warn(message: str) -> None:
+        log(f"WARNING: {message}")
+
+    from megatron_let.controller import LateToEarlyTraining
+
+    config = let_config_from_args(args)
+    if config is None:
+        return None
+    saved = saved or {}
+    if saved.get("config"):
+        changed = changed_settings(saved["config"], config)
+        if changed:
+            warn(f"LET settings differ from the checkpoint's: {', '.join(changed)}; continuing with the new ones.")
+    causal_span = config.token_alignment == "causal-span"
+    let = LateToEarlyTraining(config, args.train_iters, seed=args.seed,
+                              teacher_hidden_size=saved.get("teacher_hidden_size"),
+                              target_tokenizer=hf_tokenizer_of(tokenizer) if causal_span else None,
+                              eod_id=getattr(tokenizer, "eod", None) if causal_span else None)
+    if resume_iteration is not None and resume_iteration >= let.stop_iter and "teacher_hidden_size" in saved:
+        let.finish()  # past the stop step: the teacher is never read again (it may be gone)
+        return let
+    teacher_config = preflight_teacher(config.teacher, config.teacher_layer)
+    if causal_span:
+        aligner = let.aligner  # built now: a tokenizer it cannot read fails before any process group
+        log(f" LET token alignment causal-span: target {tokenizer_name} -> teacher tokenizer "
+            f"{config.teacher_tokenizer or config.teacher}"
+            + (" (same vocabulary: identity map)" if aligner.identity else ""))
+    else:
+        try:
+            check_vocabulary(config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), tokenizer_name)
+        except LETConfigError as error:
+            raise LETConfigError(f"{error} Or align across tokenizers with --let-token-alignment causal-span."
+                                 ) from None
+    for warning in config.warnings(args.num_layers, args.train_iters):
+        warn(warning)
+    if config.projector == "interp" and teacher_config.hidden_size > args.hidden_size:
+        warn(f"--let-projector interp shrinks the teacher's {teacher_config.hidden_size} features to "
+             f"--hidden-size {args.hidden_size} by interpolation, dropping detail; --let-projector linear or "
+             "mlp learns the map instead.")
+    return let
