@@ -36,13 +36,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: str, nproc: int, args, timeout: int = 300,
-             expect_failure: bool = False) -> subprocess.CompletedProcess:
-    """Run a worker under torchrun on CPU; fail the test with its output when it fails (unless expected)."""
+def torchrun(script: str, nproc: int, args, timeout: int = 300, expect_failure: bool = False,
+             megatron_lm: bool = False) -> subprocess.CompletedProcess:
+    """Run a worker under torchrun on CPU; fail the test with its output when it fails (unless expected).
+
+    Without ``megatron_lm`` the run never sees MEGATRON_LM_PATH, so pretrain_gpt_let.py takes the
+    megatron-core trainer even where a Megatron-LM checkout is configured."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", script, *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore",
                CUDA_VISIBLE_DEVICES="")
+    if not megatron_lm:
+        env.pop("MEGATRON_LM_PATH", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if proc.returncode != 0 and not expect_failure:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

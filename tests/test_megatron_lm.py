@@ -92,7 +92,7 @@ def megatron_lm_path():
 
 
 def run(nproc: int, args) -> dict:
-    proc = torchrun(SCRIPT, nproc, args, timeout=600)
+    proc = torchrun(SCRIPT, nproc, args, timeout=600, megatron_lm=True)
     logged = parse_log(proc.stdout)
     assert "lm loss" in logged.get(1, {}), (
         "no Megatron-LM training log line: did pretrain_gpt_let.py dispatch to Megatron-LM's "

@@ -22,6 +22,7 @@ def run(*args, timeout=180):
     """pretrain_gpt_let.py as one process (no torchrun wrapper adding its own traceback)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="")
+    env.pop("MEGATRON_LM_PATH", None)  # these rows are about the megatron-core trainer
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout, env=env)
 
