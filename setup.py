@@ -11,6 +11,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_let", "megatron_let.*"]),
     py_modules=["pretrain_gpt_let"],
+    # the Megatron-LM patch (python -m megatron_let.patching) must ship with non-editable installs
+    data_files=[("share/megatron-let/patches", ["patches/pretrain_gpt.core_v0.16.1.patch"])],
     install_requires=[
         # torch is not pinned here: on CPU machines install torch==2.13.0 first (.ci/run does),
         # so pip never pulls a multi-GB CUDA build.
