@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="redo every stage instead of reusing finished ones")
     p.add_argument("--seed", type=int, default=1234)
     g = p.add_argument_group("data")
-    g.add_argument("--max-mb", type=float, default=3.0, help="MB of text to keep (the full corpus is ~11 MB)")
+    g.add_argument("--max-mb", type=float, default=4.0, help="MB of text to keep (the full corpus is ~11 MB)")
     g.add_argument("--vocab-size", type=int, default=4096, help="byte-level BPE trained on the corpus")
     g.add_argument("--seq-length", type=int, default=128)
     g.add_argument("--split", default="95,5,0", help="train,valid,test document split (teacher and target)")
@@ -64,20 +65,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--teacher-layers", type=int, default=3)
     g.add_argument("--teacher-hidden", type=int, default=128)
     g.add_argument("--teacher-heads", type=int, default=4)
-    g.add_argument("--teacher-steps", type=int, default=300)
+    g.add_argument("--teacher-steps", type=int, default=250)
     g.add_argument("--teacher-batch-size", type=int, default=32)
     g.add_argument("--teacher-lr", type=float, default=3e-3)
     g = p.add_argument_group("target (pretrain_gpt_let.py, Llama-style GPT)")
     g.add_argument("--target-layers", type=int, default=6)
     g.add_argument("--target-hidden", type=int, default=256)
     g.add_argument("--target-heads", type=int, default=4)
-    g.add_argument("--target-iters", type=int, default=150)
+    g.add_argument("--target-iters", type=int, default=200)
     g.add_argument("--batch-size", type=int, default=16, help="target global (= micro) batch size")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--min-lr", type=float, default=2e-4)
     g.add_argument("--warmup-fraction", type=float, default=0.05)
     g.add_argument("--eval-points", type=int, default=10, help="validations per run (every iters/N steps)")
-    g.add_argument("--eval-iters", type=int, default=4, help="batches per validation")
+    g.add_argument("--eval-iters", type=int, default=8, help="batches per validation")
     g.add_argument("--log-interval", type=int, default=None, help="default: the eval interval / 2")
     g = p.add_argument_group("LET")
     g.add_argument("--let-target-layer", type=int, default=2)
@@ -173,7 +174,12 @@ def stage_teacher(a, data) -> dict:
     tokens = a.teacher_steps * a.teacher_batch_size * a.seq_length
     if (done := stage_done(record_path, key, a.force)) and (out / "config.json").exists():
         say(f"[2/5 teacher] reusing {out} (val loss {done['val_loss']:.3f}, {done['tokens']:,} tokens)")
-        return done
+        return {**done, "reused": True}
+
+    target_tokens = a.target_iters * a.batch_size * a.seq_length
+    if tokens <= target_tokens:
+        say(f"[2/5 teacher] note: the teacher sees {tokens:,} tokens, not more than the target's "
+            f"{target_tokens:,}: LET expects a better-trained ('late') teacher")
 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -196,7 +202,7 @@ def stage_teacher(a, data) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     say(f"[2/5 teacher] Llama {a.teacher_layers} layers x {h} ({n_params / 1e6:.2f}M params): "
         f"{a.teacher_steps} steps x {a.teacher_batch_size} x {a.seq_length} = {tokens:,} tokens "
-        f"(the target sees {a.target_iters * a.batch_size * a.seq_length:,})")
+        f"(the target sees {target_tokens:,})")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
@@ -222,6 +228,9 @@ def stage_teacher(a, data) -> dict:
     val_batches = max(1, min(8, len(valid) // a.teacher_batch_size))
     val = teacher_val_loss(model, valid, val_batches, a.teacher_batch_size)
     out.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model.save_pretrained(out)
     tok.save_pretrained(out)  # LET checks that the teacher reads the same token ids as the target
     record = {"key": key, "complete": True, "path": str(out), "params": n_params, "tokens": tokens,
@@ -306,7 +315,7 @@ def stage_target(a, data, name: str, extra: list, upstream: str, step_no: str) -
     if (done := stage_done(record_path, key, a.force)) and (out / "train.log").exists():
         log = parse_log((out / "train.log").read_text())
         say(f"[{step_no} {name}] reusing {out} (final val loss {log['valid'][max(log['valid'])]:.4f})")
-        return {**done, "log": log}
+        return {**done, "reused": True, "log": log, **iteration_times(log, a.let_stop_iter)}
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -339,13 +348,25 @@ def stage_target(a, data, name: str, extra: list, upstream: str, step_no: str) -
         print("\n".join(tail), flush=True)
         sys.exit(1)
     seconds = round(time.time() - t, 1)
-    times = [m["elapsed time per iteration (ms)"] for i, m in sorted(log["train"].items())
-             if "elapsed time per iteration (ms)" in m][1:]  # the first interval includes start-up
-    record = {"key": key, "complete": True, "seconds": seconds, "command": cmd,
-              "ms_per_iter": sum(times) / len(times) if times else None}
+    record = {"key": key, "complete": True, "seconds": seconds, "command": cmd}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     say(f"[{step_no} {name}] done: final val loss {log['valid'][max(log['valid'])]:.4f} ({seconds:.1f}s)")
-    return {**record, "log": log}
+    return {**record, "log": log, **iteration_times(log, a.let_stop_iter)}
+
+
+def iteration_times(log: dict, stop_iter: int) -> dict:
+    """Median wall ms per iteration over log intervals, before/after the LET stop step.
+
+    The first interval (start-up) is left out; the median shrugs off other jobs on a shared machine.
+    """
+    import statistics
+
+    times = [(i, m["elapsed time per iteration (ms)"]) for i, m in sorted(log["train"].items())
+             if "elapsed time per iteration (ms)" in m][1:]
+    before = [t for i, t in times if i <= stop_iter]
+    after = [t for i, t in times if i > stop_iter]
+    return {"ms_per_iter_before_stop": statistics.median(before) if before else None,
+            "ms_per_iter_after_stop": statistics.median(after) if after else None}
 
 
 # ----------------------------------------------------------------------------- 4. results
@@ -385,7 +406,9 @@ def build_results(a, data, teacher, base, let) -> dict:
         "upper_bound": bool(reach and not reach[1]),
         "speedup": (final / reach[0]) if reach else None,
         "teacher_val_loss": teacher["val_loss"],
-        "baseline_ms_per_iter": base.get("ms_per_iter"), "let_ms_per_iter": let.get("ms_per_iter"),
+        "ms_per_iter": {"baseline": [base["ms_per_iter_before_stop"], base["ms_per_iter_after_stop"]],
+                        "let": [let["ms_per_iter_before_stop"], let["ms_per_iter_after_stop"]],
+                        "_columns": ["median up to the LET stop step", "median after it"]},
     }
     return {"rows": rows, "summary": summary}
 
@@ -405,16 +428,20 @@ def fmt_speedup(d) -> str:
 
 def results_markdown(a, data, teacher, res) -> str:
     s = res["summary"]
+    target_tokens = a.target_iters * a.batch_size * a.seq_length
     lines = [
         "# LET quickstart results", "",
-        f"Data: {data['tokens']:,} tokens ({a.max_mb:g} MB of text, BPE vocab {a.vocab_size}), split {a.split}.  ",
-        f"Teacher: HF Llama {a.teacher_layers}x{a.teacher_hidden}, {teacher['tokens']:,} tokens, "
-        f"val loss {teacher['val_loss']:.3f}.  ",
-        f"Target: {a.target_layers}x{a.target_hidden} Llama-style GPT, {a.target_iters} iters x {a.batch_size} x "
-        f"{a.seq_length} = {a.target_iters * a.batch_size * a.seq_length:,} tokens, cosine lr {a.lr:g} -> "
-        f"{a.min_lr:g}.  ",
-        f"LET: target layer {a.let_target_layer}, lambda {a.let_lambda:g} decaying linearly to 0 at iteration "
-        f"{a.let_stop_iter}, projector {a.let_projector}.", "",
+        f"- Data: {data['tokens']:,} tokens ({a.max_mb:g} MB of text, byte-level BPE vocab {a.vocab_size}), "
+        f"document split {a.split}.",
+        f"- Teacher: Hugging Face Llama {a.teacher_layers} layers x {a.teacher_hidden}, trained on "
+        f"{teacher['tokens']:,} tokens ({teacher['tokens'] / target_tokens:.1f}x the target's); "
+        f"val loss {teacher['val_loss']:.4f}.",
+        f"- Target: Llama-style GPT {a.target_layers} layers x {a.target_hidden}, {a.target_iters} iterations x "
+        f"{a.batch_size} x {a.seq_length} = {target_tokens:,} tokens, lr {a.lr:g} cosine to {a.min_lr:g}; "
+        f"validation every {a.eval_interval} iterations on {a.eval_iters} x {a.batch_size} sequences.",
+        f"- LET: --let-target-layer {a.let_target_layer} --let-lambda {a.let_lambda:g} (linear decay to 0 at "
+        f"--let-stop-iter {a.let_stop_iter}) --let-projector {a.let_projector}.",
+        "",
         "| step | baseline val loss | LET val loss | LET - baseline | LET steps to baseline's loss | speed-up |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
@@ -424,51 +451,65 @@ def results_markdown(a, data, teacher, res) -> str:
     reached = fmt_steps(s, "let_steps_to_baseline_final")
     lines += [
         "",
-        f"Baseline final val loss (step {s['final_step']}): {s['baseline_final_val']:.4f}; "
-        f"LET: {s['let_final_val']:.4f} ({s['final_diff']:+.4f}).  ",
-        f"Steps for LET to reach the baseline's final val loss: {reached}"
-        + (f" of {s['final_step']} -> speed-up {fmt_speedup(s)}." if s["speedup"] else "."),
+        f"- Final validation loss (step {s['final_step']}): baseline {s['baseline_final_val']:.4f}, "
+        f"LET {s['let_final_val']:.4f} ({s['final_diff']:+.4f}).",
+        f"- Steps for LET to reach the baseline's final validation loss: {reached}"
+        + (f" of {s['final_step']}: speed-up {fmt_speedup(s)}." if s["speedup"] else
+           f" within {s['final_step']} steps (no speed-up)."),
     ]
-    if s["baseline_ms_per_iter"] and s["let_ms_per_iter"]:
-        lines.append(f"  Time per iteration: baseline {s['baseline_ms_per_iter']:.0f} ms, LET "
-                     f"{s['let_ms_per_iter']:.0f} ms (averaged over the whole run; LET pays only before "
-                     f"iteration {a.let_stop_iter}).")
+    (b0, b1), (l0, l1) = s["ms_per_iter"]["baseline"], s["ms_per_iter"]["let"]
+    if b0 and l0:
+        lines.append(f"- Median wall time per iteration up to iteration {a.let_stop_iter}: baseline {b0:.0f} ms, "
+                     f"LET {l0:.0f} ms ({l0 / b0 - 1:+.0%}, the teacher's forward and the alignment loss)"
+                     + (f"; after it: {b1:.0f} vs {l1:.0f} ms." if b1 and l1 else "."))
     lines += [
         "",
-        "Both runs use the same seed, initialisation, data order and validation batches, so the difference "
-        "is paired; still, at this scale a single seed is a demonstration, not a measurement (differences of "
-        "a few hundredths are within seed noise, and steps-to-final-loss is stretched by the cosine tail).",
+        "The speed-up column compares a step count with the baseline's at equal validation loss (linear "
+        "interpolation between evaluations; '<=' where LET's first evaluation is already lower). Both runs "
+        "share seed, initialisation, data order and validation batches, so the difference is paired; still, a "
+        "single seed at this scale is a demonstration, not a measurement: differences of a few hundredths are "
+        "within seed noise, and steps-to-final-loss depends on the cosine tail of the learning rate.",
     ]
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- 5. plot
-def plot(a, base, let, teacher, path: Path) -> None:
+def plot(a, base, let, teacher, res, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, (ax, dx) = plt.subplots(2, 1, figsize=(8, 6.5), dpi=120, sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 1]})
     for name, run, color in (("baseline", base, "tab:blue"), ("LET", let, "tab:orange")):
         train = sorted((i, m["lm loss"]) for i, m in run["log"]["train"].items() if "lm loss" in m)
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.3, lw=1, label=f"{name} train lm loss")
         valid = sorted(run["log"]["valid"].items())
         ax.plot(*zip(*valid), color=color, marker="o", ms=4, lw=2, label=f"{name} validation loss")
-    ax.axvline(a.let_stop_iter, color="gray", ls="--", lw=1, label=f"LET stop (iter {a.let_stop_iter})")
+    for axis in (ax, dx):
+        axis.axvline(a.let_stop_iter, color="gray", ls="--", lw=1,
+                     label=f"LET stop (iter {a.let_stop_iter})" if axis is ax else None)
+        axis.grid(alpha=0.3)
     ax.axhline(teacher["val_loss"], color="tab:green", ls=":", lw=1.2,
                label=f"teacher val loss ({teacher['val_loss']:.2f})")
     all_valid = list(base["log"]["valid"].values()) + list(let["log"]["valid"].values())
     lo, hi = min(all_valid + [teacher["val_loss"]]), max(all_valid)
     ax.set_ylim(lo - 0.15 * (hi - lo + 0.1), hi + 0.6 * (hi - lo + 0.1))
-    ax.set_xlim(0, a.target_iters * 1.02)
-    ax.set_xlabel("iteration")
     ax.set_ylabel("lm loss (nats/token)")
-    ax.set_title(f"LET quickstart: {a.target_layers}x{a.target_hidden} target, teacher "
-                 f"{a.teacher_layers}x{a.teacher_hidden}, lambda {a.let_lambda:g}, layer {a.let_target_layer}")
-    ax.grid(alpha=0.3)
+    ax.set_title(f"LET quickstart: target {a.target_layers}x{a.target_hidden}, teacher "
+                 f"{a.teacher_layers}x{a.teacher_hidden}, lambda {a.let_lambda:g} at layer {a.let_target_layer}",
+                 fontsize=11)
     ax.legend(fontsize=8)
+    steps = [r["step"] for r in res["rows"]]
+    diffs = [r["diff"] for r in res["rows"]]
+    width = 0.6 * (steps[1] - steps[0]) if len(steps) > 1 else 1.0
+    dx.bar(steps, diffs, width=width, color=["tab:green" if d < 0 else "tab:red" for d in diffs])
+    dx.axhline(0, color="black", lw=0.8)
+    dx.set_ylabel("LET - baseline\nval loss", fontsize=9)
+    dx.set_xlabel("iteration")
+    dx.set_xlim(0, a.target_iters * 1.03)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -477,6 +518,8 @@ def plot(a, base, let, teacher, path: Path) -> None:
 # ----------------------------------------------------------------------------- driver
 def main(argv=None) -> int:
     a = parse_args(argv)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     a.work_dir.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     say(f"work dir {a.work_dir} (finished stages are reused; --force redoes them)")
@@ -500,9 +543,11 @@ def main(argv=None) -> int:
     md = results_markdown(a, data, teacher, res)
     (a.work_dir / "results.md").write_text(md)
     png = a.work_dir / "loss_curves.png"
-    plot(a, base, let, teacher, png)
+    plot(a, base, let, teacher, res, png)
     timings["results"] = time.time() - t
     timings = {k: round(v, 1) for k, v in timings.items()}
+    reused = {name: stage["seconds"] for name, stage in (("teacher", teacher), ("baseline", base), ("let", let))
+              if stage.get("reused")}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     payload = {
         "settings": settings, "data": {k: data[k] for k in ("prefix", "tokenizer", "tokens", "documents")},
@@ -514,12 +559,14 @@ def main(argv=None) -> int:
         "logs": {"baseline": str(a.work_dir / "baseline" / "train.log"), "let": str(a.work_dir / "let" / "train.log")},
         "plot": str(png),
         "stage_seconds": timings,
+        "reused_stages_built_in_seconds": reused,
     }
     (a.work_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     say("[5/5 results]")
     print("\n" + md, flush=True)
     say(f"wrote {a.work_dir / 'results.md'}, {a.work_dir / 'results.json'} and {png}")
-    say("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+    say("stage seconds: " + ", ".join(f"{k} {v:.1f}" + (f" (reused; built in {reused[k]:.1f})" if k in reused else "")
+                                      for k, v in timings.items())
         + f"; total {time.time() - _T0:.1f}")
     return 0
 
