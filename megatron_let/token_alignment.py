@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from megatron_let.errors import LETConfigError
+from megatron_let.data.byte_level import bytes_to_unicode
 
 TOKEN_ALIGNMENTS = ("exact", "causal-span")
 BATCH_KEYS = ("let_teacher_tokens", "let_teacher_attention_mask", "let_index", "let_valid")
@@ -70,18 +71,6 @@ class TokenAlignment(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------ byte tables
-def _bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2's reversible byte -> printable-character map (byte-level BPE vocabularies)."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _component_types(spec) -> List[str]:
     if not spec:
         return []
@@ -116,7 +105,7 @@ class ByteTable:
         self.special_ids = frozenset(i for i, t in added.items() if t.get("special"))
         table: List[bytes] = []
         if "ByteLevel" in decoders:
-            inverse = {c: b for b, c in _bytes_to_unicode().items()}
+            inverse = {c: b for b, c in bytes_to_unicode().items()}
             piece = lambda s: bytes(inverse[c] for c in s) if all(c in inverse for c in s) else s.encode()  # noqa: E731
         elif {"Metaspace", "ByteFallback", "Replace"} & set(decoders):
             fallback = "ByteFallback" in decoders

@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import ROOT, make_tiny_llama, run_layout
 from test_parallel_equivalence import assert_same_numbers
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError
-from megatron_let.data.prepare_corpus import _byte_map
+from megatron_let.data.byte_level import bytes_to_unicode
 from megatron_let.token_alignment import (AlignmentPrefetcher, CausalSpanAligner, _to_data_bytes, decode_bytes,
                                           pop_alignment)
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 3, "a stitch in time saves nine; naïve café " * 3,
           "to be or not to be, that is the question\n\n" * 3, "東京 and 🙂 emoji, Ω ß déjà vu " * 2]
-_UNBYTE = {c: b for b, c in _byte_map().items()}
+_UNBYTE = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _bpe(texts, vocab_size, seed_text):

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from megatron_let.data.byte_level import bytes_to_unicode
 
 __all__ = [
     "DATA_PREFIX", "EOS_TOKEN", "SOURCES", "DownloadError", "pip_download",
@@ -168,18 +169,6 @@ def collect_documents(download_dir: Path) -> List[Tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def _byte_map() -> Dict[int, str]:
-    """GPT-2's reversible byte -> printable-character map used in vocab.json/merges.txt."""
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def gpt2_vocab_and_merges(whisper_archive: Path) -> Tuple[Dict[str, int], List[Tuple[str, str]]]:
     """Rebuild GPT-2's vocab.json and merges.txt from whisper's ``gpt2.tiktoken``.
 
@@ -189,7 +178,7 @@ def gpt2_vocab_and_merges(whisper_archive: Path) -> Tuple[Dict[str, int], List[T
     """
     (raw,) = read_members(whisper_archive, lambda n: n.endswith("whisper/assets/gpt2.tiktoken")).values()
     ranks = {base64.b64decode(tok): int(r) for tok, r in map(str.split, raw.decode().splitlines())}
-    enc = _byte_map()
+    enc = bytes_to_unicode()
 
     def show(b: bytes) -> str:
         return "".join(enc[x] for x in b)
