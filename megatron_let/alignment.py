@@ -50,7 +50,7 @@ class LETAlignment(MegatronModule):
             return output
         hidden, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
         tokens, loss_mask = let.take_microbatch()
-        alignment = let.take_alignment()  # LET token alignment (None: exact, or computed in the hook)
+        alignment = let.take_alignment()  # None: exact, or computed in the hook
         teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask, alignment)
         loss_sum, cos_sum = cosine_alignment_terms(hidden, teacher_local, self.projector, mask_local)
         tokens_in_batch = mask_local.sum().to(torch.float32)
@@ -99,7 +99,7 @@ class LETAlignment(MegatronModule):
         teacher, valid = self._let.aligned_teacher_hidden_states(tokens, alignment)
         teacher = cp_shard(teacher, cp_size, parallel_state.get_context_parallel_rank(), seq_dim=0)
         mask = loss_mask.transpose(0, 1)
-        if valid is not None:  # LET token alignment: unaligned positions leave the loss
+        if valid is not None:  # unaligned positions leave the loss
             valid = cp_shard(valid.transpose(0, 1), cp_size, parallel_state.get_context_parallel_rank(), seq_dim=0)
             mask = mask * valid.to(device=mask.device, dtype=mask.dtype)
         if self.config.sequence_parallel and tp_size > 1:

@@ -13,7 +13,7 @@ SCHEDULES = ("linear", "constant", "cosine")
 PROJECTORS = ("interp", "linear", "mlp")
 TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
-TOKEN_ALIGNMENTS = ("exact", "causal-span")  # LET token alignment (megatron_let/token_alignment.py)
+TOKEN_ALIGNMENTS = ("exact", "causal-span")  # megatron_let/token_alignment.py
 
 
 @dataclass
@@ -37,7 +37,6 @@ class LETConfig:
     projector_hidden_size: Optional[int] = None
     teacher_dtype: str = "auto"
     on_nonfinite: str = "error"
-    # --- LET token alignment: a teacher with another tokenizer (megatron_let/token_alignment.py) ---
     token_alignment: str = "exact"
     teacher_tokenizer: Optional[str] = None
 
@@ -65,14 +64,12 @@ class LETConfig:
             )
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise LETConfigError(f"--let-on-nonfinite must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}.")
-        # --- LET token alignment ---
         if self.token_alignment not in TOKEN_ALIGNMENTS:
             raise LETConfigError(f"--let-token-alignment must be one of {TOKEN_ALIGNMENTS}; "
                                  f"got {self.token_alignment!r}.")
         if self.teacher_tokenizer is not None and self.token_alignment == "exact":
             raise LETConfigError("--let-teacher-tokenizer is only used with --let-token-alignment causal-span "
                                  "(exact requires the target to use the teacher's tokenizer).")
-        # --- end LET token alignment ---
         if self.stop_iter is not None and self.stop_fraction is not None:
             raise LETConfigError("give either --let-stop-iter or --let-stop-fraction, not both.")
         if self.stop_iter is not None and self.stop_iter <= 0:
@@ -137,7 +134,6 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--let-on-nonfinite", choices=NONFINITE_POLICIES, default="error",
                        help="A NaN/Inf alignment loss (e.g. a broken teacher): stop with the iteration and "
                             "rank (error), or skip that optimizer step like an fp16 overflow (skip).")
-    # --- LET token alignment (megatron_let/token_alignment.py) ---
     group.add_argument("--let-token-alignment", choices=TOKEN_ALIGNMENTS, default="exact",
                        help="exact: the target must use the teacher's tokenizer (checked). causal-span: the "
                             "teacher re-tokenizes the text of each micro-batch with its own tokenizer and target "

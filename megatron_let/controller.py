@@ -29,11 +29,9 @@ class LateToEarlyTraining:
     def __init__(self, config: LETConfig, train_iters: Optional[int] = None, seed: int = 1234,
                  teacher_hidden_size: Optional[int] = None, target_tokenizer=None, eod_id: Optional[int] = None):
         self.config = config
-        # --- LET token alignment (causal-span): the target's tokenizer and EOD id ---
         self.target_tokenizer, self.eod_id = target_tokenizer, eod_id
         self._aligner = None
         self._alignment = None
-        # --- end LET token alignment ---
         self._teacher_hidden_size = teacher_hidden_size
         self.stop_iter = config.resolve_stop_iter(train_iters)
         self.seed = seed
@@ -85,7 +83,7 @@ class LateToEarlyTraining:
         ``alignment``: the micro-batch's precomputed causal-span TokenAlignment (full sequence), if any.
         """
         self._microbatch = (tokens, loss_mask)
-        self._alignment = alignment  # LET token alignment
+        self._alignment = alignment
 
     def take_microbatch(self):
         if self._microbatch is None or self._microbatch[0] is None:
@@ -96,7 +94,6 @@ class LateToEarlyTraining:
         microbatch, self._microbatch = self._microbatch, None
         return microbatch
 
-    # --- LET token alignment (causal-span; megatron_let/token_alignment.py) -----------------------
     def take_alignment(self):
         """The precomputed TokenAlignment given with this micro-batch (None: the hook computes it)."""
         alignment, self._alignment = self._alignment, None
@@ -131,7 +128,6 @@ class LateToEarlyTraining:
             alignment = aligner(tokens)
         states = self.teacher_hidden_states(alignment.teacher_tokens, alignment.teacher_attention_mask)
         return gather_teacher_states(states, alignment.index), alignment.valid
-    # --- end LET token alignment ----------------------------------------------------------------
 
     def record_loss(self, loss_sum: torch.Tensor) -> None:
         """Remember (without a device sync) whether this micro-batch's alignment loss was finite."""
@@ -160,7 +156,7 @@ class LateToEarlyTraining:
             self._teacher.release()
         self._teacher = None
         self._microbatch = None
-        self._alignment = None  # LET token alignment
+        self._alignment = None
         self.finished = True
 
     # -- teacher -------------------------------------------------------------------------------
@@ -182,7 +178,7 @@ class LateToEarlyTraining:
         all-gathered, so the teacher's cost is not repeated on every TP rank.
         ``attention_mask`` [b, s] (causal-span token alignment) masks right padding.
         """
-        from megatron_let.token_alignment import run_teacher  # LET token alignment
+        from megatron_let.token_alignment import run_teacher
 
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         if tp_size == 1 or tokens.shape[0] % tp_size:

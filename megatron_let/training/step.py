@@ -11,7 +11,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.errors import LETNonFiniteError
-from megatron_let.token_alignment import pop_alignment  # LET token alignment
+from megatron_let.token_alignment import pop_alignment
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -26,7 +26,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def forward_step(data_iterator: Iterator, model, let: Optional[LateToEarlyTraining] = None):
     """Fetch this micro-batch on every stage (LET's stage needs the tokens too), then run the chunk."""
     batch = dict(next(data_iterator))
-    alignment = pop_alignment(batch)  # LET token alignment: full-sequence, kept out of CP slicing
+    alignment = pop_alignment(batch)  # full-sequence, kept out of CP slicing
     batch = get_batch_on_this_cp_rank(batch)
     if let is not None:
         let.set_microbatch(batch["tokens"], batch["loss_mask"], alignment)

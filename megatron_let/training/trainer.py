@@ -58,7 +58,6 @@ def _reseed(seed: int, iteration: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed + iteration)
 
 
-# --- LET token alignment ------------------------------------------------------------------------
 def _prefetch_alignments(iterators: list, model: list, let: Optional[LateToEarlyTraining]) -> list:
     """causal-span: the chunk owning the target layer gets its micro-batches' alignments computed in a
     background thread ahead of time (other chunks and stages never need them)."""
@@ -72,7 +71,6 @@ def _prefetch_alignments(iterators: list, model: list, let: Optional[LateToEarly
         return chunk is not None
 
     return [AlignmentPrefetcher(it, let.aligner) if owns(chunk) else it for it, chunk in zip(iterators, model)]
-# --- end LET token alignment ----------------------------------------------------------------------
 
 
 def pretrain(args) -> dict:
@@ -151,7 +149,7 @@ def pretrain(args) -> dict:
             chunk.train()
         iterators = [microbatches(train_ds, consumed, args.micro_batch_size, dp_rank, dp_size, num_microbatches)
                      for _ in model]
-        iterators = _prefetch_alignments(iterators, model, let)  # LET token alignment
+        iterators = _prefetch_alignments(iterators, model, let)
         metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, let, iteration,
                              num_microbatches, args.seq_length, args.micro_batch_size)
         iteration += 1
