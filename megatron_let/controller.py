@@ -178,14 +178,12 @@ class LateToEarlyTraining:
         all-gathered, so the teacher's cost is not repeated on every TP rank.
         ``attention_mask`` [b, s] (causal-span token alignment) masks right padding.
         """
-        from megatron_let.token_alignment import run_teacher
-
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         if tp_size == 1 or tokens.shape[0] % tp_size:
-            return run_teacher(self.teacher, tokens, attention_mask)
+            return self.teacher.hidden_states(tokens, attention_mask)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         local_mask = None if attention_mask is None else attention_mask.chunk(tp_size, dim=0)[tp_rank]
-        local = run_teacher(self.teacher, tokens.chunk(tp_size, dim=0)[tp_rank], local_mask)
+        local = self.teacher.hidden_states(tokens.chunk(tp_size, dim=0)[tp_rank], local_mask)
         parts = [torch.empty_like(local) for _ in range(tp_size)]
         dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
         return torch.cat(parts, dim=1)

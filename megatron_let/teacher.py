@@ -146,11 +146,15 @@ class HFTeacher:
         self.device = device
 
     @torch.no_grad()
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens`` [b, s] -> hidden states [s, b, h_T] (Megatron's layout), teacher dtype."""
+    def hidden_states(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``tokens`` [b, s] -> hidden states [s, b, h_T] (Megatron's layout), teacher dtype.
+
+        ``attention_mask`` [b, s] marks right padding (re-tokenized causal-span micro-batches).
+        """
         if self.model is None:
             raise RuntimeError("the LET teacher was released; it is not available after the stop step")
-        outputs = self.model(input_ids=tokens.to(self.device), use_cache=False,
+        mask = None if attention_mask is None else attention_mask.to(self.device)
+        outputs = self.model(input_ids=tokens.to(self.device), attention_mask=mask, use_cache=False,
                              output_hidden_states=self.layer is not None)
         hidden = outputs.last_hidden_state if self.layer is None else outputs.hidden_states[self.layer]
         return hidden.transpose(0, 1).contiguous()

@@ -43,11 +43,10 @@ such keys (e.g. Megatron-LM's own get_batch) the hook computes it itself.
 from __future__ import annotations
 
 import collections
-import inspect
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -418,21 +417,6 @@ class AlignmentPrefetcher:
             raise StopIteration
         batch, future = self._pending.popleft()
         return {**batch, **alignment_to_batch(future.result())}
-
-
-def run_teacher(teacher, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``teacher.hidden_states`` with an attention mask for right padding ([s, b, h_T])."""
-    if attention_mask is None:
-        return teacher.hidden_states(tokens)
-    if "attention_mask" in inspect.signature(teacher.hidden_states).parameters:
-        return teacher.hidden_states(tokens, attention_mask=attention_mask)
-    if getattr(teacher, "model", None) is None:
-        raise RuntimeError("the LET teacher was released; it is not available after the stop step")
-    with torch.no_grad():
-        outputs = teacher.model(input_ids=tokens.to(teacher.device), attention_mask=attention_mask.to(teacher.device),
-                                use_cache=False, output_hidden_states=teacher.layer is not None)
-    hidden = outputs.last_hidden_state if teacher.layer is None else outputs.hidden_states[teacher.layer]
-    return hidden.transpose(0, 1).contiguous()
 
 
 def gather_teacher_states(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

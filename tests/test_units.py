@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_let.config import LETConfig, LETConfigError, add_let_args, let_config_from_args
+from megatron_let.config import LETConfigError, add_let_args, let_config_from_args
 from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
 from megatron_let.projector import build_projector
 from megatron_let.schedule import let_lambda

@@ -2,7 +2,6 @@
 
 from typing import List, Optional
 
-import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -11,8 +10,10 @@ from megatron.core.transformer import TransformerConfig
 from megatron_let.controller import LateToEarlyTraining
 
 
-def layer_spec(config: TransformerConfig):
-    """TransformerEngine layers when TE is importable (GPU), megatron-core's local ones otherwise."""
+def layer_spec(config: TransformerConfig, transformer_impl: str = "transformer_engine"):
+    """TransformerEngine layers when asked for and importable (GPU), megatron-core's local ones otherwise."""
+    if transformer_impl == "local":
+        return get_gpt_layer_local_spec(normalization=config.normalization)
     try:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         import transformer_engine  # noqa: F401

@@ -1,11 +1,9 @@
 """The megatron-core-only training loop behind pretrain_gpt_let.py (when Megatron-LM is absent)."""
 
 import math
-import os
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -19,7 +17,7 @@ from megatron_let.training.arguments import vocab_size_with_padding
 from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp
 from megatron_let.training.data import build_datasets, build_tokenizer, microbatches
 from megatron_let.training.logger import TrainingLogger, print_rank_last
-from megatron_let.training.model import build_gpt_chunks
+from megatron_let.training.model import build_gpt_chunks, layer_spec
 from megatron_let.training.step import run_schedule, train_step
 
 
@@ -90,7 +88,8 @@ def pretrain(args) -> dict:
     config = transformer_config_from_args(args)
     chunks = build_gpt_chunks(config, padded_vocab, args.max_position_embeddings, let=let,
                               position_embedding_type=args.position_embedding_type,
-                              share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+                              share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+                              spec=layer_spec(config, args.transformer_impl))
     if args.bf16 or args.fp16:
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     model = wrap_ddp(chunks, args.use_distributed_optimizer, args.overlap_grad_reduce)
