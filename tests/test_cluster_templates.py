@@ -13,7 +13,7 @@ dummy cluster variables. From the printed command this checks:
 - all other flags against Megatron-LM's own parser (``add_megatron_arguments`` + LET's
   ``extra_args_provider``, strict ``parse_args``, then ``validate_args`` with the job's world size,
   which checks the TP/PP/CP/DP arithmetic; the global batch must split into micro-batches) when a checkout is available
-  (``MEGATRON_LM_PATH`` or /tmp/megatron-lm); otherwise that part is skipped, and
+  (``MEGATRON_LM_PATH``); otherwise that part is skipped, and
 - against the lean trainer's ``build_parser()`` for the flags it implements; the flags only
   Megatron-LM knows must be the expected ones (fp8 recipe details, exit handling).
 """
@@ -220,7 +220,7 @@ def test_lean_trainer_parser(name, kind, rendered):
 
 
 def _megatron_lm_checkout():
-    for path in (os.environ.get("MEGATRON_LM_PATH"), "/tmp/megatron-lm"):
+    for path in (os.environ.get("MEGATRON_LM_PATH"),):
         if path and os.path.isfile(os.path.join(path, "megatron", "training", "arguments.py")):
             return path
     return None
@@ -263,7 +263,7 @@ print("RESULTS" + json.dumps(results))
 def megatron_lm_results(rendered):
     checkout = _megatron_lm_checkout()
     if checkout is None:
-        pytest.skip("no Megatron-LM checkout (set MEGATRON_LM_PATH, or put tag core_v0.16.1 at /tmp/megatron-lm): "
+        pytest.skip("no Megatron-LM checkout (set MEGATRON_LM_PATH to tag core_v0.16.1): "
                     "the non-LET flags were checked against the lean trainer's parser only")
     jobs = {f"{name}/{kind}": (SLURM_VARIANTS[name][1] * GPUS_PER_NODE, rendered[name, kind][1])
             for name, kind in CASES}

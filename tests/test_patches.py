@@ -2,7 +2,7 @@
 
 Always: every patch is a well-formed unified diff (hunk line counts match their headers), only adds a
 few lines that call ``megatron_let.patching.enable_let``, and the command refuses what it cannot
-patch with a clear message. With a Megatron-LM checkout (``MEGATRON_LM_PATH`` or /tmp/megatron-lm):
+patch with a clear message. With a Megatron-LM checkout (``MEGATRON_LM_PATH``):
 the patch applies with ``patch`` and with ``git apply`` to a temp copy of its pretrain_gpt.py, the
 result compiles, a second ``apply`` is a no-op, ``check`` passes and ``revert`` restores the file
 byte for byte; and the patched script trains 2 iterations on CPU (gloo, mock data, a tiny Hugging
@@ -120,7 +120,7 @@ def test_cli_refuses_with_reasons(tmp_path):
 # -- with a Megatron-LM checkout ---------------------------------------------------------------------
 
 def _checkout():
-    for path in (os.environ.get("MEGATRON_LM_PATH"), "/tmp/megatron-lm"):
+    for path in (os.environ.get("MEGATRON_LM_PATH"),):
         if path and os.path.isfile(os.path.join(path, "pretrain_gpt.py")) and \
                 os.path.isdir(os.path.join(path, "megatron", "training")):
             return os.path.abspath(path)
@@ -129,8 +129,8 @@ def _checkout():
 
 CHECKOUT = _checkout()
 needs_checkout = pytest.mark.skipif(
-    CHECKOUT is None, reason="no Megatron-LM checkout: set MEGATRON_LM_PATH (tag core_v0.16.1) or put one at "
-                             "/tmp/megatron-lm to apply the patch to a real pretrain_gpt.py")
+    CHECKOUT is None, reason="no Megatron-LM checkout: set MEGATRON_LM_PATH (tag core_v0.16.1) "
+                             "to apply the patch to a real pretrain_gpt.py")
 
 
 @pytest.fixture
@@ -220,7 +220,7 @@ ITERS = 2
 @pytest.fixture(scope="module")
 def patched_script(tmp_path_factory):
     if CHECKOUT is None:
-        pytest.skip("no Megatron-LM checkout (MEGATRON_LM_PATH or /tmp/megatron-lm): cannot run the patched script")
+        pytest.skip("no Megatron-LM checkout (MEGATRON_LM_PATH): cannot run the patched script")
     directory = tmp_path_factory.mktemp("user_megatron")
     shutil.copyfile(os.path.join(CHECKOUT, "pretrain_gpt.py"), directory / "pretrain_gpt.py")
     result = _cli("apply", directory / "pretrain_gpt.py")
