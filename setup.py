@@ -24,7 +24,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis"],
+        # the quickstart test needs matplotlib + tensorboard, the GGUF teacher tests gguf + accelerate
+        "test": ["pytest>=8", "hypothesis", "matplotlib", "tensorboard", "gguf", "accelerate"],
         "quickstart": ["matplotlib", "tensorboard"],
         "gguf": ["gguf", "accelerate"],  # transformers' gguf_file= loading needs both
         # GPU only: never installed on CPU machines or in CI.
