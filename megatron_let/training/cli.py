@@ -13,7 +13,10 @@ def main(argv=None) -> int:
         args = parse_args(argv, world_size=world_size)
         from megatron_let.training.trainer import pretrain  # heavy imports only for valid input
 
+        from megatron_let.training.components import shutdown_parallel
+
         pretrain(args)
+        shutdown_parallel()
     except (ArgumentError, LETConfigError) as error:
         _one_line(error)
         return 2

@@ -32,6 +32,15 @@ def initialize_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def shutdown_parallel() -> None:
+    """Leave the process groups together: exiting with gloo work still alive can abort a rank
+    ("terminate called without an active exception") after training finished fine."""
+    if dist.is_initialized():
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
 def wrap_ddp(chunks: List[torch.nn.Module], use_distributed_optimizer: bool = False,
              overlap_grad_reduce: bool = False) -> List[DistributedDataParallel]:
     ddp_config = DistributedDataParallelConfig(

@@ -19,7 +19,7 @@ from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 from megatron_let import LateToEarlyTraining, LETConfig  # noqa: E402
-from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp  # noqa: E402
+from megatron_let.training.components import build_optimizer, initialize_parallel, shutdown_parallel, wrap_ddp  # noqa: E402
 from megatron_let.training.model import build_gpt_chunks  # noqa: E402
 from megatron_let.training.step import train_step  # noqa: E402
 
@@ -149,6 +149,7 @@ def main():
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(args.out, "w") as f:
             json.dump({"records": records, "teacher_first_checksum": teacher_before}, f)
+    shutdown_parallel()
 
 
 if __name__ == "__main__":
