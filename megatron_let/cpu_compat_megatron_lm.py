@@ -54,7 +54,7 @@ import types
 
 import torch
 
-from megatron_let.cpu_compat import enable_cpu_megatron
+from megatron_let.cpu_compat import _CudaOnCpu, _TorchOnCpu, enable_cpu_megatron
 
 __all__ = ["enable_cpu_megatron_lm"]
 
@@ -86,23 +86,6 @@ _CUDA_CALLS_ARE_IDENTITY = {
 }
 
 
-def _is_cuda_device(device) -> bool:
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    return isinstance(device, torch.device) and device.type == "cuda"
-
-
-def _factory_on_cpu(factory):
-    @functools.wraps(factory)
-    def wrapper(*args, **kwargs):
-        if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-            kwargs.pop("pin_memory", None)
-        return factory(*args, **kwargs)
-
-    return wrapper
-
-
 class _NoStream:
     """What a CUDA stream or event does on CPU: nothing."""
 
@@ -113,17 +96,16 @@ class _NoStream:
         return lambda *args, **kwargs: None
 
 
-class _CudaForTraining(types.ModuleType):
-    """``torch.cuda`` as the Megatron-LM training modules see it."""
+class _CudaForTraining(_CudaOnCpu):
+    """``torch.cuda`` as the Megatron-LM training modules see it: megatron-core's CPU stand-in plus
+    the device, memory and stream calls the training loop makes."""
 
     def __init__(self):
-        super().__init__("torch.cuda")
+        super().__init__()
         zero = lambda *args, **kwargs: 0  # noqa: E731
         none = lambda *args, **kwargs: None  # noqa: E731
-        self.current_device = lambda: torch.device("cpu")
         self.device_count = lambda: 1
         self.set_device = none
-        self.synchronize = none
         self.empty_cache = none
         self.reset_peak_memory_stats = none
         for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
@@ -135,29 +117,14 @@ class _CudaForTraining(types.ModuleType):
         self.Event = _NoStream
         self.current_stream = lambda *args, **kwargs: _NoStream()
         self.stream = lambda *args, **kwargs: contextlib.nullcontext()
-        self.get_rng_state = lambda device="cuda": torch.get_rng_state()
-        self.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-        self.manual_seed = lambda seed: torch.manual_seed(seed)
-
-    def __getattr__(self, name):
-        return getattr(torch.cuda, name)
 
 
-_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like",
-              "zeros_like", "ones_like", "full_like", "rand", "randn", "randint")
-
-
-class _TorchForTraining(types.ModuleType):
+class _TorchForTraining(_TorchOnCpu):
     """``torch`` as the Megatron-LM training modules see it: everything else is the real one."""
 
     def __init__(self):
-        super().__init__("torch")
+        super().__init__()
         self.cuda = _CudaForTraining()
-        for name in _FACTORIES:
-            setattr(self, name, _factory_on_cpu(getattr(torch, name)))
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
 
 
 @contextlib.contextmanager
