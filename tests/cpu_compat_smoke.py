@@ -100,27 +100,14 @@ def build_config(args):
 
 
 def build_model(args, config):
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
+    """The project's own chunk builder (one GPTModel per virtual stage), without LET."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
-    chunks = []
-    for vp_stage in range(args.vpp or 1):
-        vp = vp_stage if args.vpp else None
-        chunks.append(
-            GPTModel(
-                config=config,
-                transformer_layer_spec=spec,
-                vocab_size=VOCAB,
-                max_sequence_length=SEQ,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-                position_embedding_type="rope" if args.arch == "llama" else "learned_absolute",
-                vp_stage=vp,
-            )
-        )
-    return chunks
+    from megatron_let.training.model import build_gpt_chunks
+
+    return build_gpt_chunks(config, VOCAB, SEQ,
+                            position_embedding_type="rope" if args.arch == "llama" else "learned_absolute",
+                            spec=get_gpt_layer_local_spec(normalization=config.normalization))
 
 
 def _strategy(fully_parallel, save, path=None):
