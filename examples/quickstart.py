@@ -80,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-points", type=int, default=10, help="validations per run (every iters/N steps)")
     g.add_argument("--eval-iters", type=int, default=8, help="batches per validation")
     g.add_argument("--log-interval", type=int, default=None, help="default: the eval interval / 2")
+    g.add_argument("--gpu", action="store_true", help="train the target on a GPU in bf16 (default: CPU, GPUs hidden)")
     g = p.add_argument_group("LET")
     g.add_argument("--let-target-layer", type=int, default=2)
     g.add_argument("--let-lambda", type=float, default=0.3)
@@ -165,8 +166,9 @@ def teacher_val_loss(model, valid, batches: int, batch_size: int) -> float:
     return sum(losses) / len(losses)
 
 
-def stage_teacher(a, data) -> dict:
-    out = a.work_dir / "teacher"
+def stage_teacher(a, data, name: str = "teacher") -> dict:
+    """Train the teacher on ``data`` (its own tokenizer) into WORK/<name>."""
+    out = a.work_dir / name
     record_path = out / "quickstart_teacher.json"
     settings = {k: getattr(a, k) for k in ("teacher_layers", "teacher_hidden", "teacher_heads", "teacher_steps",
                                            "teacher_batch_size", "teacher_lr", "seq_length", "split", "seed")}
@@ -286,7 +288,7 @@ def target_flags(a, data) -> list:
         "--data-path", data["prefix"], "--split", a.split, "--tokenizer-type", "HuggingFaceTokenizer",
         "--tokenizer-model", data["tokenizer"], "--make-vocab-size-divisible-by", 128,
         "--log-interval", a.log_interval, "--eval-interval", a.eval_interval, "--eval-iters", a.eval_iters,
-    ]
+    ] + (["--bf16"] if a.gpu else [])
 
 
 def let_flags(a, teacher) -> list:
@@ -307,12 +309,15 @@ def compact(name: str, kind: str, it: int, log: dict, total: int) -> str:
     return line
 
 
-def stage_target(a, data, name: str, extra: list, upstream: str, step_no: str) -> dict:
+def stage_target(a, data, name: str, extra: list, upstream: str, step_no: str, save: bool = False) -> dict:
+    """Train one target run into WORK/<name>; ``save`` also keeps its final checkpoint (WORK/<name>/checkpoint)."""
     out = a.work_dir / name
     record_path = out / "run.json"
     flags = [str(x) for x in target_flags(a, data) + extra]
     key = fingerprint({"flags": flags, "data": data["key"], "upstream": upstream})
-    if (done := stage_done(record_path, key, a.force)) and (out / "train.log").exists():
+    checkpoint = out / "checkpoint"
+    have_checkpoint = not save or (checkpoint / "latest_checkpointed_iteration.txt").exists()
+    if (done := stage_done(record_path, key, a.force)) and (out / "train.log").exists() and have_checkpoint:
         log = parse_log((out / "train.log").read_text())
         say(f"[{step_no} {name}] reusing {out} (final val loss {log['valid'][max(log['valid'])]:.4f})")
         return {**done, "reused": True, "log": log, **iteration_times(log, a.let_stop_iter)}
@@ -320,11 +325,15 @@ def stage_target(a, data, name: str, extra: list, upstream: str, step_no: str) -
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     flags += ["--tensorboard-dir", str(out / "tensorboard")]
+    if save:  # not part of the key: saving does not change the numbers
+        flags += ["--save", str(checkpoint), "--save-interval", str(a.target_iters), "--no-save-optim"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
            f"--master-port={free_port()}", str(SCRIPT), *flags]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 2)),
-               PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+               PYTHONWARNINGS="ignore",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if not a.gpu:
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     say(f"[{step_no} {name}] {a.target_layers} layers x {a.target_hidden}, {a.target_iters} iters x "
         f"{a.batch_size} x {a.seq_length}" + (f", LET: {' '.join(map(str, extra))}" if extra else ", no LET"))
     say(f"  full log: {out / 'train.log'}")
