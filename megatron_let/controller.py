@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Dict, List, Optional
 
 import torch
@@ -80,7 +81,8 @@ class LateToEarlyTraining:
                        alignment=None) -> None:
         """Tokens [b, s] and loss mask [b, s] exactly as this rank feeds them to the model (CP-local).
 
-        ``alignment``: the micro-batch's precomputed causal-span TokenAlignment (full sequence), if any.
+        ``alignment``: the micro-batch's causal-span TokenAlignment (full sequence), or a Future of one being
+        computed in the background, if any.
         """
         self._microbatch = (tokens, loss_mask)
         self._alignment = alignment
@@ -97,7 +99,7 @@ class LateToEarlyTraining:
     def take_alignment(self):
         """The precomputed TokenAlignment given with this micro-batch (None: the hook computes it)."""
         alignment, self._alignment = self._alignment, None
-        return alignment
+        return alignment.result() if isinstance(alignment, Future) else alignment
 
     @property
     def aligner(self):

@@ -132,6 +132,7 @@ class LETMegatronLM:
         self._let_created = False
         self._owner_vp_stages: Set[Optional[int]] = set()
         self._last_iteration: Optional[int] = None
+        self._training = False  # the model's mode in the current forward step
         missing = [name for name in ("get_batch", "mtp_on_this_rank", "forward_step",
                                      "train_valid_test_datasets_provider", "model_provider")
                    if not hasattr(pretrain_gpt, name)]
@@ -202,11 +203,25 @@ class LETMegatronLM:
                 if tokens is None or loss_mask is None:
                     raise RuntimeError("LET: get_batch returned no tokens/loss mask on the stage of "
                                        "--let-target-layer.")
-                self.let.set_microbatch(tokens, loss_mask)
+                self.let.set_microbatch(tokens, loss_mask, self._alignment_in_background(tokens))
             return batch
 
         module.mtp_on_this_rank = mtp_or_let_on_this_rank
         module.get_batch = get_batch_for_let
+
+    def _alignment_in_background(self, tokens: torch.Tensor):
+        """causal-span: start re-tokenizing the micro-batch on the aligner's thread as soon as get_batch
+        has it, so the text work overlaps the layers below k (Megatron-LM builds each batch inside the
+        forward step, so there is no iterator to prefetch from as the lean trainer does). A future, or
+        None where the hook computes it: exact mode, evaluation, and CP (tokens here are CP-local)."""
+        let = self.let
+        if not self._training or let.current_lambda == 0.0 or let.aligner is None:
+            return None
+        from megatron.core import parallel_state
+
+        if parallel_state.get_context_parallel_world_size() > 1:
+            return None
+        return let.aligner.executor.submit(let.aligner, tokens)
 
     # -- iteration -----------------------------------------------------------------------------
     def forward_step(self, base: Callable) -> Callable:
@@ -214,6 +229,7 @@ class LETMegatronLM:
 
         @functools.wraps(base)
         def forward_step(data_iterator, model, *args, **kwargs):
+            self._training = model.training
             if self.let is not None and model.training:
                 from megatron.core.num_microbatches_calculator import get_num_microbatches
                 from megatron.training import get_args

@@ -144,3 +144,43 @@ def test_layout_matches_tp1(layout, reference, let_args, initial_checkpoint):
     for key in ("lm loss", "let loss", "let lambda"):
         assert per_iteration(logged, key) == pytest.approx(per_iteration(reference, key), rel=1e-5), \
             f"{layout}: {key} differs from TP1"
+
+
+# ------------------------------------------------------------------ a teacher with another tokenizer
+@pytest.fixture(scope="module")
+def span_setup(megatron_lm_path, tmp_path_factory):
+    """causal-span inside Megatron-LM: a target BPE tokenizer (mock data over its vocabulary) and a tiny
+    teacher with a different BPE; the alignment runs on the aligner's thread from get_batch on."""
+    from conftest import make_tiny_llama
+    from test_token_alignment import CORPUS, _bpe
+
+    root = tmp_path_factory.mktemp("megatron_lm_span")
+    target = _bpe(CORPUS, 300, "target tokenizer")
+    target.save_pretrained(root / "target")
+    teacher_tokenizer = _bpe(CORPUS[::-1] + ["zeta eta theta iota kappa"], 400, "teacher tokenizer")
+    teacher = make_tiny_llama(str(root / "teacher"), vocab_size=len(teacher_tokenizer))
+    teacher_tokenizer.save_pretrained(teacher)
+    model_args = [str(a) for a in MODEL_ARGS]
+    at = model_args.index("--tokenizer-type")
+    # padded vocabulary 512 for TP 1 and 2 alike
+    model_args[at:at + 6] = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(root / "target"),
+                             "--make-vocab-size-divisible-by", "256"]
+    let_args = ["--let-teacher", teacher, "--let-target-layer", TARGET_LAYER, "--let-lambda", LAMBDA0,
+                "--let-stop-iter", STOP_ITER, "--let-projector", "linear", "--let-token-alignment", "causal-span"]
+    ckpt = root / "init"
+    run(1, [*model_args, *let_args, "--train-iters", 1, "--save", ckpt, "--save-interval", 1])
+    args = [*model_args, *let_args, "--load", ckpt, "--finetune", "--train-iters", ITERS]
+    reference = run(1, args)
+    print("causal-span tp1 let loss", " ".join(f"{v:.8e}" for v in per_iteration(reference, "let loss")))
+    assert all(v > 0 for v in per_iteration(reference, "let loss"))
+    return args, reference
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_causal_span_layouts_match_tp1(layout, span_setup):
+    args, reference = span_setup
+    nproc, parallel = LAYOUTS[layout]
+    logged = run(nproc, [*args, *parallel])
+    for key in ("lm loss", "let loss", "let lambda"):
+        assert per_iteration(logged, key) == pytest.approx(per_iteration(reference, key), rel=1e-5), \
+            f"causal-span {layout}: {key} differs from TP1"
