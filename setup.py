@@ -24,10 +24,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        # the quickstart test needs matplotlib + tensorboard, the GGUF teacher tests gguf + accelerate
-        "test": ["pytest>=8", "hypothesis", "matplotlib", "tensorboard", "gguf", "accelerate"],
+        # the quickstart test needs matplotlib + tensorboard, the GGUF teacher tests gguf + accelerate,
+        # the downstream-eval tests pyarrow
+        "test": ["pytest>=8", "hypothesis", "matplotlib", "tensorboard", "gguf", "accelerate", "pyarrow"],
         "quickstart": ["matplotlib", "tensorboard"],
         "gguf": ["gguf", "accelerate"],  # transformers' gguf_file= loading needs both
+        "eval": ["pyarrow"],  # python -m megatron_let.downstream reads the OLMo eval sets' Arrow files
         # GPU only: never installed on CPU machines or in CI.
         "gpu": ["transformer-engine[pytorch]"],
     },
