@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import quickstart as qs  # noqa: E402
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
-DOWNSTREAM_ARMS = ("baseline", "let", "let-lambda1.0", "let-smollm2")  # --downstream: checkpoints evaluated
+DOWNSTREAM_ARMS = ("baseline", "let-lambda1.0")  # --downstream: checkpoints evaluated
 
 
 def random_teacher(a, trained: dict) -> dict:
@@ -130,6 +130,7 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
         "let-gpt2-tokenizer-teacher": (let(gpt2_tok) + span, gpt2_tok["key"], (1, 2)),
         "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2)),
         "let-smollm2-lambda1.0": (let(smollm2, let_lambda=1.0) + span, smollm2["key"], (1,)),
+        "let-smollm2-linear": (let(smollm2, let_projector="linear") + span, smollm2["key"], (1, 2)),
     }
     return {**core, **sweeps}
 

@@ -3,7 +3,8 @@
 #   1. step-time / memory cost at the paper's 1.4B shape (24 x 2048 target, SmolLM2-135M-shaped teacher), bf16
 #   2. the same in fp8 when TransformerEngine is installed there
 #   3. a short convergence run with the real SmolLM2-135M teacher (causal-span: its tokenizer is not the
-#      target's): baseline vs LET, 2 seeds each, target 12 x 768 on ~3.3M tokens of real text, bf16
+#      target's): baseline vs LET, 2 seeds each, a 24 x 1024 target (~310M, 2.3x the teacher) on ~3.3M
+#      tokens of real text, bf16
 #
 # The device machine has torch + transformers but no registry and at most 64 MiB of files per call, so
 # prepare on a CPU machine first (repo root; .gpu/ is git-ignored via .git/info/exclude):
@@ -19,8 +20,8 @@
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
-GPU_CONV_FLAGS=${GPU_CONV_FLAGS:---max-mb 11 --target-layers 12 --target-hidden 768 --target-heads 12 \
---seq-length 512 --batch-size 32 --target-iters 200 --let-target-layer 3 --let-projector linear --gpu}
+GPU_CONV_FLAGS=${GPU_CONV_FLAGS:---max-mb 11 --target-layers 24 --target-hidden 1024 --target-heads 16 \
+--seq-length 512 --batch-size 32 --target-iters 200 --let-target-layer 4 --let-projector linear --gpu}
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl || exit 1
     export PYTHONPATH=/tmp/site
