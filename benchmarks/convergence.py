@@ -76,7 +76,7 @@ def smollm2_teacher(a, given=None) -> dict:
 def nats_per_byte(loss_per_token: float, data_dir: Path) -> float:
     """A validation loss per token made comparable across tokenizers: times tokens per byte of text."""
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    return loss_per_token * manifest["tokens"] / sum(src["text_bytes"] for src in manifest["sources"].values())
+    return loss_per_token * manifest["tokens"] / sum(src.get("text_bytes", 0) for src in manifest["sources"].values())
 
 
 def teacher_lines(a, trained, extra) -> list:

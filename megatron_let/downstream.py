@@ -274,11 +274,12 @@ def encode_pair(tokenizer, prefix: Sequence[int], context: str, continuation: st
     return ctx, cont
 
 
-def model_input(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> List[int]:
-    """Tokens fed to the model: context + continuation minus its last token, cut from the left to fit."""
-    if len(cont) > max_length:
-        raise ValueError(f"continuation of {len(cont)} tokens does not fit a {max_length}-token window")
-    return (list(ctx) + list(cont))[:-1][-max_length:]
+def model_input(ctx: Sequence[int], cont: Sequence[int], max_length: int) -> Tuple[List[int], int]:
+    """Tokens fed to the model (context + continuation minus its last token, cut from the left to fit) and
+    how many continuation tokens are scored: all of them unless the continuation alone overflows the
+    window (short-context models), then its last ones."""
+    tokens = (list(ctx) + list(cont))[:-1][-max_length:]
+    return tokens, min(len(cont), len(tokens))
 
 
 def max_context_length(model) -> int:
@@ -288,7 +289,7 @@ def max_context_length(model) -> int:
 def _score_batch(model, batch: Sequence[Tuple[List[int], List[int]]], max_length: int) -> List[float]:
     import torch
 
-    inputs = [model_input(ctx, cont, max_length) for ctx, cont in batch]
+    inputs, scored = zip(*(model_input(ctx, cont, max_length) for ctx, cont in batch))
     width = max(len(x) for x in inputs)
     ids = torch.zeros(len(inputs), width, dtype=torch.long)  # right padding; its logits are never read
     mask = torch.zeros(len(inputs), width, dtype=torch.long)
@@ -297,10 +298,9 @@ def _score_batch(model, batch: Sequence[Tuple[List[int], List[int]]], max_length
         mask[row, :len(x)] = 1
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     scores = []
-    for row, (x, (_, cont)) in enumerate(zip(inputs, batch)):
-        positions = logits[row, len(x) - len(cont):len(x)].float()
-        log_probs = torch.log_softmax(positions, dim=-1)
-        scores.append(log_probs.gather(1, torch.tensor(cont).unsqueeze(1)).sum().item())
+    for row, (x, n, (_, cont)) in enumerate(zip(inputs, scored, batch)):
+        log_probs = torch.log_softmax(logits[row, len(x) - n:len(x)].float(), dim=-1)
+        scores.append(log_probs.gather(1, torch.tensor(cont[len(cont) - n:]).unsqueeze(1)).sum().item())
     return scores
 
 

@@ -102,6 +102,21 @@ def test_left_truncation_matches_direct_and_default_is_model_window(tiny):
     assert [d[0] for d in default] == pytest.approx([c[0] for c in cut], abs=1e-5)
 
 
+def test_continuation_longer_than_the_window_scores_its_last_tokens(tiny):
+    """A short-context model: the continuation alone overflows the window; its last `window` tokens are
+    scored, each given what precedes it inside the window."""
+    model, tokenizer = tiny
+    window, context, continuation = 6, "Question:", " the quick brown fox jumps over the lazy dog"
+    ctx = tokenizer.encode(context, add_special_tokens=False)
+    cont = tokenizer.encode(continuation, add_special_tokens=False)
+    assert len(cont) > window
+    (ll,), _ = score_items(model, tokenizer, _items([(context, continuation)]), max_length=window)
+    seq = (ctx + cont)[-(window + 1):]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([seq[:-1]])).logits[0].double(), dim=-1)
+    assert ll[0] == pytest.approx(sum(logp[k, tok].item() for k, tok in enumerate(seq[1:])), abs=1e-4)
+
+
 def test_raw_and_per_char_argmax_disagree(tiny):
     model, tokenizer = tiny
     context, short, long = "Question: which planet is red?\nAnswer:", " a", " the lazy dog"
