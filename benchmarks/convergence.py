@@ -241,8 +241,8 @@ def main(argv=None):
     base = {"cosine": mean_curve(runs["baseline"])}
     if "baseline-constlr" in runs:
         base["constant"] = mean_curve(runs["baseline-constlr"])
-    lines = [f"# LET convergence benchmark ({time.strftime('%Y-%m-%d')}, {total} runs, "
-             f"{(time.time() - started) / 60:.0f} min)", "",
+    lines = [f"# LET convergence benchmark ({time.strftime('%Y-%m-%d')}, {total} runs; this invocation "
+             f"{(time.time() - started) / 60:.0f} min, finished runs reused)", "",
              f"Target {a.target_layers}x{a.target_hidden} ({a.target_iters} iters x {a.batch_size} x "
              f"{a.seq_length}, {data['tokens']:,}-token corpus); LET default: layer {a.let_target_layer}, lambda0 "
              f"{a.let_lambda:g}, stop {a.let_stop_iter}, projector {a.let_projector}. Teachers:", "",
