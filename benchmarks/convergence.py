@@ -10,7 +10,11 @@ measurement:
   teacher's knowledge is measured, not only the regulariser;
 - speed-up at several loss levels (the baseline's loss at 25/50/75/100% of training), not only at
   the final loss whose cosine tail inflates step ratios; and a constant-LR variant;
-- (plan full) sweeps of lambda0, the stop step, the target layer and the projector.
+- (plan full) sweeps of lambda0 (with a random-teacher control at 1.0), the stop step, the target layer
+  and the projector; a teacher trained on the same text with GPT-2's tokenizer and the real SmolLM2-135M,
+  both through --let-token-alignment causal-span;
+- (--downstream) the OLMo-suite evaluation of kept checkpoints (megatron_let.downstream);
+- (plan smollm2) baseline vs SmolLM2 only, sized by flags: the GPU check's run (benchmarks/gpu_check.sh).
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
 
