@@ -5,7 +5,7 @@
 The quickstart's experiment (examples/quickstart.py: real text, a tiny Hugging Face teacher trained
 on more tokens than the target sees, the target trained by pretrain_gpt_let.py) made into a
 measurement:
-- 2 seeds per arm, and the seed-to-seed spread next to every difference;
+- 2-3 seeds per arm, and the seed-to-seed spread next to every difference;
 - a RANDOM-teacher control (same architecture, untrained) beside the trained teacher, so the
   teacher's knowledge is measured, not only the regulariser;
 - speed-up at several loss levels (the baseline's loss at 25/50/75/100% of training), not only at
@@ -110,9 +110,9 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
         return {"baseline": ([], "", (1, 2)), "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2))}
     k_mid, k_late = a.target_layers // 2, a.target_layers - 1
     core = {
-        "baseline": ([], "", (1, 2)),
-        "let": (let(trained), trained["key"], (1, 2)),
-        "let-random-teacher": (let(random), random["key"], (1, 2)),
+        "baseline": ([], "", (1, 2, 3)),
+        "let": (let(trained), trained["key"], (1, 2, 3)),
+        "let-random-teacher": (let(random), random["key"], (1, 2, 3)),
     }
     constant_lr = ["--lr-decay-style", "constant"]
     core.update({
@@ -124,8 +124,8 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
         return core
     sweeps = {
         "let-lambda0.1": (let(trained, let_lambda=0.1), trained["key"], (1,)),
-        "let-lambda1.0": (let(trained, let_lambda=1.0), trained["key"], (1, 2)),
-        "let-random-lambda1.0": (let(random, let_lambda=1.0), random["key"], (1, 2)),
+        "let-lambda1.0": (let(trained, let_lambda=1.0), trained["key"], (1, 2, 3)),
+        "let-random-lambda1.0": (let(random, let_lambda=1.0), random["key"], (1, 2, 3)),
         "let-stop25%": (let(trained, let_stop_iter=a.target_iters // 4), trained["key"], (1,)),
         f"let-layer{k_mid}": (let(trained, let_target_layer=k_mid), trained["key"], (1,)),
         f"let-layer{k_late}": (let(trained, let_target_layer=k_late), trained["key"], (1,)),
@@ -242,32 +242,31 @@ def main(argv=None):
                                 save=args.downstream and name in DOWNSTREAM_ARMS))
     a.seed = 1234
 
-    base = {"cosine": mean_curve(runs["baseline"])}
-    if "baseline-constlr" in runs:
-        base["constant"] = mean_curve(runs["baseline-constlr"])
+    seeds = {name: seeds for name, (_, _, seeds) in plan.items()}
     lines = [f"# LET convergence benchmark ({time.strftime('%Y-%m-%d')}, {total} runs; this invocation "
              f"{(time.time() - started) / 60:.0f} min, finished runs reused)", "",
              f"Target {a.target_layers}x{a.target_hidden} ({a.target_iters} iters x {a.batch_size} x "
              f"{a.seq_length}, {data['tokens']:,}-token corpus); LET default: layer {a.let_target_layer}, lambda0 "
              f"{a.let_lambda:g}, stop {a.let_stop_iter}, projector {a.let_projector}. Teachers:", "",
              *teacher_lines(a, trained, extra_teachers), "",
-             "| arm | seeds | final val loss (per seed) | vs baseline | seed spread | speed-up at the baseline's "
-             "loss after 25% / 50% / 75% / 100% of training |", "|---|---|---|---|---|---|"]
+             "Every arm is compared with the baseline over ITS seeds (paired: a seed fixes init and data order).", "",
+             "| arm | seeds | final val loss (per seed) | vs baseline (mean; per seed) | seed spread | speed-up at the "
+             "baseline's loss after 25% / 50% / 75% / 100% of training |", "|---|---|---|---|---|---|"]
     results = {}
+    final = lambda run: run["log"]["valid"][max(run["log"]["valid"])]  # noqa: E731
     for name, group in runs.items():
-        schedule = "constant" if "constlr" in name else "cosine"
-        baseline_name = "baseline-constlr" if schedule == "constant" else "baseline"
-        finals = [r["log"]["valid"][max(r["log"]["valid"])] for r in group]
-        base_finals = [r["log"]["valid"][max(r["log"]["valid"])] for r in runs[baseline_name]]
-        curve = mean_curve(group)
+        baseline_name = "baseline-constlr" if "constlr" in name else "baseline"
+        paired = [runs[baseline_name][seeds[baseline_name].index(seed)] for seed in seeds[name]]
+        finals = [final(r) for r in group]
+        deltas = [f - final(b) for f, b in zip(finals, paired)]
         spread = max(finals) - min(finals) if len(finals) > 1 else None
-        ups = speedups(base[schedule], curve)
-        results[name] = {"finals": finals, "delta": statistics.mean(finals) - statistics.mean(base_finals),
-                         "spread": spread, "speedups": {str(k): v for k, v in ups.items()},
-                         "curve": {str(k): v for k, v in curve.items()}}
+        ups = speedups(mean_curve(paired), mean_curve(group))
+        results[name] = {"seeds": list(seeds[name]), "finals": finals, "delta": statistics.mean(deltas),
+                         "deltas": deltas, "spread": spread, "speedups": {str(k): v for k, v in ups.items()},
+                         "curve": {str(k): v for k, v in mean_curve(group).items()}}
         lines.append(f"| {name} | {len(group)} | {' / '.join(f'{f:.4f}' for f in finals)} | "
-                     f"{results[name]['delta']:+.4f} | {'-' if spread is None else f'{spread:.4f}'} | "
-                     f"{' / '.join(fmt_speedup(ups[f]) for f in LEVELS)} |")
+                     f"{statistics.mean(deltas):+.4f}; {' / '.join(f'{d:+.3f}' for d in deltas)} | "
+                     f"{'-' if spread is None else f'{spread:.4f}'} | {' / '.join(fmt_speedup(ups[f]) for f in LEVELS)} |")
     if args.downstream:
         lines += downstream_table(a, data, plan, trained, args.downstream_limit)
     md = "\n".join(lines) + "\n"
