@@ -151,19 +151,14 @@ def test_layout_matches_tp1(layout, reference, let_args, initial_checkpoint):
 def span_setup(megatron_lm_path, tmp_path_factory):
     """causal-span inside Megatron-LM: a target BPE tokenizer (mock data over its vocabulary) and a tiny
     teacher with a different BPE; the alignment runs on the aligner's thread from get_batch on."""
-    from conftest import make_tiny_llama
-    from test_token_alignment import CORPUS, _bpe
+    from test_token_alignment import make_mismatched
 
     root = tmp_path_factory.mktemp("megatron_lm_span")
-    target = _bpe(CORPUS, 300, "target tokenizer")
-    target.save_pretrained(root / "target")
-    teacher_tokenizer = _bpe(CORPUS[::-1] + ["zeta eta theta iota kappa"], 400, "teacher tokenizer")
-    teacher = make_tiny_llama(str(root / "teacher"), vocab_size=len(teacher_tokenizer))
-    teacher_tokenizer.save_pretrained(teacher)
+    target_dir, teacher, _ = make_mismatched(root)
     model_args = [str(a) for a in MODEL_ARGS]
     at = model_args.index("--tokenizer-type")
     # padded vocabulary 512 for TP 1 and 2 alike
-    model_args[at:at + 6] = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(root / "target"),
+    model_args[at:at + 6] = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", target_dir,
                              "--make-vocab-size-divisible-by", "256"]
     let_args = ["--let-teacher", teacher, "--let-target-layer", TARGET_LAYER, "--let-lambda", LAMBDA0,
                 "--let-stop-iter", STOP_ITER, "--let-projector", "linear", "--let-token-alignment", "causal-span"]

@@ -259,16 +259,20 @@ def test_config_flags():
 
 
 # ------------------------------------------------------------------------------------------- LET
-@pytest.fixture(scope="module")
-def mismatched(tmp_path_factory):
-    """Target: a 300-token BPE; teacher: a tiny Llama with its own 400-token BPE (in its directory)."""
-    root = tmp_path_factory.mktemp("mismatch")
+def make_mismatched(root: Path):
+    """Target: a 300-token BPE in ROOT/target; teacher: a tiny Llama with its own 400-token BPE (in its
+    directory ROOT/teacher). Returns (target dir, teacher dir, target tokenizer)."""
     target = _bpe(CORPUS, 300, "target tokenizer")
     target.save_pretrained(root / "target")
     teacher_tok = _bpe(CORPUS[::-1] + ["zeta eta theta iota kappa"], 400, "teacher tokenizer")
     teacher = make_tiny_llama(str(root / "teacher"), vocab_size=len(teacher_tok))
     teacher_tok.save_pretrained(teacher)
     return str(root / "target"), teacher, target
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory):
+    return make_mismatched(tmp_path_factory.mktemp("mismatch"))
 
 
 def test_teacher_states_padding_masked_and_gathered(megatron_world1, mismatched):
