@@ -19,14 +19,14 @@ def _megatron_lm_available() -> bool:
         sys.path.append(path)  # append: megatron.core keeps coming from the installed wheel
     if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.training") is None:
         return False  # cheap answer first: the lean trainer's bad-flag errors stay instant
-    from megatron_let.megatron_lm import megatron_lm_available  # applies the CPU redirections it needs
+    from megatron_let.integrations.megatron_lm import megatron_lm_available  # applies the CPU redirections it needs
 
     return megatron_lm_available()
 
 
 def main(argv=None) -> int:
     if _megatron_lm_available():
-        from megatron_let.megatron_lm import main as megatron_lm_main
+        from megatron_let.integrations.megatron_lm import main as megatron_lm_main
 
         return megatron_lm_main() or 0
     from megatron_let.training.cli import main as lean_main

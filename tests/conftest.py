@@ -66,8 +66,10 @@ def megatron_world1():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from megatron_let.compat.cpu import enable_cpu_megatron
     from megatron_let.training.components import initialize_parallel
 
+    enable_cpu_megatron()  # only without CUDA
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     initialize_parallel(seed=1234)
     yield

@@ -1,4 +1,4 @@
-"""End-to-end check of megatron_let.cpu_compat: megatron-core training on CPU.
+"""End-to-end check of megatron_let.compat.cpu: megatron-core training on CPU.
 
 Not a pytest file.  Builds a tiny GPTModel (local layer spec), wraps it in
 megatron DDP, trains it with get_megatron_optimizer (Adam) and
@@ -250,7 +250,7 @@ def check_rng_tracker(args):
 
 def main():
     args = parse_args()
-    from megatron_let.cpu_compat import enable_cpu_megatron
+    from megatron_let.compat.cpu import enable_cpu_megatron
 
     patched = enable_cpu_megatron()
     torch.distributed.init_process_group(backend="gloo")

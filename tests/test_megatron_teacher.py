@@ -1,7 +1,7 @@
 """A Megatron GPT checkpoint converted to Hugging Face gives the same final hidden states and logits.
 
 A tiny megatron-core GPTModel (local spec, fp32, random weights including the norms) is saved in the
-trainer's layout with dist_checkpointing, converted with megatron_let.megatron_teacher, and the HF model's
+trainer's layout with dist_checkpointing, converted with megatron_let.teachers.megatron_checkpoint, and the HF model's
 ``hidden_states[-1]`` / ``last_hidden_state`` (post final norm) and logits are compared with megatron's
 decoder output (after ``decoder.final_layernorm``) and logits on random tokens.
 """
@@ -96,8 +96,8 @@ def _hf_outputs(directory, tokens):
 
 @pytest.mark.parametrize("style", list(STYLES))
 def test_converted_checkpoint_matches_megatron(megatron_world1, tmp_path, style):
-    from megatron_let.megatron_teacher import convert_megatron_checkpoint
-    from megatron_let.teacher import HFTeacher
+    from megatron_let.teachers.megatron_checkpoint import convert_megatron_checkpoint
+    from megatron_let.teachers.huggingface import HFTeacher
 
     assert torch.distributed.is_initialized()  # this path converts inside an initialised process group
     model, config = _build_and_save(tmp_path / "ckpt", style)
@@ -126,7 +126,7 @@ def test_cli_without_process_group_trims_vocab(megatron_world1, tmp_path):
     """The CLI in a fresh process (no torch.distributed) reads the same tensors, trimming the padded vocab."""
     from safetensors.torch import load_file
 
-    from megatron_let.megatron_teacher import convert_megatron_checkpoint
+    from megatron_let.teachers.megatron_checkpoint import convert_megatron_checkpoint
 
     _build_and_save(tmp_path / "ckpt", "llama-gqa-untied")
     reference = load_file(os.path.join(convert_megatron_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "a")),
@@ -134,7 +134,7 @@ def test_cli_without_process_group_trims_vocab(megatron_world1, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", "megatron_let.megatron_teacher", "--load", str(tmp_path / "ckpt"),
+    proc = subprocess.run([sys.executable, "-m", "megatron_let.teachers.megatron_checkpoint", "--load", str(tmp_path / "ckpt"),
                            "--output", str(tmp_path / "b"), "--vocab-size", "100"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -149,7 +149,7 @@ def test_cli_without_process_group_trims_vocab(megatron_world1, tmp_path):
 
 
 def test_contradicting_flags_are_refused(megatron_world1, tmp_path):
-    from megatron_let.megatron_teacher import ConversionError, convert_megatron_checkpoint
+    from megatron_let.teachers.megatron_checkpoint import ConversionError, convert_megatron_checkpoint
 
     _build_and_save(tmp_path / "ckpt", "llama-gqa-untied")
     with pytest.raises(ConversionError, match="hidden_size"):
@@ -161,7 +161,7 @@ def test_contradicting_flags_are_refused(megatron_world1, tmp_path):
 def test_per_layer_keys_local_names_and_split_swiglu_are_normalised():
     """Non-homogeneous (per-layer) keys, local-spec layernorm names and fc1 saved as ``weight_w``/``weight_v``
     (singleton_local_shards) read like the stacked TE-named layout."""
-    from megatron_let.megatron_teacher import split_layers
+    from megatron_let.teachers.megatron_checkpoint import split_layers
 
     w, v, norm = torch.randn(2, 8, 4), torch.randn(2, 8, 4), torch.randn(2, 4)
     stacked = {"embedding.word_embeddings.weight": torch.randn(16, 4),

@@ -1,7 +1,7 @@
-"""patches/ and ``python -m megatron_let.patching``: LET in a user's own copy of pretrain_gpt.py.
+"""patches/ and ``python -m megatron_let.integrations.patching``: LET in a user's own copy of pretrain_gpt.py.
 
 Always: every patch is a well-formed unified diff (hunk line counts match their headers), only adds a
-few lines that call ``megatron_let.patching.enable_let``, and the command refuses what it cannot
+few lines that call ``megatron_let.integrations.patching.enable_let``, and the command refuses what it cannot
 patch with a clear message. With a Megatron-LM checkout (``MEGATRON_LM_PATH``):
 the patch applies with ``patch`` and with ``git apply`` to a temp copy of its pretrain_gpt.py, the
 result compiles, a second ``apply`` is a no-op, ``check`` passes and ``revert`` restores the file
@@ -87,20 +87,20 @@ def test_patch_is_a_minimal_unified_diff(patch):
     added = [text for hunk in hunks for tag, text in hunk["body"] if tag == "+"]
     assert not removed, "the patch should only add lines"
     code = [line.strip() for line in added if line.strip() and not line.strip().startswith("#")]
-    assert code == ["from megatron_let.patching import enable_let", "pretrain = enable_let(globals(), pretrain)"]
+    assert code == ["from megatron_let.integrations.patching import enable_let", "pretrain = enable_let(globals(), pretrain)"]
     # and it is placed in __main__, before Megatron-LM's in-process-restart wrapper wraps pretrain
     context_after = [text for tag, text in hunks[0]["body"][-3:] if tag == " "]
     assert any("inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)" in line for line in context_after)
 
 
 def test_enable_let_is_the_public_hook():
-    from megatron_let import patching
+    from megatron_let.integrations import patching
 
     assert callable(patching.enable_let) and patching.MARKER in open(PATCH).read()
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "megatron_let.patching", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "megatron_let.integrations.patching", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
 
 
@@ -163,7 +163,7 @@ def test_apply_with_git_apply(user_copy, monkeypatch):
     """Where `patch` is not installed, git apply does the same (on a copy in a temp directory)."""
     import py_compile
 
-    from megatron_let import patching
+    from megatron_let.integrations import patching
 
     monkeypatch.setattr(patching, "_tool", lambda: "git")
     assert patching.apply_patch(str(user_copy), backup=True) == "applied"
@@ -207,7 +207,7 @@ _RUNNER = '''\
 (which pretrain_gpt_let.py applies itself; a GPU run needs none of this)."""
 import os, runpy, sys
 os.environ.setdefault("MEGATRON_LM_PATH", {checkout!r})
-from megatron_let.megatron_lm import megatron_lm_available  # appends $MEGATRON_LM_PATH (gpt_builders, ...)
+from megatron_let.integrations.megatron_lm import megatron_lm_available  # appends $MEGATRON_LM_PATH (gpt_builders, ...)
 assert megatron_lm_available()
 script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_gpt.py")
 sys.argv[0] = script

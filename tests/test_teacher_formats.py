@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_let.config import LETConfigError
-from megatron_let.teacher import HFTeacher, resolve_teacher, teacher_hidden_size
+from megatron_let.teachers.huggingface import HFTeacher, resolve_teacher, teacher_hidden_size
 
 transformers = pytest.importorskip("transformers")
 

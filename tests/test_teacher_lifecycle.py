@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, make_tiny_llama, tiny_transformer_config, torchrun
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError
-from megatron_let.vocab import check_vocabulary
+from megatron_let.teachers.vocabulary import check_vocabulary
 
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 SMOLLM2 = os.environ.get("MEGATRON_LET_SMOLLM2", os.path.expanduser("~/.cache/megatron-let/smollm2-135m"))
@@ -112,12 +112,12 @@ def test_resume_past_the_stop_step_needs_no_teacher(tmp_path):
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(SMOLLM2, "config.json")),
                     reason=f"SmolLM2-135M not present at {SMOLLM2}; opt in with "
-                           f"'python -m megatron_let.fetch_smollm2 --output-dir {SMOLLM2}' "
+                           f"'python -m megatron_let.teachers.smollm2 --output-dir {SMOLLM2}' "
                            "(or set MEGATRON_LET_SMOLLM2)")
 def test_real_smollm2_teacher(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_let.teacher import HFTeacher
+    from megatron_let.teachers.huggingface import HFTeacher
 
     text = ("The Amazon River in South America is the largest river by discharge volume of water in the world, "
             "and the disputed longest river system in the world in comparison to the Nile.")

@@ -23,7 +23,7 @@ from conftest import ROOT, make_tiny_llama, run_layout
 from test_parallel_equivalence import assert_same_numbers
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError
 from megatron_let.data.byte_level import bytes_to_unicode
-from megatron_let.token_alignment import (AlignmentPrefetcher, CausalSpanAligner, _to_data_bytes, decode_bytes,
+from megatron_let.teachers.token_alignment import (AlignmentPrefetcher, CausalSpanAligner, _to_data_bytes, decode_bytes,
                                           pop_alignment)
 
 CORPUS = ["the quick brown fox jumps over the lazy dog. " * 3, "a stitch in time saves nine; naïve café " * 3,

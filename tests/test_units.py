@@ -111,7 +111,7 @@ def test_learned_projectors_are_seeded_privately():
 def test_teacher_hidden_states_match_hf_output(tiny_teacher):
     from transformers import AutoModelForCausalLM
 
-    from megatron_let.teacher import HFTeacher
+    from megatron_let.teachers.huggingface import HFTeacher
 
     tokens = torch.randint(0, 128, (2, 12))
     states = HFTeacher(tiny_teacher).hidden_states(tokens)

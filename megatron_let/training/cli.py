@@ -11,7 +11,10 @@ def main(argv=None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         args = parse_args(argv, world_size=world_size)
-        from megatron_let.training.trainer import pretrain  # heavy imports only for valid input
+        from megatron_let.compat.cpu import enable_cpu_megatron  # heavy imports only for valid input
+        from megatron_let.training.trainer import pretrain
+
+        enable_cpu_megatron()  # only without CUDA
 
         from megatron_let.training.components import shutdown_parallel
 

@@ -10,13 +10,11 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from megatron_let.cpu_compat import enable_cpu_megatron
-
 
 def initialize_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1, seed: int = 1234,
                         timeout_minutes: int = 10) -> None:
-    """torch.distributed from torchrun's env (gloo without CUDA), then megatron's process groups."""
-    enable_cpu_megatron()
+    """torch.distributed from torchrun's env (gloo without CUDA), then megatron's process groups.
+    Without CUDA the launcher applies :mod:`megatron_let.compat` first."""
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():

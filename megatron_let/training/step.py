@@ -11,7 +11,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.errors import LETNonFiniteError
-from megatron_let.token_alignment import pop_alignment
+from megatron_let.teachers.token_alignment import pop_alignment
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -11,7 +11,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_let.controller import LateToEarlyTraining
-from megatron_let.launch import build_let
+from megatron_let.integrations.launch import build_let
 from megatron_let.training import checkpoint as ckpt
 from megatron_let.training.arguments import vocab_size_with_padding
 from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp
@@ -61,7 +61,7 @@ def _prefetch_alignments(iterators: list, model: list, let: Optional[LateToEarly
     background thread ahead of time (other chunks and stages never need them)."""
     if let is None or let.finished or not let.owns_target_layer or let.aligner is None:
         return iterators
-    from megatron_let.token_alignment import AlignmentPrefetcher
+    from megatron_let.teachers.token_alignment import AlignmentPrefetcher
 
     def owns(chunk) -> bool:
         while chunk is not None and not hasattr(chunk, "let_alignment"):

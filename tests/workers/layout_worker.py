@@ -19,6 +19,7 @@ from megatron.core.optimizer import OptimizerConfig  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 from megatron_let import LateToEarlyTraining, LETConfig  # noqa: E402
+from megatron_let.compat.cpu import enable_cpu_megatron  # noqa: E402
 from megatron_let.training.components import build_optimizer, initialize_parallel, shutdown_parallel, wrap_ddp  # noqa: E402
 from megatron_let.training.model import build_gpt_chunks  # noqa: E402
 from megatron_let.training.step import train_step  # noqa: E402
@@ -77,6 +78,7 @@ def microbatches(iteration: int, args):
 
 def main():
     args = parse()
+    enable_cpu_megatron()  # only without CUDA
     initialize_parallel(tp=args.tp, pp=args.pp, vpp=args.vpp, seed=1234)
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
@@ -132,7 +134,7 @@ def main():
     for iteration in range(args.iters):
         iterators = [microbatches(iteration, args) for _ in model]
         if args.prefetch_alignment and let is not None and let.owns_target_layer:  # LET token alignment
-            from megatron_let.token_alignment import AlignmentPrefetcher
+            from megatron_let.teachers.token_alignment import AlignmentPrefetcher
 
             iterators = [AlignmentPrefetcher(it, let.aligner) for it in iterators]
         metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, let,

@@ -5,19 +5,19 @@ Two parts:
 - :func:`enable_let`, the hook the patch calls. ``patches/pretrain_gpt.core_v0.16.1.patch`` adds
   to the ``__main__`` block of ``pretrain_gpt.py``::
 
-      from megatron_let.patching import enable_let
+      from megatron_let.integrations.patching import enable_let
       pretrain = enable_let(globals(), pretrain)
 
-  ``enable_let`` hands the script's own namespace to :class:`megatron_let.megatron_lm.LETMegatronLM`
+  ``enable_let`` hands the script's own namespace to :class:`megatron_let.integrations.megatron_lm.LETMegatronLM`
   (the same wiring ``pretrain_gpt_let.py`` uses: ``get_batch`` / ``mtp_on_this_rank`` on LET's
   stage, ``training_log``) and returns ``pretrain`` with its model provider, forward step and
   ``extra_args_provider`` wrapped. Without ``--let-teacher`` every wrapper passes straight through.
 
 - a command that applies and verifies the patch::
 
-      python -m megatron_let.patching apply PATH/TO/pretrain_gpt.py [--backup]
-      python -m megatron_let.patching check PATH/TO/pretrain_gpt.py
-      python -m megatron_let.patching revert PATH/TO/pretrain_gpt.py
+      python -m megatron_let.integrations.patching apply PATH/TO/pretrain_gpt.py [--backup]
+      python -m megatron_let.integrations.patching check PATH/TO/pretrain_gpt.py
+      python -m megatron_let.integrations.patching revert PATH/TO/pretrain_gpt.py
 
   ``apply`` is idempotent (an already patched file is left alone) and uses ``patch``, or ``git
   apply`` where ``patch`` is missing; the patched file must compile. Exit codes: 0 done / patched,
@@ -40,7 +40,7 @@ from typing import Callable, Optional
 __all__ = ["enable_let", "default_patch", "is_patched", "apply_patch", "revert_patch", "main"]
 
 PATCH_NAME = "pretrain_gpt.core_v0.16.1.patch"
-MARKER = "from megatron_let.patching import enable_let"
+MARKER = "from megatron_let.integrations.patching import enable_let"
 # What LETMegatronLM needs from pretrain_gpt.py (core_v0.16 layout); older scripts lack them.
 _REQUIRED_SOURCE = ("def get_batch(data_iterator, vp_stage", "mtp_on_this_rank", "def forward_step(",
                     "def train_valid_test_datasets_provider(", "model_provider")
@@ -73,12 +73,12 @@ def enable_let(namespace, pretrain: Callable) -> Callable:
 
     ``namespace`` is the script's ``globals()`` (or the module). ``get_batch`` and
     ``mtp_on_this_rank`` are replaced there and ``megatron.training.training.training_log`` is wrapped
-    (see :mod:`megatron_let.megatron_lm`); the returned function wraps ``model_provider``,
+    (see :mod:`megatron_let.integrations.megatron_lm`); the returned function wraps ``model_provider``,
     ``forward_step_func`` and ``extra_args_provider`` of each call. LET flag errors end the run
     with one line and exit code 2 (1 for a non-finite alignment loss), as in ``pretrain_gpt_let.py``.
     """
     from megatron_let.errors import LETConfigError, LETNonFiniteError
-    from megatron_let.megatron_lm import LETMegatronLM
+    from megatron_let.integrations.megatron_lm import LETMegatronLM
 
     module = _Namespace(namespace) if isinstance(namespace, dict) else namespace
     integration = LETMegatronLM(module)
@@ -114,7 +114,7 @@ def enable_let(namespace, pretrain: Callable) -> Callable:
 def default_patch() -> str:
     """``patches/pretrain_gpt.core_v0.16.1.patch`` of this checkout (or $MEGATRON_LET_PATCHES)."""
     candidates = [os.environ.get("MEGATRON_LET_PATCHES"),
-                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "patches"),
+                  os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "patches"),
                   os.path.join(sys.prefix, "share", "megatron-let", "patches")]
     for directory in filter(None, candidates):
         path = os.path.join(directory, PATCH_NAME)
@@ -199,7 +199,7 @@ def apply_patch(path: str, patch_file: Optional[str] = None, backup: bool = Fals
     if not ok:
         raise PatchError(f"{os.path.basename(patch_file)} does not apply to {path} (its __main__ block differs from "
                          f"core_v0.13.1..core_v0.17.1):\n{output}\nAdd the two lines by hand before "
-                         "`pretrain, store = inprocess_restart...`: `from megatron_let.patching import enable_let` "
+                         "`pretrain, store = inprocess_restart...`: `from megatron_let.integrations.patching import enable_let` "
                          "and `pretrain = enable_let(globals(), pretrain)`.")
     if backup:
         shutil.copyfile(path, path + ".orig")
@@ -231,7 +231,7 @@ def revert_patch(path: str, patch_file: Optional[str] = None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_let.patching",
+    parser = argparse.ArgumentParser(prog="python -m megatron_let.integrations.patching",
                                      description="Enable LET in your own copy of Megatron-LM's pretrain_gpt.py.")
     parser.add_argument("command", choices=("apply", "check", "revert"),
                         help="apply: patch the file (idempotent); check: is it patched and does it compile; "

@@ -60,7 +60,7 @@ def resolve_teacher(path: str) -> TeacherSource:
         if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
             raise LETConfigError(
                 f"--let-teacher {path!r} is a Megatron checkpoint; convert it once with "
-                f"'python -m megatron_let.megatron_teacher --load {path} --output DIR' and pass DIR.")
+                f"'python -m megatron_let.teachers.megatron_checkpoint --load {path} --output DIR' and pass DIR.")
     raise LETConfigError(
         f"--let-teacher {path!r} is not a Hugging Face model directory (no config.json) nor a .gguf file; "
         "point it at a directory written by save_pretrained.")

@@ -1,10 +1,10 @@
 """Turn a Megatron GPT checkpoint (``torch_dist``) into a Hugging Face model directory for ``--let-teacher``.
 
-The LET teacher runs a Hugging Face model (:class:`megatron_let.teacher.HFTeacher`). A team whose small
+The LET teacher runs a Hugging Face model (:class:`megatron_let.teachers.huggingface.HFTeacher`). A team whose small
 model was trained with Megatron has a sharded ``dist_checkpointing`` checkpoint instead; this converts it
 once::
 
-    python -m megatron_let.megatron_teacher --load CKPT_DIR --output HF_DIR [--iteration N]
+    python -m megatron_let.teachers.megatron_checkpoint --load CKPT_DIR --output HF_DIR [--iteration N]
 
 ``CKPT_DIR`` is Megatron-LM's layout (``latest_checkpointed_iteration.txt`` + ``iter_0000100/``) or one
 ``iter_*`` directory. The tensors are read whole with ``torch.distributed.checkpoint`` in a single process
@@ -521,7 +521,7 @@ def convert_megatron_checkpoint(checkpoint_dir: str, output_dir: str, architectu
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m megatron_let.megatron_teacher", allow_abbrev=False,
+        prog="python -m megatron_let.teachers.megatron_checkpoint", allow_abbrev=False,
         description="Convert a Megatron GPT checkpoint (torch_dist) into a Hugging Face model directory "
                     "usable as --let-teacher. Architecture comes from the checkpoint's saved args; flags "
                     "override it (Megatron-LM flag names).")

@@ -36,7 +36,7 @@ is edited. Without ``--let-teacher`` every wrapper passes straight through and
 the run is plain ``pretrain_gpt.py``.
 
 On a machine without CUDA, ``enable_cpu_megatron_lm()`` is applied first
-(see :mod:`megatron_let.cpu_compat_megatron_lm`).
+(see :mod:`megatron_let.compat.cpu_megatron_lm`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Callable, Optional, Set
 import torch
 
 from megatron_let.config import add_let_args
-from megatron_let.launch import build_let
+from megatron_let.integrations.launch import build_let
 from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
 
@@ -65,7 +65,7 @@ _LET_KEYS = ("let loss", "let cos", "let lambda")
 def _prepare_runtime() -> None:
     """CPU redirections (only without CUDA), before anything imports megatron.training."""
     if not torch.cuda.is_available():
-        from megatron_let.cpu_compat_megatron_lm import enable_cpu_megatron_lm
+        from megatron_let.compat.cpu_megatron_lm import enable_cpu_megatron_lm
 
         enable_cpu_megatron_lm()
 

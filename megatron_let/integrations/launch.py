@@ -10,8 +10,8 @@ from typing import Callable, Optional
 
 from megatron_let.config import LETConfig, let_config_from_args
 from megatron_let.errors import LETConfigError
-from megatron_let.teacher import preflight_teacher
-from megatron_let.vocab import check_vocabulary, hf_tokenizer_of
+from megatron_let.teachers.huggingface import preflight_teacher
+from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
 
 
 def changed_settings(saved_config: dict, config: LETConfig) -> list:

@@ -358,7 +358,7 @@ def build_aligner(target_tokenizer, teacher_tokenizer_dir: str, eod_id: int,
     """The aligner from a target tokenizer (HF, or Megatron's wrapper) and a teacher tokenizer directory."""
     from transformers import AutoTokenizer
 
-    from megatron_let.vocab import hf_tokenizer_of
+    from megatron_let.teachers.vocabulary import hf_tokenizer_of
 
     if target_tokenizer is None:
         raise LETConfigError("--let-token-alignment causal-span needs the target's text: pass --tokenizer-model "

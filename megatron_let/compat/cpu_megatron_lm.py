@@ -1,7 +1,7 @@
 """Run Megatron-LM's own training loop (``megatron/training``) on a CPU-only machine.
 
 ``enable_cpu_megatron_lm()`` first applies megatron-core's redirections
-(:func:`megatron_let.cpu_compat.enable_cpu_megatron`), then the few that
+(:func:`megatron_let.compat.cpu.enable_cpu_megatron`), then the few that
 Megatron-LM's training package needs on top.  Like the core layer it acts at
 runtime, only when ``torch.cuda.is_available()`` is False (with CUDA it does
 nothing), and edits or copies no Megatron file.  It must run before
@@ -54,7 +54,7 @@ import types
 
 import torch
 
-from megatron_let.cpu_compat import _CudaOnCpu, _TorchOnCpu, enable_cpu_megatron
+from megatron_let.compat.cpu import _CudaOnCpu, _TorchOnCpu, enable_cpu_megatron
 
 __all__ = ["enable_cpu_megatron_lm"]
 
@@ -193,7 +193,7 @@ def enable_cpu_megatron_lm() -> bool:
     modules = {name: importlib.import_module(name) for name in _TORCH_ON_CPU_MODULES}
     for module in modules.values():
         if vars(module).get("torch") is not torch:
-            raise RuntimeError(f"megatron_let.cpu_compat_megatron_lm: {module.__name__} has no "
+            raise RuntimeError(f"megatron_let.compat.cpu_megatron_lm: {module.__name__} has no "
                                "global 'torch'; this Megatron-LM layout is not supported on CPU.")
     stand_in = _TorchForTraining()
     for module in modules.values():

@@ -320,13 +320,13 @@ def _check_version() -> None:
     shown = ".".join(map(str, version))
     if version < _MIN_VERSION:
         raise RuntimeError(
-            f"megatron_let.cpu_compat supports megatron-core >= "
+            f"megatron_let.compat.cpu supports megatron-core >= "
             f"{'.'.join(map(str, _MIN_VERSION))}; found {shown}."
         )
     low, high = _VERIFIED_RANGE
     if not low <= version < high:
         warnings.warn(
-            f"megatron_let.cpu_compat was verified with megatron-core "
+            f"megatron_let.compat.cpu was verified with megatron-core "
             f"[{'.'.join(map(str, low))}, {'.'.join(map(str, high))}); found {shown}. "
             "Run tests/cpu_compat_smoke.py before trusting CPU results.",
             stacklevel=3,
@@ -359,7 +359,7 @@ def enable_cpu_megatron() -> bool:
             single.append((patch, module))
     except (ImportError, AttributeError, KeyError) as exc:
         raise RuntimeError(
-            f"megatron_let.cpu_compat: megatron-core {_megatron_version()} does not "
+            f"megatron_let.compat.cpu: megatron-core {_megatron_version()} does not "
             f"have the layout this module patches ({exc!r})."
         ) from exc
 

@@ -1,0 +1,127 @@
+"""The package layout states the architecture: dependencies point one way, and every documented
+``python -m megatron_let...`` command exists.
+
+Groups: the LET core (top-level modules), ``teachers``, ``data``, ``integrations``, ``training``,
+``evaluation``, ``compat``. The core and the teachers never import a driver or a tool; ``compat`` (the
+CPU redirections) is imported only by launchers, benchmarks and tests.
+"""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PACKAGE = os.path.join(ROOT, "megatron_let")
+CORE = "core"
+# group -> groups it may import (besides itself)
+ALLOWED = {
+    CORE: {"teachers"},
+    "teachers": {"errors", "data"},
+    "data": set(),
+    "integrations": {CORE, "teachers"},
+    "training": {CORE, "teachers", "data", "integrations"},
+    "evaluation": {"errors", "teachers"},
+    "compat": set(),
+}
+COMPAT_LAUNCHERS = {"megatron_let.training.cli", "megatron_let.integrations.megatron_lm"}
+
+
+def module_name(path: str) -> str:
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def group_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 2 and parts[1] in ALLOWED:
+        return parts[1]
+    if len(parts) == 2 and parts[1] in ALLOWED:  # the subpackage's __init__
+        return parts[1]
+    if module == "megatron_let.errors":
+        return "errors"
+    return CORE
+
+
+def imports_of(path: str):
+    """Every megatron_let module imported anywhere in the file (function-level imports included)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.startswith("megatron_let"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron_let"):
+            if node.module in ("megatron_let", "megatron_let.data", "megatron_let.teachers",
+                               "megatron_let.evaluation", "megatron_let.integrations", "megatron_let.training",
+                               "megatron_let.compat"):
+                yield from (f"{node.module}.{a.name}" for a in node.names)
+            else:
+                yield node.module
+
+
+def package_files():
+    for directory, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                yield os.path.join(directory, name)
+
+
+def test_dependencies_point_one_way():
+    violations = []
+    for path in package_files():
+        module = module_name(path)
+        own = group_of(module)
+        for imported in imports_of(path):
+            if imported in ("megatron_let.LETConfig", "megatron_let.LateToEarlyTraining", "megatron_let.__version__"):
+                imported = "megatron_let.controller"
+            other = group_of(imported)
+            if other == "compat" and own != "compat":
+                if module not in COMPAT_LAUNCHERS:
+                    violations.append(f"{module} imports {imported} (compat is for launchers and tests only)")
+                continue
+            allowed = ALLOWED.get(own, set()) | {own, "errors"}
+            if own == "teachers" and imported == "megatron_let.config":
+                continue  # the flag names of LETConfigError messages
+            if other not in allowed:
+                violations.append(f"{module} ({own}) imports {imported} ({other})")
+    assert not violations, "\n".join(violations)
+
+
+def test_layout_checker_catches_a_reverse_import(tmp_path):
+    """The rule above can fail: a teacher module importing a driver is a violation."""
+    assert group_of("megatron_let.teachers.huggingface") == "teachers"
+    assert group_of("megatron_let.integrations.launch") == "integrations"
+    assert "integrations" not in ALLOWED["teachers"] | {"teachers", "errors"}
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from megatron_let.integrations.launch import build_let\n")
+    assert list(imports_of(str(bad))) == ["megatron_let.integrations.launch"]
+
+
+def documented_commands():
+    """Every ``python -m megatron_let...`` module named in the README, docs, examples, benchmarks and
+    the package's own docstrings."""
+    sources = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "patches", "README.md")]
+    for folder in ("docs", "examples", "benchmarks", "megatron_let"):
+        for directory, _, files in os.walk(os.path.join(ROOT, folder)):
+            sources += [os.path.join(directory, f) for f in files
+                        if f.endswith((".md", ".sh", ".sbatch", ".flags", ".yaml", ".py"))]
+    found = set()
+    for path in sources:
+        found |= set(re.findall(r"python3? -m (megatron_let[\w.]*)", open(path, encoding="utf-8").read()))
+    return sorted(found)
+
+
+def test_documented_commands_are_found():
+    assert {"megatron_let.teachers.smollm2", "megatron_let.teachers.megatron_checkpoint",
+            "megatron_let.integrations.patching", "megatron_let.evaluation.downstream"} <= set(documented_commands())
+
+
+@pytest.mark.parametrize("module", documented_commands())
+def test_documented_command_runs(module):
+    run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "usage" in run.stdout.lower()
