@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 PLACEMENTS = ("spread", "owner")
+_REPLICA_GROUP = None  # built once with CP > 1
 
 
 def row_partition(num_rows: int, group_size: int) -> List[Tuple[int, int]]:
@@ -82,8 +83,11 @@ def replica_group(cp_size: int):
     group is TP x PP; with CP the group of ranks sharing a data-parallel rank is built here, on every rank)."""
     from megatron.core import parallel_state
 
+    global _REPLICA_GROUP
     if cp_size == 1:
         return parallel_state.get_model_parallel_group()
+    if _REPLICA_GROUP is not None:
+        return _REPLICA_GROUP
     dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=False)
     ranks_dp = [None] * dist.get_world_size()
     dist.all_gather_object(ranks_dp, dp_rank)
@@ -92,6 +96,7 @@ def replica_group(cp_size: int):
         group = dist.new_group([r for r, v in enumerate(ranks_dp) if v == value])
         if value == dp_rank:
             mine = group
+    _REPLICA_GROUP = mine
     return mine
 
 
@@ -220,3 +225,23 @@ def gather_counts(value: float, group=None) -> Sequence[float]:
     out = [torch.zeros(1, dtype=torch.float64) for _ in range(size)]
     dist.all_gather(out, torch.tensor([value], dtype=torch.float64), group=group)
     return [t.item() for t in out]
+
+
+def teacher_weight_bytes(directory: str, dtype: torch.dtype) -> Optional[int]:
+    """The teacher's weights in ``dtype`` as loaded (base model, no LM head), from safetensors headers
+    (no tensor is read); None when unknown (GGUF, *.bin)."""
+    import os
+
+    from safetensors import safe_open
+
+    files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
+    if not files:
+        return None
+    count = 0
+    for name in files:
+        with safe_open(os.path.join(directory, name), "pt") as handle:
+            for key in handle.keys():
+                if not key.startswith("lm_head"):
+                    shape = handle.get_slice(key).get_shape()
+                    count += int(torch.Size(shape).numel())
+    return count * torch.empty((), dtype=dtype).element_size()
