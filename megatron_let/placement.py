@@ -205,7 +205,8 @@ def describe(placement: str, tp: int, cp: int, pp: int, micro_batch_size: int,
              teacher_bytes: Optional[int]) -> str:
     """The startup log line: the choice, teacher memory per rank, expected share of work per rank."""
     group = tp * cp * pp
-    memory = "?" if teacher_bytes is None else f"{teacher_bytes / 2**30:.2f} GiB"
+    memory = "? (not a safetensors teacher)" if teacher_bytes is None else \
+        f"{teacher_bytes / 2**30:.2f} GiB" if teacher_bytes >= 2**30 else f"{teacher_bytes / 2**20:.1f} MiB"
     share = expected_share(placement, tp, cp, pp, micro_batch_size)
     if placement == "spread":
         where = f"teacher weights {memory} on each of the {group} ranks of a replica's model-parallel group"
