@@ -218,13 +218,13 @@ def describe(placement: str, tp: int, cp: int, pp: int, micro_batch_size: int,
             f"(TP{tp} x CP{cp} x PP{pp}, micro-batch {micro_batch_size})")
 
 
-def gather_counts(value: float, group=None) -> Sequence[float]:
+def gather_counts(value: float, group=None, device=None) -> Sequence[float]:
     """``value`` from every rank of ``group`` (a small all-gather for reporting)."""
     if not dist.is_initialized():
         return [value]
     size = dist.get_world_size(group)
-    out = [torch.zeros(1, dtype=torch.float64) for _ in range(size)]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.float64), group=group)
+    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(size)]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device), group=group)
     return [t.item() for t in out]
 
 

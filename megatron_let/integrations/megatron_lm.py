@@ -139,6 +139,7 @@ class LETMegatronLM:
         self._owner_vp_stages: Set[Optional[int]] = set()
         self._last_iteration: Optional[int] = None
         self._training = False  # the model's mode in the current forward step
+        self._placement_reported = False
         missing = [name for name in ("get_batch", "mtp_on_this_rank", "forward_step",
                                      "train_valid_test_datasets_provider", "model_provider")
                    if not hasattr(pretrain_gpt, name)]
@@ -298,6 +299,15 @@ class LETMegatronLM:
             else torch.empty(shape, dtype=torch.int64, device=device)
         dist.broadcast(tokens, src=dist.get_global_rank(group, int(source.item())), group=group)
         self.let.precompute_teacher(tokens, args.micro_batch_size)
+        if not self._placement_reported:  # once: the split really happened, and how even it is
+            from megatron.training import print_rank_last
+
+            from megatron_let.placement import gather_counts
+
+            self._placement_reported = True
+            rows = [int(r) for r in gather_counts(self.let.work.rows, group, device)]
+            print_rank_last(f" LET spread placement: teacher sequences per rank of the model-parallel group "
+                            f"in the first iteration: {rows}")
         return iterators if isinstance(data_iterator, list) else iterators[0]
 
     # -- logging -------------------------------------------------------------------------------
