@@ -177,14 +177,16 @@ def cpu_main(args):
             low, high = quartiles(ratios)
             ratio = statistics.median(result["times"][placement]) / statistics.median(base)
             teacher_s = [r[placement] for r in result["teacher_seconds_per_rank"]]
-            rows.append((layout, placement, statistics.median(base), ratio, low, high, teacher_s))
+            paired = statistics.median(ratios)
+            rows.append((layout, placement, statistics.median(base), ratio, paired, low, high, teacher_s))
             print(f"{layout:8s} {placement:6s} baseline {statistics.median(base) * 1e3:7.1f} ms  LET/baseline "
-                  f"{ratio:.3f} (IQR of per-rep ratios {low:.3f}-{high:.3f})  teacher s/step per rank "
+                  f"{ratio:.3f} (median of per-rep ratios {paired:.3f}, IQR {low:.3f}-{high:.3f})  teacher s/step per rank "
                   f"{' '.join(f'{s * 1e3:.1f}ms' for s in teacher_s)}", flush=True)
-    print("\n| layout | placement | baseline s/step | LET / baseline | per-rep ratio IQR | teacher ms/step per rank |")
+    print("\n| layout | placement | baseline s/step | LET / baseline (medians) | median per-rep ratio (IQR) "
+          "| teacher ms/step per rank |")
     print("|---|---|---|---|---|---|")
-    for layout, placement, base, ratio, low, high, teacher_s in rows:
-        print(f"| {layout} | {placement} | {base:.3f} | {ratio:.3f} | {low:.3f}-{high:.3f} | "
+    for layout, placement, base, ratio, paired, low, high, teacher_s in rows:
+        print(f"| {layout} | {placement} | {base:.3f} | {ratio:.3f} | {paired:.3f} ({low:.3f}-{high:.3f}) | "
               f"{', '.join(f'{s * 1e3:.0f}' for s in teacher_s)} |")
     pp1 = {placement: ratio for layout, placement, _, ratio, *_ in rows if layout == "pp1"}
     if "spread" in pp1:
