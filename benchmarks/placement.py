@@ -100,6 +100,8 @@ def worker(args):
         let = None if placement is None else LateToEarlyTraining(LETConfig(
             teacher=args.teacher, target_layer=p["target_layer"], lambda0=0.1, stop_iter=10 ** 6,
             projector="linear", teacher_placement=placement), seed=1)
+        if let is not None:
+            let.work.synchronize = True
         model = wrap_ddp(build_gpt_chunks(config, p["vocab"], p["seq"], let=let))
         return model, build_optimizer(model, OptimizerConfig(optimizer="adam", lr=1e-4, clip_grad=1.0)), let
 

@@ -169,10 +169,11 @@ class SpreadPlacement:
 
 
 class TeacherWork:
-    """Rows (sequences) and seconds of teacher forward this rank ran, per iteration (tests, benchmark)."""
+    """Rows (sequences) and seconds of teacher forward this rank ran, per iteration (tests, benchmark).
+    Seconds are exact on GPU only with ``synchronize`` (a device sync per teacher call: benchmarks only)."""
 
-    def __init__(self):
-        self.rows, self.seconds = 0, 0.0
+    def __init__(self, synchronize: bool = False):
+        self.rows, self.seconds, self.synchronize = 0, 0.0, synchronize
 
     def reset(self) -> None:
         self.rows, self.seconds = 0, 0.0
@@ -185,7 +186,7 @@ class TeacherWork:
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
-                if torch.cuda.is_available():
+                if work.synchronize and torch.cuda.is_available():
                     torch.cuda.synchronize()
                 work.rows += rows
                 work.seconds += time.perf_counter() - self.start
