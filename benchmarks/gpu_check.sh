@@ -5,6 +5,8 @@
 #   3. a short convergence run with the real SmolLM2-135M teacher (causal-span: its tokenizer is not the
 #      target's): baseline vs LET, 2 seeds each, a 24 x 1024 target (~310M, 2.3x the teacher) on ~3.3M
 #      tokens of real text, bf16
+#   4. the teacher's cost on one rank of the 7B template's layout (TP4 x PP2, micro-batch 1, Llama-3.2-1B
+#      shape), spread vs owner placement (benchmarks/placement.py --preset gpu-7b-layout; about 1 minute)
 #
 # The device machine has torch + transformers but no registry and at most 64 MiB of files per call, so
 # prepare on a CPU machine first (repo root; .gpu/ is git-ignored via .git/info/exclude):
@@ -52,3 +54,6 @@ if ls .gpu-part1/smollm2.part-aa .gpu/smollm2.part-ab >/dev/null 2>&1; then
 else
     echo "skipped: the SmolLM2 GGUF parts were not carried (see the header)" | tee "$OUT/convergence.txt"
 fi
+
+echo "== 4. teacher placement at the 7B layout (one TP4 x PP2 rank's share)"
+timeout 150 python3 benchmarks/placement.py --preset gpu-7b-layout 2>&1 | tee "$OUT/placement_7b.txt"

@@ -91,6 +91,16 @@ class LETAlignment(MegatronModule):
         """Teacher states and loss mask ([s_local, b]) matching this rank's target hidden states."""
         cp_size = parallel_state.get_context_parallel_world_size()
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        sp = self.config.sequence_parallel and tp_size > 1
+        spread = self._let.take_spread()
+        if spread is not None:  # spread placement: states computed at the iteration start, already cut
+            teacher, valid = spread
+            mask = loss_mask.transpose(0, 1)  # CP-local
+            if sp:
+                mask = sp_shard(mask, tp_size, parallel_state.get_tensor_model_parallel_rank())
+            if valid is not None:
+                mask = mask * valid.to(device=mask.device, dtype=mask.dtype)
+            return teacher, mask
         if cp_size > 1:  # the teacher needs the whole sequence
             parts = [torch.empty_like(tokens) for _ in range(cp_size)]
             dist.all_gather(parts, tokens.contiguous(), group=parallel_state.get_context_parallel_group())
@@ -102,7 +112,7 @@ class LETAlignment(MegatronModule):
         if valid is not None:  # unaligned positions leave the loss
             valid = cp_shard(valid.transpose(0, 1), cp_size, parallel_state.get_context_parallel_rank(), seq_dim=0)
             mask = mask * valid.to(device=mask.device, dtype=mask.dtype)
-        if self.config.sequence_parallel and tp_size > 1:
+        if sp:
             tp_rank = parallel_state.get_tensor_model_parallel_rank()
             teacher, mask = sp_shard(teacher, tp_size, tp_rank), sp_shard(mask, tp_size, tp_rank)
         return teacher, mask

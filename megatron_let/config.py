@@ -14,6 +14,7 @@ PROJECTORS = ("interp", "linear", "mlp")
 TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
 TOKEN_ALIGNMENTS = ("exact", "causal-span")  # megatron_let/token_alignment.py
+TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
 
 
 @dataclass
@@ -39,6 +40,7 @@ class LETConfig:
     on_nonfinite: str = "error"
     token_alignment: str = "exact"
     teacher_tokenizer: Optional[str] = None
+    teacher_placement: str = "spread"
 
     def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None) -> "LETConfig":
         """Raise LETConfigError for a setting that cannot work; return self."""
@@ -67,6 +69,9 @@ class LETConfig:
         if self.token_alignment not in TOKEN_ALIGNMENTS:
             raise LETConfigError(f"--let-token-alignment must be one of {TOKEN_ALIGNMENTS}; "
                                  f"got {self.token_alignment!r}.")
+        if self.teacher_placement not in TEACHER_PLACEMENTS:
+            raise LETConfigError(f"--let-teacher-placement must be one of {TEACHER_PLACEMENTS}; "
+                                 f"got {self.teacher_placement!r}.")
         if self.teacher_tokenizer is not None and self.token_alignment == "exact":
             raise LETConfigError("--let-teacher-tokenizer is only used with --let-token-alignment causal-span "
                                  "(exact requires the target to use the teacher's tokenizer).")
@@ -140,6 +145,10 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "position i is aligned to the last teacher token ending at or before token i's end.")
     group.add_argument("--let-teacher-tokenizer", type=str, default=None,
                        help="Teacher tokenizer directory for causal-span (default: the teacher's directory).")
+    group.add_argument("--let-teacher-placement", choices=TEACHER_PLACEMENTS, default="spread",
+                       help="spread: each iteration's teacher forward is divided evenly over every rank of the "
+                            "replica's model-parallel group (TP x CP x PP), states sent to layer k's ranks; "
+                            "owner: only layer k's stage loads and runs the teacher (less memory elsewhere).")
     return parser
 
 
@@ -150,6 +159,7 @@ _ARG_NAMES = {
     "projector_hidden_size": "let_projector_hidden_size", "teacher_dtype": "let_teacher_dtype",
     "on_nonfinite": "let_on_nonfinite",
     "token_alignment": "let_token_alignment", "teacher_tokenizer": "let_teacher_tokenizer",  # token alignment
+    "teacher_placement": "let_teacher_placement",
 }
 assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}
 

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron_let.alignment import LETAlignment
 from megatron_let.config import LETConfig
 from megatron_let.metrics import LETMetrics
+from megatron_let.placement import SpreadPlacement, SpreadStates, TeacherWork
 from megatron_let.schedule import let_lambda
 from megatron_let.teachers.huggingface import HFTeacher, resolve_teacher_dtype, teacher_hidden_size
 
@@ -44,10 +45,15 @@ class LateToEarlyTraining:
         self._teacher: Optional[HFTeacher] = None
         self._microbatch = None
         self._nonfinite = False
+        self._sequence_parallel = False
+        self._placement: Optional[SpreadPlacement] = None  # built on the first spread iteration
+        self._spread: Optional[SpreadStates] = None  # this iteration's precomputed states
+        self.work = TeacherWork()  # teacher rows / seconds this rank ran in the current iteration
 
     # -- model ---------------------------------------------------------------------------------
     def attach(self, model) -> bool:
         """Add the alignment to a GPTModel chunk if it owns the target layer; True if it does."""
+        self._sequence_parallel = bool(model.config.sequence_parallel)  # every rank: spread needs it
         for layer in model.decoder.layers:
             if layer.layer_number == self.config.target_layer:
                 alignment = LETAlignment(model.config, self, layer, self.teacher_hidden_size)
@@ -71,6 +77,8 @@ class LateToEarlyTraining:
     def begin_iteration(self, iteration: int, num_microbatches: int) -> float:
         """Set lambda for the step starting at ``iteration`` (0-based); release LET once it is 0."""
         self.num_microbatches = num_microbatches
+        self._spread = None
+        self.work.reset()
         self.current_lambda = let_lambda(iteration, self.config.lambda0, self.stop_iter,
                                          self.config.schedule)
         if self.current_lambda == 0.0 and iteration >= self.stop_iter:
@@ -86,6 +94,53 @@ class LateToEarlyTraining:
         """
         self._microbatch = (tokens, loss_mask)
         self._alignment = alignment
+
+    # -- spread placement (megatron_let/placement.py) --------------------------------------------
+    @property
+    def spreads_teacher(self) -> bool:
+        """True when this iteration's teacher work is to be precomputed over the model-parallel group."""
+        return self.config.teacher_placement == "spread" and not self.finished and self.current_lambda != 0.0
+
+    def precompute_teacher(self, tokens: torch.Tensor, micro_batch_size: int) -> None:
+        """On EVERY rank of the replica's model-parallel group, before the schedule: ``tokens`` [rows, s] are
+        the iteration's full-sequence tokens, micro-batch after micro-batch. Runs this rank's share of the
+        teacher and delivers layer k's ranks their slices (collectives: never call inside the schedule)."""
+        if not self.spreads_teacher:
+            return
+        if self._placement is None:
+            self._placement = SpreadPlacement(self.owns_target_layer, self._sequence_parallel)
+        self._spread = self._placement.compute(tokens, micro_batch_size,
+                                               lambda rows: self._teacher_rows(rows, micro_batch_size))
+
+    def take_spread(self):
+        """Micro-batch i's precomputed (states [s_local, b, h_T], valid [s_local, b] | None), or None
+        (owner placement, or no precompute this iteration: the hook runs the teacher itself)."""
+        return None if self._spread is None else self._spread.take()
+
+    def _teacher_rows(self, tokens: torch.Tensor, chunk: int):
+        """Teacher states [n, s, h_T] at the target's positions for whole sequences ``tokens`` [n, s], and
+        valid [n, s] (causal-span; None in exact mode). Runs in chunks of ``chunk`` rows (the micro-batch
+        size the user sized memory for)."""
+        aligner = self.aligner
+        n, seq = tokens.shape
+        if n == 0:  # fewer sequences than ranks: nothing to run, the teacher is not even loaded here
+            states = torch.empty(0, seq, self.teacher_hidden_size, device=_device(),
+                                 dtype=resolve_teacher_dtype(self.config.teacher_dtype))
+            return states, (None if aligner is None else torch.zeros(0, seq, dtype=torch.bool))
+        alignment = aligner(tokens) if aligner is not None else None
+        source = tokens if alignment is None else alignment.teacher_tokens
+        mask = None if alignment is None else alignment.teacher_attention_mask
+        parts = []
+        for first in range(0, n, chunk):
+            with self.work.timed(min(chunk, n - first)):
+                parts.append(self.teacher.hidden_states(source[first:first + chunk],
+                                                        None if mask is None else mask[first:first + chunk]))
+        states = torch.cat(parts, dim=1)  # [s_T, n, h]
+        if alignment is None:
+            return states.transpose(0, 1), None
+        from megatron_let.teachers.token_alignment import gather_teacher_states
+
+        return gather_teacher_states(states, alignment.index).transpose(0, 1), alignment.valid
 
     def take_microbatch(self):
         if self._microbatch is None or self._microbatch[0] is None:
@@ -159,6 +214,7 @@ class LateToEarlyTraining:
         self._teacher = None
         self._microbatch = None
         self._alignment = None
+        self._spread = None
         self.finished = True
 
     # -- teacher -------------------------------------------------------------------------------
@@ -182,10 +238,13 @@ class LateToEarlyTraining:
         """
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
         if tp_size == 1 or tokens.shape[0] % tp_size:
-            return self.teacher.hidden_states(tokens, attention_mask)
+            with self.work.timed(tokens.shape[0]):
+                return self.teacher.hidden_states(tokens, attention_mask)
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         local_mask = None if attention_mask is None else attention_mask.chunk(tp_size, dim=0)[tp_rank]
-        local = self.teacher.hidden_states(tokens.chunk(tp_size, dim=0)[tp_rank], local_mask)
+        local_tokens = tokens.chunk(tp_size, dim=0)[tp_rank]
+        with self.work.timed(local_tokens.shape[0]):
+            local = self.teacher.hidden_states(local_tokens, local_mask)
         parts = [torch.empty_like(local) for _ in range(tp_size)]
         dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
         return torch.cat(parts, dim=1)

@@ -54,6 +54,7 @@ LAYOUTS = {  # name: (processes, parallel flags)
     "pp2": (2, ["--pipeline-model-parallel-size", 2]),
     "tp2pp2": (4, ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2]),
     "pp4": (4, ["--pipeline-model-parallel-size", 4]),
+    "pp2_owner": (2, ["--pipeline-model-parallel-size", 2, "--let-teacher-placement", "owner"]),
 }
 
 _LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
@@ -93,6 +94,14 @@ def megatron_lm_path():
 
 def run(nproc: int, args) -> dict:
     proc = torchrun(SCRIPT, nproc, args, timeout=600, megatron_lm=True)
+    placement = "owner" if "owner" in map(str, args) else "spread"
+    assert f"LET teacher placement {placement}" in proc.stdout, proc.stdout[-3000:]
+    if placement == "spread":  # the teacher really ran before the schedule, evenly over all nproc ranks
+        rows = re.search(r"teacher sequences per rank of the model-parallel group in the first iteration: "
+                         r"\[([0-9, ]+)\]", proc.stdout)
+        assert rows, proc.stdout[-3000:]
+        counts = [int(c) for c in rows.group(1).split(",")]
+        assert len(counts) == nproc and sum(counts) == 8 and max(counts) - min(counts) <= 1, counts
     logged = parse_log(proc.stdout)
     assert "lm loss" in logged.get(1, {}), (
         "no Megatron-LM training log line: did pretrain_gpt_let.py dispatch to Megatron-LM's "

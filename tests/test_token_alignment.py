@@ -304,7 +304,9 @@ def mismatched_reference(tmp_path_factory, mismatched):
     return common, single
 
 
-@pytest.mark.parametrize("layout,flags", [("tp2_sp", ["--tp", 2, "--sp"]), ("pp2", ["--pp", 2])])
+@pytest.mark.parametrize("layout,flags", [("tp2_sp", ["--tp", 2, "--sp"]), ("pp2", ["--pp", 2]),
+                                          ("tp2_sp_owner", ["--tp", 2, "--sp", "--placement", "owner"]),
+                                          ("pp2_owner", ["--pp", 2, "--placement", "owner"])])
 def test_mismatched_teacher_layouts_match_single_process(tmp_path, mismatched_reference, layout, flags):
     common, single = mismatched_reference
     got = run_layout(tmp_path, layout, 2, [*common, *flags, "--prefetch-alignment"])

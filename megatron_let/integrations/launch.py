@@ -60,6 +60,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
         except LETConfigError as error:
             raise LETConfigError(f"{error} Or align across tokenizers with --let-token-alignment causal-span."
                                  ) from None
+    log(_placement_line(config, args))
     for warning in config.warnings(args.num_layers, args.train_iters):
         warn(warning)
     if config.projector == "interp" and teacher_config.hidden_size > args.hidden_size:
@@ -67,3 +68,17 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
              f"--hidden-size {args.hidden_size} by interpolation, dropping detail; --let-projector linear or "
              "mlp learns the map instead.")
     return let
+
+
+def _placement_line(config: LETConfig, args) -> str:
+    """Where the teacher lives and how much of its work each rank does (megatron_let/placement.py)."""
+    from megatron_let.placement import describe, teacher_weight_bytes
+    from megatron_let.teachers.huggingface import resolve_teacher, resolve_teacher_dtype
+
+    source = resolve_teacher(config.teacher)
+    weights = None if source.gguf_file else teacher_weight_bytes(source.directory,
+                                                                  resolve_teacher_dtype(config.teacher_dtype))
+    return describe(config.teacher_placement, getattr(args, "tensor_model_parallel_size", 1) or 1,
+                    getattr(args, "context_parallel_size", 1) or 1,
+                    getattr(args, "pipeline_model_parallel_size", 1) or 1,
+                    getattr(args, "micro_batch_size", 1) or 1, weights)

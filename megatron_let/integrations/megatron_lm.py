@@ -22,6 +22,12 @@ datasets provider, embedding ranks, ModelOpt arguments), wrapped as follows:
   get_num_microbatches())`` on the first training micro-batch of each
   iteration (``curr_iteration`` is the 0-based number of completed
   iterations);
+- teacher placement ``spread`` (the default): ``training.train_step`` is wrapped so that, on every rank
+  and before the pipeline schedule, LET's iteration begins and the ranks whose data iterator is not
+  None pre-read the iteration's micro-batches (the schedule then reads them back from a list); the
+  lowest such rank of the replica's model-parallel group broadcasts the tokens to the group, every rank
+  runs its share of the teacher, and one all-to-all hands layer k's ranks their slices
+  (``LateToEarlyTraining.precompute_teacher``). No collective runs inside the schedule's forward step;
 - logging: ``training.training_log`` is wrapped so that, on every rank and
   every iteration, ``let.report()`` (a PP + DP collective) is added to the
   iteration's ``loss_dict`` as ``let loss`` / ``let cos`` / ``let lambda``.
@@ -133,6 +139,7 @@ class LETMegatronLM:
         self._owner_vp_stages: Set[Optional[int]] = set()
         self._last_iteration: Optional[int] = None
         self._training = False  # the model's mode in the current forward step
+        self._placement_reported = False
         missing = [name for name in ("get_batch", "mtp_on_this_rank", "forward_step",
                                      "train_valid_test_datasets_provider", "model_provider")
                    if not hasattr(pretrain_gpt, name)]
@@ -215,7 +222,7 @@ class LETMegatronLM:
         forward step, so there is no iterator to prefetch from as the lean trainer does). A future, or
         None where the hook computes it: exact mode, evaluation, and CP (tokens here are CP-local)."""
         let = self.let
-        if not self._training or let.current_lambda == 0.0 or let.aligner is None:
+        if not self._training or let.current_lambda == 0.0 or let.aligner is None or let.spreads_teacher:
             return None
         from megatron.core import parallel_state
 
@@ -241,6 +248,67 @@ class LETMegatronLM:
             return base(data_iterator, model, *args, **kwargs)
 
         return forward_step
+
+    def _patch_train_step(self, training) -> None:
+        """Begin LET's iteration on every rank before the schedule; spread: precompute the teacher there."""
+        train_step = training.train_step
+
+        @functools.wraps(train_step)
+        def train_step_with_let(forward_step_func, data_iterator, *args, **kwargs):
+            let = self.let
+            if let is not None and not let.finished:
+                from megatron.core.num_microbatches_calculator import get_num_microbatches
+                from megatron.training import get_args
+
+                iteration = get_args().curr_iteration
+                self._last_iteration = iteration  # the forward step must not begin it again
+                let.begin_iteration(iteration, get_num_microbatches())
+                if let.spreads_teacher:
+                    data_iterator = self._precompute_teacher(data_iterator, get_num_microbatches(),
+                                                             get_args())
+            return train_step(forward_step_func, data_iterator, *args, **kwargs)
+
+        training.train_step = train_step_with_let
+
+    def _precompute_teacher(self, data_iterator, num_microbatches: int, args):
+        """Pre-read this iteration's micro-batches where an iterator exists, give the tokens to every rank
+        of the replica's model-parallel group, run the spread teacher; returns iterators that replay."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+        from megatron.core.rerun_state_machine import RerunDataIterator
+
+        from megatron_let.placement import replica_group
+
+        iterators = list(data_iterator) if isinstance(data_iterator, list) else [data_iterator]
+        batches = None
+        for i, iterator in enumerate(iterators):
+            if iterator is not None:  # every chunk's iterator yields the same micro-batches
+                read = [next(iterator) for _ in range(num_microbatches)]
+                batches = batches or read
+                iterators[i] = RerunDataIterator(iter(read))
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        group = replica_group(parallel_state.get_context_parallel_world_size())
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        source = torch.tensor([rank if batches is not None else size], device=device)
+        dist.all_reduce(source, op=dist.ReduceOp.MIN, group=group)
+        if int(source.item()) == size:
+            raise RuntimeError("LET spread placement: no rank of the model-parallel group has a data iterator.")
+        shape = (num_microbatches * args.micro_batch_size, args.seq_length)
+        tokens = torch.cat([b["tokens"] for b in batches]).to(device) if batches is not None \
+            else torch.empty(shape, dtype=torch.int64, device=device)
+        dist.broadcast(tokens, src=dist.get_global_rank(group, int(source.item())), group=group)
+        self.let.precompute_teacher(tokens, args.micro_batch_size)
+        if not self._placement_reported:  # once: the split really happened, and how even it is
+            from megatron.training import print_rank_last
+
+            from megatron_let.placement import gather_counts
+
+            self._placement_reported = True
+            rows = [int(r) for r in gather_counts(self.let.work.rows, group, device)]
+            print_rank_last(f" LET spread placement: teacher sequences per rank of the model-parallel group "
+                            f"in the first iteration: {rows}")
+        return iterators if isinstance(data_iterator, list) else iterators[0]
 
     # -- logging -------------------------------------------------------------------------------
     def _patch_training_log(self, training) -> None:
@@ -270,6 +338,7 @@ class LETMegatronLM:
         from megatron.training import training
 
         self._patch_pretrain_gpt()
+        self._patch_train_step(training)
         self._patch_training_log(training)
 
 

@@ -51,6 +51,17 @@ def reduce_lm_loss(losses_reduced: List[Dict[str, torch.Tensor]]) -> torch.Tenso
     return pair
 
 
+def precompute_teacher(data_iterator, let: LateToEarlyTraining, num_microbatches: int, micro_batch_size: int):
+    """Spread placement: read this iteration's micro-batches up front (every rank of the model-parallel
+    group has the lean trainer's data iterator), let the group run the teacher over them outside the
+    schedule, and return an iterator that replays them to the schedule."""
+    iterators = list(data_iterator) if isinstance(data_iterator, list) else [data_iterator]
+    batches = [next(iterators[0]) for _ in range(num_microbatches)]
+    let.precompute_teacher(torch.cat([batch["tokens"] for batch in batches]), micro_batch_size)
+    iterators[0] = iter(batches)
+    return iterators if isinstance(data_iterator, list) else iterators[0]
+
+
 def run_schedule(data_iterator, model: List, let: Optional[LateToEarlyTraining], num_microbatches: int,
                  seq_length: int, micro_batch_size: int, forward_only: bool = False) -> torch.Tensor:
     """megatron-core's schedule for this layout over all micro-batches; returns the LM loss pair."""
@@ -76,6 +87,8 @@ def train_step(data_iterator, model: List, optimizer, let: Optional[LateToEarlyT
     """
     if let is not None:
         let.begin_iteration(iteration, num_microbatches)
+        if let.spreads_teacher and not forward_only:
+            data_iterator = precompute_teacher(data_iterator, let, num_microbatches, micro_batch_size)
     if not forward_only:
         for chunk in model:
             chunk.zero_grad_buffer()

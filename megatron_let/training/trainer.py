@@ -59,7 +59,8 @@ def _reseed(seed: int, iteration: int) -> None:
 def _prefetch_alignments(iterators: list, model: list, let: Optional[LateToEarlyTraining]) -> list:
     """causal-span: the chunk owning the target layer gets its micro-batches' alignments computed in a
     background thread ahead of time (other chunks and stages never need them)."""
-    if let is None or let.finished or not let.owns_target_layer or let.aligner is None:
+    if let is None or let.finished or not let.owns_target_layer or let.aligner is None \
+            or let.config.teacher_placement == "spread":  # spread: each rank aligns its own rows up front
         return iterators
     from megatron_let.teachers.token_alignment import AlignmentPrefetcher
 

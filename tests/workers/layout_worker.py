@@ -6,9 +6,11 @@ record lm loss, let loss/cos/lambda, grad norm and a teacher weight checksum.
 """
 
 import argparse
+import gc
 import json
 import os
 import sys
+import weakref
 
 import torch
 
@@ -24,7 +26,7 @@ from megatron_let.training.components import build_optimizer, initialize_paralle
 from megatron_let.training.model import build_gpt_chunks  # noqa: E402
 from megatron_let.training.step import train_step  # noqa: E402
 
-VOCAB, SEQ, MBS = 128, 32, 2
+VOCAB, SEQ = 128, 32
 
 
 def parse():
@@ -34,6 +36,8 @@ def parse():
     p.add_argument("--vpp", type=int, default=None)
     p.add_argument("--sp", action="store_true")
     p.add_argument("--dist-opt", action="store_true")
+    p.add_argument("--mbs", type=int, default=2)
+    p.add_argument("--placement", default="spread", choices=("spread", "owner"))
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=3)
@@ -68,8 +72,8 @@ def microbatches(iteration: int, args):
     data = global_batch(iteration, args.global_batch, args.data_vocab, args.eod)
     per_rank = args.global_batch // dp_size
     local = data[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    for start in range(0, per_rank, MBS):
-        chunk = local[start:start + MBS]
+    for start in range(0, per_rank, args.mbs):
+        chunk = local[start:start + args.mbs]
         tokens, labels = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
         yield {"tokens": tokens, "labels": labels, "loss_mask": (tokens != args.eod).float(),
                "position_ids": torch.arange(SEQ).unsqueeze(0).expand(tokens.shape[0], SEQ).contiguous(),
@@ -105,7 +109,8 @@ def main():
             if args.target_tokenizer else {}
         let = LateToEarlyTraining(LETConfig(teacher=args.teacher, target_layer=args.target_layer,
                                             lambda0=args.lambda0, stop_iter=args.stop_iter,
-                                            projector=args.projector, **alignment),
+                                            projector=args.projector, teacher_placement=args.placement,
+                                            **alignment),
                                   target_tokenizer=target_tokenizer, eod_id=args.eod)
     chunks = build_gpt_chunks(config, vocab, SEQ, let=let)
     if args.save_ref:
@@ -128,9 +133,10 @@ def main():
         optimizer="adam", lr=1e-3, weight_decay=0.01, clip_grad=1.0, bf16=False, fp16=False,
         use_distributed_optimizer=args.dist_opt))
     dp_size = parallel_state.get_data_parallel_world_size()
-    num_microbatches = args.global_batch // dp_size // MBS
+    num_microbatches = args.global_batch // dp_size // args.mbs
     teacher_before = None
-    records = []
+    teacher_refs = []
+    records, per_rank = [], []
     for iteration in range(args.iters):
         iterators = [microbatches(iteration, args) for _ in model]
         if args.prefetch_alignment and let is not None and let.owns_target_layer:  # LET token alignment
@@ -138,9 +144,18 @@ def main():
 
             iterators = [AlignmentPrefetcher(it, let.aligner) for it in iterators]
         metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, let,
-                             iteration, num_microbatches, SEQ, MBS)
+                             iteration, num_microbatches, SEQ, args.mbs)
         if let is not None:
             metrics.update(let.report())
+            # per rank: teacher rows run this iteration, and whether a teacher this rank loaded is alive
+            if let._teacher is not None and let._teacher.model is not None:
+                teacher_refs.append(weakref.ref(let._teacher.model))
+            gc.collect()
+            mine = (let.work.rows, any(ref() is not None for ref in teacher_refs), bool(teacher_refs))
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, mine)
+            per_rank.append({"teacher rows": [e[0] for e in every], "teacher alive": [e[1] for e in every],
+                             "teacher loaded": [e[2] for e in every]})
         if let is not None and let.owns_target_layer and let._teacher is not None:
             teacher_params = list(let._teacher.model.parameters())
             checksum = sum(p.double().sum().item() for p in teacher_params)
@@ -150,7 +165,7 @@ def main():
         records.append(metrics)
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(args.out, "w") as f:
-            json.dump({"records": records, "teacher_first_checksum": teacher_before}, f)
+            json.dump({"records": records, "teacher_first_checksum": teacher_before, "per_rank": per_rank}, f)
     shutdown_parallel()
 
 
