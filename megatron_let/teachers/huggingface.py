@@ -250,7 +250,7 @@ def load_base_model(source: "TeacherSource", dtype: torch.dtype, path: str):
     with _quiet_transformers():
         model, info = AutoModel.from_pretrained(source.directory, dtype=dtype, output_loading_info=True,
                                                 ignore_mismatched_sizes=True, **source.kwargs)
-    problem = loading_problem(info, type(model).__name__, source.gguf_file or path)
+    problem = loading_problem(info, type(model).__name__, path)
     if problem:
         raise LETConfigError(problem)
     return model
