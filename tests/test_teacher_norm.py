@@ -29,6 +29,14 @@ def test_standardize_keeps_float64_statistics_through_bf16_casts():
     assert list(TeacherFeatureNorm("none", 8).state_dict()) == []  # nothing saved without standardize
 
 
+def test_layernorm_normalises_each_token_and_keeps_no_state():
+    x = torch.randn(5, 3, 16) * torch.linspace(0.1, 30, 16) + 4
+    y = TeacherFeatureNorm("layernorm", 16)(x, torch.ones(5, 3))
+    torch.testing.assert_close(y.mean(-1), torch.zeros(5, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(5, 3), atol=1e-3, rtol=0)
+    assert TeacherFeatureNorm("none", 16)(x, torch.ones(5, 3)) is x
+
+
 def _run(model, let, iteration, tokens, mask):
     let.begin_iteration(iteration, 1)
     let.set_microbatch(tokens, mask)
