@@ -302,7 +302,7 @@ def main(argv=None):
 
 PLOTTED = {  # panel -> arms drawn as their seed-mean validation curve
     "cosine LR": ("baseline", "let", "let-random-teacher", "let-lambda1.0", "let-random-lambda1.0",
-                  "let-gpt2-tokenizer-teacher", "let-smollm2"),
+                  "let-gpt2-tokenizer-teacher", "let-smollm2", "let-standardize", "let-smollm2-standardize"),
     "constant LR": ("baseline-constlr", "let-constlr", "let-random-constlr"),
 }
 
