@@ -92,8 +92,7 @@ class LETAlignment(MegatronModule):
                 and parallel_state.get_context_parallel_rank() == 0):
             norm = self._let.config.teacher_norm
             print(f" LET teacher features (first micro-batch): {feature_energy_report(teacher, mask)}; "
-                  f"--let-teacher-norm {norm}" + (" (standardize weighs every dimension alike)"
-                                                  if norm == "none" else ""), flush=True)
+                  f"--let-teacher-norm {norm}", flush=True)
 
     def _token_group(self) -> Optional[dist.ProcessGroup]:
         """Ranks holding different tokens of one micro-batch: CP, and TP under sequence parallel."""
