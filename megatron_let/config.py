@@ -15,6 +15,7 @@ TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
 TOKEN_ALIGNMENTS = ("exact", "causal-span")  # megatron_let/token_alignment.py
 TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
+TEACHER_NORMS = ("none", "layernorm", "standardize")  # megatron_let/teacher_norm.py
 
 
 @dataclass
@@ -41,6 +42,8 @@ class LETConfig:
     token_alignment: str = "exact"
     teacher_tokenizer: Optional[str] = None
     teacher_placement: str = "spread"
+    teacher_norm: str = "none"
+    teacher_norm_iters: int = 20
 
     def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None) -> "LETConfig":
         """Raise LETConfigError for a setting that cannot work; return self."""
@@ -75,6 +78,10 @@ class LETConfig:
         if self.teacher_tokenizer is not None and self.token_alignment == "exact":
             raise LETConfigError("--let-teacher-tokenizer is only used with --let-token-alignment causal-span "
                                  "(exact requires the target to use the teacher's tokenizer).")
+        if self.teacher_norm not in TEACHER_NORMS:
+            raise LETConfigError(f"--let-teacher-norm must be one of {TEACHER_NORMS}; got {self.teacher_norm!r}.")
+        if not isinstance(self.teacher_norm_iters, int) or self.teacher_norm_iters < 1:
+            raise LETConfigError(f"--let-teacher-norm-iters must be >= 1; got {self.teacher_norm_iters}.")
         if self.stop_iter is not None and self.stop_fraction is not None:
             raise LETConfigError("give either --let-stop-iter or --let-stop-fraction, not both.")
         if self.stop_iter is not None and self.stop_iter <= 0:
@@ -149,6 +156,15 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="spread: each iteration's teacher forward is divided evenly over every rank of the "
                             "replica's model-parallel group (TP x CP x PP), states sent to layer k's ranks; "
                             "owner: only layer k's stage loads and runs the teacher (less memory elsewhere).")
+    group.add_argument("--let-teacher-norm", choices=TEACHER_NORMS, default="none",
+                       help="Normalise the teacher's states before the cosine: none (the paper); layernorm (per "
+                            "token, over its dimensions); standardize (per dimension, by the teacher's mean/std "
+                            "over the tokens of the first --let-teacher-norm-iters iterations, identical on every "
+                            "rank, then frozen; saved in the checkpoint). For teachers whose energy sits in a few "
+                            "dimensions (the start-up line 'LET teacher features' shows it).")
+    group.add_argument("--let-teacher-norm-iters", type=int, default=20,
+                       help="standardize: iterations whose teacher states estimate the statistics (default 20; "
+                            "the first only measures, then they are frozen).")
     return parser
 
 
@@ -160,6 +176,7 @@ _ARG_NAMES = {
     "on_nonfinite": "let_on_nonfinite",
     "token_alignment": "let_token_alignment", "teacher_tokenizer": "let_teacher_tokenizer",  # token alignment
     "teacher_placement": "let_teacher_placement",
+    "teacher_norm": "let_teacher_norm", "teacher_norm_iters": "let_teacher_norm_iters",
 }
 assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}
 

@@ -83,6 +83,9 @@ class LateToEarlyTraining:
                                          self.config.schedule)
         if self.current_lambda == 0.0 and iteration >= self.stop_iter:
             self.finish()
+        if not self.finished:
+            for alignment in self.alignments:  # --let-teacher-norm standardize: the statistics this step uses
+                alignment.teacher_norm.begin_iteration(iteration)
         return self.current_lambda
 
     def set_microbatch(self, tokens: Optional[torch.Tensor], loss_mask: Optional[torch.Tensor],

@@ -60,8 +60,10 @@ def let(teacher, layer=1, *extra):
     (["--let-target-layer", "1", "--let-projector", "conv"], ["--let-projector", "invalid choice"]),
     (["--let-target-layer", "1", "--context-parallel-size", "2"], ["--context-parallel-size", "TransformerEngine"]),
     (["--let-target-layer", "1", "--recompute-granularity", "full"], ["--recompute-granularity", "Megatron-LM"]),
+    (["--let-target-layer", "1", "--let-teacher-norm-iters", "0"], ["--let-teacher-norm-iters", ">= 1"]),
 ], ids=["layer0", "layer_negative", "layer_beyond", "lambda_negative", "lambda_nan", "lambda_not_a_number",
-        "stop_zero", "teacher_layer_missing", "projector_unknown", "cp_without_te", "unsupported_flag"])
+        "stop_zero", "teacher_layer_missing", "projector_unknown", "cp_without_te", "unsupported_flag",
+        "teacher_norm_iters_zero"])
 def test_bad_let_flag(teacher, flags, fragments):
     assert_one_line_error(run(*BASE, "--let-teacher", teacher, *flags), *fragments)
 
@@ -181,3 +183,55 @@ def test_crash_during_save_leaves_the_previous_checkpoint_valid(megatron_world1,
     for key, value in model[0].state_dict().items():
         if key in saved:
             assert torch.equal(value, saved[key]), key
+
+
+def _gpt2_teacher(path, n_positions):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=n_positions,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(path)
+    return str(path)
+
+
+def test_teacher_with_learned_positions_shorter_than_seq_length_is_refused(tmp_path):
+    short = _gpt2_teacher(tmp_path / "gpt2-ctx8", n_positions=8)  # BASE: --seq-length 16
+    proc = run(*BASE, *let(short))
+    assert_one_line_error(proc, "--let-teacher", "learned positions for 8 tokens", "(n_positions)", "--seq-length is 16")
+    assert "iteration" not in proc.stdout  # refused before any step (it used to die at step 1: IndexError)
+    # exactly --seq-length positions is enough (no refusal, no warning)
+    ok = run(*BASE, "--train-iters", 1, *let(_gpt2_teacher(tmp_path / "gpt2-ctx16", n_positions=16)))
+    assert ok.returncode == 0 and "WARNING" not in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
+
+
+def test_rotary_teacher_beyond_its_trained_length_is_a_warning(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8)
+                     ).save_pretrained(tmp_path / "rope-ctx8")
+    proc = run(*BASE, "--train-iters", 1, *let(str(tmp_path / "rope-ctx8")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING: --let-teacher" in proc.stdout and "trained for 8 positions" in proc.stdout
+    assert "runs it 8 positions (2.0x) beyond" in proc.stdout
+
+
+def test_teacher_whose_weights_do_not_match_its_config_is_refused(tmp_path, teacher):
+    """Weights saved from another class (GPT-2 tensors under a Llama config): transformers would fill all
+    of the Llama's tensors with random values and the run would align the target to noise."""
+    wrong = shutil.copytree(teacher, tmp_path / "renamed")
+    shutil.copy(os.path.join(_gpt2_teacher(tmp_path / "gpt2", 16), "model.safetensors"), wrong / "model.safetensors")
+    proc = run(*BASE, *let(str(wrong)))
+    assert_one_line_error(proc, "--let-teacher", "weights do not match its config (LlamaModel)",
+                                 "20 tensor(s) missing", "0 mis-shaped", "28 unexpected", "'embed_tokens.weight'")
+    assert "iteration" not in proc.stdout
+    # a converted checkpoint that lost some tensors and renamed others: counted as such
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(os.path.join(teacher, "model.safetensors"))
+    state.pop("model.norm.weight")
+    state["model.layers.0.mlp.w1.weight"] = state.pop("model.layers.0.mlp.gate_proj.weight")
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:-1].clone()
+    partial = shutil.copytree(teacher, tmp_path / "partial")
+    save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(run(*BASE, *let(str(partial))), "2 tensor(s) missing", "1 mis-shaped", "2 unexpected")

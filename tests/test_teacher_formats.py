@@ -280,8 +280,49 @@ def test_gguf_without_vocab_size_or_tokens_does_not_load(tmp_path):
     pytest.importorskip("gguf")
     gguf_path = _write_llama_gguf(_build("llama"), str(tmp_path / "novocab.gguf"), vocab="none")
     assert teacher_hidden_size(gguf_path) == 64  # the config alone still reads
-    with pytest.raises((RuntimeError, ValueError)):
-        HFTeacher(gguf_path, torch.float32, device=CPU)
+    with pytest.raises(LETConfigError, match=r"novocab.gguf'.*0 tensor\(s\) missing, 1 mis-shaped, 0 unexpected "
+                                             r"\(mis-shaped e.g. 'embed_tokens.weight'\)"):
+        HFTeacher(gguf_path, torch.float32, device=CPU)  # one line, not transformers' traceback
+
+
+# ---------------------------------------------------------------------------------------------------------
+# weights that do not fill the model their config describes (transformers would initialise them randomly)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_correct_teachers_pass_the_weight_check_silently(saved, family, fmt):
+    """Tied embeddings (llama, qwen2, gpt2), untied LM heads (neox, opt) and legacy .bin files: no complaint."""
+    from megatron_let.teachers.huggingface import preflight_teacher
+
+    _, paths = saved(family)
+    warnings = []
+    assert preflight_teacher(paths[fmt], seq_length=64, warn=warnings.append) is not None
+    assert warnings == []
+
+
+def test_base_model_without_lm_head_passes_the_weight_check(tmp_path):
+    from megatron_let.teachers.huggingface import preflight_teacher
+
+    model = _build("llama")
+    model.base_model.save_pretrained(tmp_path / "base")  # LlamaModel: no LM head, no "model." prefix
+    assert preflight_teacher(str(tmp_path / "base"), seq_length=64) is not None
+    teacher = HFTeacher(str(tmp_path / "base"), torch.float32, device=CPU)
+    torch.testing.assert_close(teacher.hidden_states(_tokens()), _reference(model, _tokens()), atol=1e-5, rtol=1e-5)
+
+
+def test_loading_refuses_weights_of_another_class_even_without_preflight(tmp_path, saved):
+    """The last guard (GGUF and files preflight cannot read): loading itself refuses in one line."""
+    import shutil
+
+    _, llama = saved("llama")
+    _, gpt2 = saved("gpt2")
+    wrong = shutil.copytree(llama["safetensors"], tmp_path / "wrong")
+    shutil.copy(os.path.join(gpt2["safetensors"], "model.safetensors"), wrong / "model.safetensors")
+    with pytest.raises(LETConfigError, match=r"weights do not match its config \(LlamaModel\): 20 tensor\(s\) "
+                                             r"missing, 0 mis-shaped, 28 unexpected"):
+        HFTeacher(str(wrong), torch.float32, device=CPU)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
     if resume_iteration is not None and resume_iteration >= let.stop_iter and "teacher_hidden_size" in saved:
         let.finish()  # past the stop step: the teacher is never read again (it may be gone)
         return let
-    teacher_config = preflight_teacher(config.teacher, config.teacher_layer)
+    teacher_config = preflight_teacher(config.teacher, config.teacher_layer, getattr(args, "seq_length", None),
+                                       config.token_alignment, warn)
     if causal_span:
         aligner = let.aligner  # built now: a tokenizer it cannot read fails before any process group
         log(f" LET token alignment causal-span: target {tokenizer_name} -> teacher tokenizer "

@@ -66,12 +66,14 @@ def resolve_teacher(path: str) -> TeacherSource:
         "point it at a directory written by save_pretrained.")
 
 
-def preflight_teacher(path: str, teacher_layer: Optional[int] = None) -> "object":
+def preflight_teacher(path: str, teacher_layer: Optional[int] = None, seq_length: Optional[int] = None,
+                      token_alignment: str = "exact", warn=None) -> "object":
     """Everything about the teacher that can be checked without loading it; returns its config.
 
-    Catches a wrong path, an unreadable or corrupt config or weight file, and a
-    --let-teacher-layer the teacher does not have, in seconds instead of at the
-    first training step on some rank.
+    Catches a wrong path, an unreadable or corrupt config or weight file, weights whose names or shapes
+    do not match the config (which transformers would fill with random values), a context shorter than
+    ``seq_length`` and a --let-teacher-layer the teacher does not have, in seconds instead of at the
+    first training step on some rank. ``warn(message)`` receives what runs but deserves a word.
     """
     source = resolve_teacher(path)
     try:
@@ -80,27 +82,178 @@ def preflight_teacher(path: str, teacher_layer: Optional[int] = None) -> "object
         raise LETConfigError(f"--let-teacher {path!r}: cannot read its config ({type(error).__name__}: "
                              f"{error}); re-save the model with save_pretrained.") from None
     if source.gguf_file is None:
-        _check_safetensors(source.directory, path)
+        stored = _stored_tensor_shapes(source.directory, path)
+        if stored is not None:
+            check_stored_weights(source, config, stored, path)
     layers = config.num_hidden_layers
     if teacher_layer is not None and not -(layers + 1) <= teacher_layer <= layers:
         raise LETConfigError(f"--let-teacher-layer {teacher_layer} does not exist: the teacher's hidden_states "
                              f"go from 0 (embeddings) to {layers} (final); omit the flag for the final layer.")
+    if seq_length is not None:
+        message = check_context_length(config, seq_length, token_alignment, path)
+        if message and warn:
+            warn(message)
     return config
 
 
-def _check_safetensors(directory: str, path: str) -> None:
+# -- context length -------------------------------------------------------------------------------------
+
+_ROTARY_ATTRS = ("rope_parameters", "rope_scaling", "rope_theta", "rotary_pct", "rotary_emb_base", "rotary_dim")
+
+
+def uses_rotary_positions(config) -> bool:
+    """Rotary (RoPE) teachers run past their trained length (worse); learned/absolute ones cannot."""
+    if str(getattr(config, "position_embedding_type", "")).lower() in ("rotary", "rope"):
+        return True
+    return any(getattr(config, name, None) is not None for name in _ROTARY_ATTRS)
+
+
+def check_context_length(config, seq_length: int, token_alignment: str, path: str) -> Optional[str]:
+    """Raise for a teacher with learned positions shorter than ``--seq-length`` (it would fail with an
+    IndexError at the first step); return a warning for a rotary one used beyond its trained length."""
+    from megatron_let.teachers.token_alignment import teacher_max_positions
+
+    limit = teacher_max_positions(config)
+    if limit is None or seq_length <= limit:
+        return None
+    stored = config.to_dict()  # the name in the teacher's config.json (GPT-2: n_positions)
+    name = next((n for n in ("n_positions", "max_position_embeddings", "max_sequence_length")
+                 if stored.get(n) == limit), "max_position_embeddings")
+    if token_alignment == "causal-span":  # the aligner cuts teacher rows at the teacher's context
+        return (f"--let-teacher {path!r} reads at most {limit} tokens ({name}) of each --seq-length {seq_length} "
+                "sequence: target positions aligned to later teacher tokens are left out of the alignment loss.")
+    if uses_rotary_positions(config):
+        return (f"--let-teacher {path!r} was trained for {limit} positions ({name}) but --seq-length "
+                f"{seq_length} runs it {seq_length - limit} positions ({seq_length / limit:.1f}x) beyond that "
+                "(rotary positions extrapolate poorly); use a shorter --seq-length or a longer-context teacher.")
+    raise LETConfigError(f"--let-teacher {path!r} has learned positions for {limit} tokens ({name}) but "
+                         f"--seq-length is {seq_length}; it cannot read a full sequence. Use --seq-length <= {limit}, "
+                         "a teacher with a longer context, or --let-token-alignment causal-span (which cuts the "
+                         "teacher's rows at its context).")
+
+
+# -- weights vs config ----------------------------------------------------------------------------------
+
+
+def _stored_tensor_shapes(directory: str, path: str) -> Optional[dict]:
+    """{tensor name: shape} of the weight files (headers only; .bin through mmap), or None when they
+    cannot be read cheaply (the check then happens when the teacher loads)."""
     from safetensors import safe_open
 
-    files = [f for f in os.listdir(directory) if f.endswith(".safetensors")]
-    if not files and not any(f.endswith(".bin") for f in os.listdir(directory)):
+    names = os.listdir(directory)
+    files = [f for f in names if f.endswith(".safetensors")]
+    if not files and not any(f.endswith(".bin") for f in names):
         raise LETConfigError(f"--let-teacher {path!r} has a config but no weights (*.safetensors or *.bin).")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        import json
+
+        try:
+            with open(index) as handle:
+                listed = set(json.load(handle)["weight_map"].values())
+        except Exception as error:  # noqa: BLE001
+            raise LETConfigError(f"--let-teacher {path!r}: model.safetensors.index.json is unreadable ({error}); "
+                                 "re-save the teacher with save_pretrained.") from None
+        absent = sorted(f for f in listed if f not in names)
+        if absent:
+            raise LETConfigError(f"--let-teacher {path!r}: model.safetensors.index.json names {len(absent)} weight "
+                                 f"file(s) that are not there ({absent[0]}, ...); copy the whole directory.")
+        files = sorted(listed)
+    shapes = {}
     for name in files:
         try:
             with safe_open(os.path.join(directory, name), "pt") as handle:
-                handle.keys()
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
         except Exception as error:  # noqa: BLE001
             raise LETConfigError(f"--let-teacher {path!r}: weight file {name} is unreadable or corrupt "
                                  f"({error}); re-download or re-save the teacher.") from None
+    if files:
+        return shapes
+    for name in sorted(f for f in names if f.endswith(".bin")):
+        try:
+            state = torch.load(os.path.join(directory, name), map_location="cpu", mmap=True, weights_only=True)
+        except Exception:  # noqa: BLE001 - legacy (non-zip) files: checked when the teacher loads
+            return None
+        shapes.update({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return shapes
+
+
+def _expected_tensor_shapes(config) -> tuple:
+    """The base model's (what AutoModel builds: no LM head) {name: shape}, built on the meta device."""
+    from transformers import AutoModel
+
+    with _quiet_transformers(), torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, model.base_model_prefix
+
+
+def check_stored_weights(source: "TeacherSource", config, stored: dict, path: str) -> None:
+    """Refuse weights that do not fill the model the config describes. A causal LM's checkpoint holds
+    the base model under ``base_model_prefix`` plus its head (LM head, tied or not): the head is not
+    needed. Any other gap is confirmed with transformers' own loading report before refusing, so a
+    renaming transformers does itself (legacy names, conversion mappings) is never refused."""
+    try:
+        expected, prefix = _expected_tensor_shapes(config)
+    except Exception:  # noqa: BLE001 - a model class transformers cannot build on meta: checked at load
+        return
+    if prefix and any(k.startswith(prefix + ".") for k in stored):
+        stored = {k[len(prefix) + 1:]: v for k, v in stored.items() if k.startswith(prefix + ".")}
+    missing = [k for k in expected if k not in stored]
+    mismatched = [k for k in expected if k in stored and stored[k] != expected[k]]
+    if not missing and not mismatched:
+        return
+    teacher = load_base_model(source, torch.float32, path)  # confirm with transformers (the rare bad case)
+    del teacher
+
+
+def loading_problem(info: dict, model_class: str, path: str) -> Optional[str]:
+    """The one-line refusal for transformers' loading report, or None when nothing was repaired.
+    Unexpected tensors alone (an LM head, a value head) are ignored: they leave nothing random."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if not missing and not mismatched:
+        return None
+    examples = "; ".join(part for part in (
+        f"missing e.g. {missing[0]!r}" if missing else "",
+        f"mis-shaped e.g. {mismatched[0]!r}" if mismatched else "",
+        f"unexpected e.g. {unexpected[0]!r}" if unexpected else "") if part)
+    return (f"--let-teacher {path!r}: its weights do not match its config ({model_class}): {len(missing)} "
+            f"tensor(s) missing, {len(mismatched)} mis-shaped, {len(unexpected)} unexpected ({examples}); "
+            "transformers would fill them with random values. Re-save the teacher with save_pretrained from "
+            "the model class its config names, or fix the tensor names of the conversion.")
+
+
+class _quiet_transformers:
+    """transformers' loading chatter off (the skipped LM head is intended); restored after."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._logging = hf_logging
+        self._verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        self._logging.set_verbosity(self._verbosity)
+        self._logging.enable_progress_bar()
+        return False
+
+
+def load_base_model(source: "TeacherSource", dtype: torch.dtype, path: str):
+    """``AutoModel.from_pretrained`` (no LM head) that refuses, with one line, whatever transformers
+    would silently repair: tensors missing from the files or of another shape (randomly initialised)."""
+    from transformers import AutoModel
+
+    with _quiet_transformers():
+        model, info = AutoModel.from_pretrained(source.directory, dtype=dtype, output_loading_info=True,
+                                                ignore_mismatched_sizes=True, **source.kwargs)
+    problem = loading_problem(info, type(model).__name__, path)
+    if problem:
+        raise LETConfigError(problem)
+    return model
 
 
 def output_width(config, layer: Optional[int] = None) -> int:
@@ -126,21 +279,11 @@ class HFTeacher:
 
     def __init__(self, path: str, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None, layer: Optional[int] = None):
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-
         self.source = resolve_teacher(path)
         self.layer = layer
         device = device or (torch.device("cuda", torch.cuda.current_device())
                             if torch.cuda.is_available() else torch.device("cpu"))
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the skipped LM head is intended, not worth a warning
-        hf_logging.disable_progress_bar()
-        try:
-            model = AutoModel.from_pretrained(self.source.directory, dtype=dtype, **self.source.kwargs)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            hf_logging.enable_progress_bar()
+        model = load_base_model(self.source, dtype, path)
         self.model = model.to(device).eval().requires_grad_(False)
         self.hidden_size = output_width(self.model.config, layer)
         self.device = device
