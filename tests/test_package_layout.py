@@ -28,7 +28,8 @@ ALLOWED = {
     "evaluation": {"errors", "teachers"},
     "compat": set(),
 }
-COMPAT_LAUNCHERS = {"megatron_let.training.cli", "megatron_let.integrations.megatron_lm"}
+COMPAT_LAUNCHERS = {"megatron_let.training.cli", "megatron_let.integrations.megatron_lm",
+                    "megatron_let.integrations.selection"}
 
 
 def module_name(path: str) -> str:

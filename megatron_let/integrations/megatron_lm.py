@@ -73,22 +73,13 @@ def _prepare_runtime() -> None:
 def megatron_lm_available() -> bool:
     """True if Megatron-LM's ``megatron.training`` imports here (after the CPU redirections).
 
-    ``$MEGATRON_LM_PATH``, if set, is appended to ``sys.path`` first. On CPU,
-    ``megatron.training`` imports a triton module, so a plain ``import`` fails
-    there: this applies the redirections first, and a launcher should use it
-    to choose the integration.
+    ``$MEGATRON_LM_PATH``, if set, is put first on ``sys.path`` (its megatron.core is used). A
+    Megatron-LM that is asked for (MEGATRON_LM_PATH, or megatron.training found) but cannot be
+    imported raises :class:`~megatron_let.integrations.selection.TrainerSelectionError` with the cause.
     """
-    path = os.environ.get("MEGATRON_LM_PATH")
-    if path and os.path.abspath(path) not in map(os.path.abspath, sys.path):
-        sys.path.append(os.path.abspath(path))  # appended: megatron.core stays where it was
-    try:
-        if importlib.util.find_spec("megatron.training") is None:
-            return False
-        _prepare_runtime()
-        importlib.import_module("megatron.training")
-    except ImportError:
-        return False
-    return True
+    from megatron_let.integrations.selection import choose_trainer
+
+    return choose_trainer().megatron_lm
 
 
 def _checkout_roots():
@@ -115,7 +106,7 @@ def import_pretrain_gpt():
     for root in _checkout_roots():
         if os.path.isfile(os.path.join(root, "pretrain_gpt.py")):
             if root not in sys.path:
-                sys.path.append(root)  # appended: megatron.core keeps coming from where it did
+                sys.path.append(root)  # the checkout itself is already first (selection.choose_trainer)
             return importlib.import_module("pretrain_gpt")
     raise ImportError(
         "LET's Megatron-LM integration needs Megatron-LM's pretrain_gpt.py: put the Megatron-LM "
