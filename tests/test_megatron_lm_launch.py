@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, make_tiny_llama, torchrun
-from test_megatron_lm import MODEL_ARGS, parse_log
+from test_megatron_lm import MODEL_ARGS
+from test_sample_schedule import parse as parse_log  # every "name: value" field of the log line
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 OTHER_VERSION_CHECKOUT = os.environ.get("MEGATRON_LM_OTHER_VERSION_PATH", "/work/megatron-lm-0.17.1")
