@@ -52,6 +52,12 @@ class LETAlignment(MegatronModule):
         tokens, loss_mask = let.take_microbatch()
         alignment = let.take_alignment()  # None: exact, or computed in the hook
         teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask, alignment)
+        teacher_finite = None
+        if let.config.on_nonfinite == "skip":
+            # the step will be skipped: keep NaN/Inf out of the gradients (Megatron-LM's DDP checks them
+            # before any optimizer step), and remember the fault for record_loss below
+            teacher_finite = torch.isfinite(teacher_local).all()
+            teacher_local = torch.where(teacher_finite, teacher_local, torch.zeros_like(teacher_local))
         loss_sum, cos_sum = cosine_alignment_terms(hidden, teacher_local, self.projector, mask_local)
         tokens_in_batch = mask_local.sum().to(torch.float32)
         group = self._token_group()
@@ -66,6 +72,9 @@ class LETAlignment(MegatronModule):
             aux_loss = lambda_ * loss_sum  # finalize_model_grads divides by the global token count
         else:
             aux_loss = lambda_ * loss_sum / tokens_in_batch.clamp(min=1)
+        if teacher_finite is not None:
+            global_loss_sum = torch.where(teacher_finite, global_loss_sum, torch.full_like(global_loss_sum,
+                                                                                           float("nan")))
         let.metrics.add(lambda_ * global_loss_sum, cos_sum, tokens_in_batch)
         let.record_loss(global_loss_sum)
         scale = aux_loss_scale(self.config, let.num_microbatches,
