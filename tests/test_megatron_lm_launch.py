@@ -185,31 +185,31 @@ def test_nonfinite_skip_under_megatron_lm(tmp_path, teacher):
 
 @needs_megatron_lm
 def test_export_and_let_state_in_megatron_lm_checkpoints(tmp_path, teacher):
-    ckpt, export = tmp_path / "ckpt", tmp_path / "export"
-    common = [*_model_args(), *let_flags(teacher, "--let-stop-iter", 2), "--save", ckpt, "--save-interval", 2]
-    torchrun(SCRIPT, 1, [*common, "--train-iters", 2], megatron_lm=True)
+    ckpt, export, gone = tmp_path / "ckpt", tmp_path / "export", tmp_path / "teacher"
+    shutil.copytree(teacher, gone)
+    common = [*_model_args(), *let_flags(str(gone), "--let-stop-iter", 2), "--save", ckpt, "--save-interval", 2,
+              "--train-iters", 3]
+    torchrun(SCRIPT, 1, [*common, "--exit-interval", 2], megatron_lm=True)
     from megatron.core import dist_checkpointing
 
     saved = dist_checkpointing.load_common_state_dict(str(ckpt / "iter_0000002"))["args"].let_state
-    assert saved["stop_iter"] == 2 and saved["config"]["target_layer"] == 1 and saved["teacher_hidden_size"] == 48
+    assert saved["stop_iter"] == 2 and saved["stop_samples"] == 16 and saved["config"]["target_layer"] == 1
+    assert saved["teacher_hidden_size"] == 48
 
-    # resume with the teacher gone: past the stop step it is never read; the checkpoint's state is used
-    gone = tmp_path / "gone"
-    shutil.copytree(teacher, gone)
-    resumed = [*_model_args(), *let_flags(str(gone), "--let-stop-iter", 2), "--load", ckpt, "--train-iters", 3]
+    # resume with the teacher gone: past the stop step it is never read (its width comes from the checkpoint)
     shutil.rmtree(gone)
-    proc = torchrun(SCRIPT, 1, resumed, megatron_lm=True)
-    assert " iteration        3/" in proc.stdout
+    proc = torchrun(SCRIPT, 1, [*common, "--load", ckpt], megatron_lm=True)
+    assert " iteration        3/" in proc.stdout and "LET settings differ" not in proc.stdout
 
     # export: the model without the projector, through Megatron-LM's save_checkpoint; a plain run loads it
     proc = torchrun(SCRIPT, 1, [*_model_args(), *let_flags(teacher, "--let-stop-iter", 2), "--load", ckpt,
-                                "--train-iters", 3, "--let-export-dir", export], megatron_lm=True)
-    assert f"without LET state to {export}" in proc.stdout and " iteration " not in proc.stdout.split("exported")[-1]
-    keys = open(export / "iter_0000002" / ".metadata", "rb").read()
+                                "--train-iters", 3, "--no-load-rng", "--let-export-dir", export], megatron_lm=True)
+    assert f"without LET state to {export}" in proc.stdout and "consumed samples" not in proc.stdout  # no training
+    keys = open(export / "iter_0000003" / ".metadata", "rb").read()
     assert b"decoder.layers.0" in keys and b"let_alignment" not in keys
-    plain = torchrun(SCRIPT, 1, [*_model_args(), "--load", export, "--train-iters", 3, "--no-load-optim",
+    plain = torchrun(SCRIPT, 1, [*_model_args(), "--load", export, "--train-iters", 4, "--no-load-optim",
                                  "--no-load-rng"], megatron_lm=True)
-    assert " iteration        3/" in plain.stdout
+    assert "loaded checkpoint" in plain.stdout and " iteration        4/" in plain.stdout
 
 
 def _negated_teacher(path, like):
