@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -36,13 +38,32 @@ class LETAlignment(MegatronModule):
         for param in self.projector.parameters():
             param.sequence_parallel = config.sequence_parallel
         object.__setattr__(self, "_let", let)  # not a submodule: it holds the teacher
-        self._hook = None if let.finished else layer.register_forward_hook(self._after_target_layer)
+        object.__setattr__(self, "_layer_ref", weakref.ref(layer))  # not a submodule: the layer is the model's
+        if not let.finished:
+            self._hook = layer.register_forward_hook(self._after_target_layer)
+        else:  # resumed past the stop step
+            self._hook = layer.register_forward_hook(self._zero_projector_grad) \
+                if any(True for _ in self.projector.parameters()) else None
 
     def detach_hook(self) -> None:
-        """After the stop step: the target layer runs exactly as without LET."""
+        """After the stop step: the target layer runs exactly as without LET. A learned projector keeps
+        getting a zero gradient: megatron-core's DDP with --overlap-grad-reduce launches a bucket's
+        reduction only once every parameter in it has a gradient, and asserts otherwise."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            if any(True for _ in self.projector.parameters()):
+                self._hook = self._layer_ref().register_forward_hook(self._zero_projector_grad) \
+                    if self._layer_ref is not None else None
+
+    def _zero_projector_grad(self, layer, args, output):
+        if not torch.is_grad_enabled() or not self.training:
+            return output
+        hidden, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+        zero = sum(p.sum() for p in self.projector.parameters()) * 0.0
+        hidden = make_viewless_tensor(LETLossAutoScaler.apply(hidden, zero, torch.ones((), device=hidden.device)),
+                                      requires_grad=True, keep_graph=True)
+        return (hidden, *rest) if isinstance(output, tuple) else hidden
 
     def _after_target_layer(self, layer, args, output):
         let = self._let

@@ -38,7 +38,7 @@ SHRINK = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "128"
           "--num-query-groups": "2", "--kv-channels": "16", "--seq-length": "32", "--max-position-embeddings": "32",
           "--micro-batch-size": "2", "--global-batch-size": "8", "--rampup-batch-size": None,
           "--train-samples": "48", "--lr-decay-samples": "48", "--lr-warmup-samples": "8",
-          "--train-iters": "6", "--lr-decay-iters": "6", "--vocab-size": "127",
+          "--train-iters": "6", "--lr-decay-iters": "6",
           "--eval-iters": "1", "--eval-interval": "4", "--save-interval": "4", "--log-interval": "1",
           "--num-workers": "1", "--distributed-timeout-minutes": "10"}
 # flag: (number of values, why it cannot run here)
@@ -53,8 +53,8 @@ CPU_IMPOSSIBLE = {
     "--fp16": (0, "fp16's dynamic loss scaler allocates on CUDA (megatron/core/optimizer/grad_scaler.py)"),
 }
 DATA_FLAGS = {"--data-path": 1, "--vocab-file": 1, "--merge-file": 1, "--tokenizer-type": 1, "--tiktoken-pattern": 1,
-              "--data-cache-path": 1, "--split": 1}
-MOCK_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--make-vocab-size-divisible-by", "64",
+              "--data-cache-path": 1, "--split": 1, "--vocab-size": 1}
+MOCK_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127", "--make-vocab-size-divisible-by", "64",
              "--split", "99,1,0"]
 CPU_FLAGS = ["--transformer-impl", "local", "--distributed-backend", "gloo", "--use-cpu-initialization",
              "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
