@@ -30,6 +30,20 @@ datasets provider, embedding ranks, ModelOpt arguments), wrapped as follows:
   own code. The loss function's report dict was not used: it exists only on
   the last pipeline stage, while LET's numbers live on the stage of layer k.
 
+  Megatron-LM prints a loss-dict entry only when its interval average is
+  > 0, so a negative ``let cos`` is put into the line by a wrapper of the
+  module's ``print_rank_last``, where Megatron-LM would have printed it;
+- stop step: resolved on Megatron-LM's schedule (``megatron_let.stop``:
+  iterations or samples, ``--rampup-batch-size`` included) before
+  Megatron-LM derives ``train_iters``, and kept in the checkpoint: LET's
+  state goes into ``args.let_state``, which Megatron-LM saves with every
+  checkpoint, and is read back from ``--load`` before the model is built;
+- ``setup_model_and_optimizer`` is wrapped: ``--let-on-nonfinite skip``
+  makes ``optimizer.step()`` report an unsuccessful update (Megatron-LM
+  then counts a skipped iteration and leaves its lr schedule alone), and
+  ``--let-export-dir`` saves the loaded model without the projector through
+  Megatron-LM's own ``save_checkpoint`` and ends the run.
+
 The patches touch only names in ``pretrain_gpt``'s and
 ``megatron.training.training``'s module namespaces, for this process; no file
 is edited. Without ``--let-teacher`` every wrapper passes straight through and
