@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    classifiers=["Programming Language :: Python :: 3.10", "Programming Language :: Python :: 3.11",
+                 "Programming Language :: Python :: 3.12"],
     packages=find_packages(include=["megatron_let", "megatron_let.*"]),
     py_modules=["pretrain_gpt_let"],
     # the Megatron-LM patch (python -m megatron_let.integrations.patching) must ship with non-editable installs
@@ -17,7 +19,9 @@ setup(
         # torch is not pinned here: on CPU machines install torch==2.13.0 first (.ci/run does),
         # so pip never pulls a multi-GB CUDA build.
         "torch>=2.4",
-        "megatron-core>=0.13,<0.17",
+        # no upper pin: NGC containers ship megatron-core 0.17+ (Python 3.12) and pip must not downgrade it;
+        # pretrain_gpt_let.py says at start-up whether the version found is tested (README: Versions)
+        "megatron-core>=0.13",
         "transformers>=4.56",
         "safetensors",
         "psutil",  # needed by megatron-core's torch_dist checkpoint writer

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -40,13 +42,32 @@ class LETAlignment(MegatronModule):
         self.teacher_norm = TeacherFeatureNorm(cfg.teacher_norm, teacher_size, cfg.teacher_norm_iters)
         self._reported_features = False
         object.__setattr__(self, "_let", let)  # not a submodule: it holds the teacher
-        self._hook = None if let.finished else layer.register_forward_hook(self._after_target_layer)
+        object.__setattr__(self, "_layer_ref", weakref.ref(layer))  # not a submodule: the layer is the model's
+        if not let.finished:
+            self._hook = layer.register_forward_hook(self._after_target_layer)
+        else:  # resumed past the stop step
+            self._hook = layer.register_forward_hook(self._zero_projector_grad) \
+                if any(True for _ in self.projector.parameters()) else None
 
     def detach_hook(self) -> None:
-        """After the stop step: the target layer runs exactly as without LET."""
+        """After the stop step: the target layer runs exactly as without LET. A learned projector keeps
+        getting a zero gradient: megatron-core's DDP with --overlap-grad-reduce launches a bucket's
+        reduction only once every parameter in it has a gradient, and asserts otherwise."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            if any(True for _ in self.projector.parameters()):
+                self._hook = self._layer_ref().register_forward_hook(self._zero_projector_grad) \
+                    if self._layer_ref is not None else None
+
+    def _zero_projector_grad(self, layer, args, output):
+        if not torch.is_grad_enabled() or not self.training:
+            return output
+        hidden, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+        zero = sum(p.sum() for p in self.projector.parameters()) * 0.0
+        hidden = make_viewless_tensor(LETLossAutoScaler.apply(hidden, zero, torch.ones((), device=hidden.device)),
+                                      requires_grad=True, keep_graph=True)
+        return (hidden, *rest) if isinstance(output, tuple) else hidden
 
     def _after_target_layer(self, layer, args, output):
         let = self._let
@@ -56,6 +77,12 @@ class LETAlignment(MegatronModule):
         tokens, loss_mask = let.take_microbatch()
         alignment = let.take_alignment()  # None: exact, or computed in the hook
         teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask, alignment)
+        teacher_finite = None
+        if let.config.on_nonfinite == "skip":
+            # the step will be skipped: keep NaN/Inf out of the gradients (Megatron-LM's DDP checks them
+            # before any optimizer step), and remember the fault for record_loss below
+            teacher_finite = torch.isfinite(teacher_local).all()
+            teacher_local = torch.where(teacher_finite, teacher_local, torch.zeros_like(teacher_local))
         if not self._reported_features:
             self._report_features(teacher_local, mask_local)
         group = self._token_group()
@@ -76,6 +103,9 @@ class LETAlignment(MegatronModule):
             aux_loss = lambda_ * loss_sum  # finalize_model_grads divides by the global token count
         else:
             aux_loss = lambda_ * loss_sum / tokens_in_batch.clamp(min=1)
+        if teacher_finite is not None:
+            global_loss_sum = torch.where(teacher_finite, global_loss_sum, torch.full_like(global_loss_sum,
+                                                                                           float("nan")))
         let.metrics.add(lambda_ * global_loss_sum, cos_sum, tokens_in_batch)
         let.record_loss(global_loss_sum)
         scale = aux_loss_scale(self.config, let.num_microbatches,

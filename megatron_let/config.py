@@ -24,8 +24,9 @@ class LETConfig:
 
     ``target_layer`` is 1-based and global, like megatron-core's ``layer_number``.
     ``teacher_layer`` indexes the teacher's ``hidden_states`` tuple (``None`` = final).
-    The stop step is ``stop_iter`` or ``stop_fraction * train_iters``; after it
-    lambda is 0 and the teacher is released.
+    The stop step is ``stop_iter``, ``stop_samples`` or ``stop_fraction`` of training (default 0.25),
+    resolved on Megatron-LM's schedule by :func:`megatron_let.stop.resolve_stop`; after it lambda is 0
+    and the teacher is released.
     """
 
     teacher: str
@@ -44,8 +45,10 @@ class LETConfig:
     teacher_placement: str = "spread"
     teacher_norm: str = "none"
     teacher_norm_iters: int = 20
+    stop_samples: Optional[int] = None
 
-    def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None) -> "LETConfig":
+    def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None,
+                 train_samples: Optional[int] = None) -> "LETConfig":
         """Raise LETConfigError for a setting that cannot work; return self."""
         if not isinstance(self.target_layer, int) or self.target_layer < 1:
             raise LETConfigError(
@@ -82,36 +85,48 @@ class LETConfig:
             raise LETConfigError(f"--let-teacher-norm must be one of {TEACHER_NORMS}; got {self.teacher_norm!r}.")
         if not isinstance(self.teacher_norm_iters, int) or self.teacher_norm_iters < 1:
             raise LETConfigError(f"--let-teacher-norm-iters must be >= 1; got {self.teacher_norm_iters}.")
-        if self.stop_iter is not None and self.stop_fraction is not None:
-            raise LETConfigError("give either --let-stop-iter or --let-stop-fraction, not both.")
+        stops = [name for name, value in (("--let-stop-iter", self.stop_iter),
+                                          ("--let-stop-samples", self.stop_samples),
+                                          ("--let-stop-fraction", self.stop_fraction)) if value is not None]
+        if len(stops) > 1:
+            raise LETConfigError(f"give one of --let-stop-iter, --let-stop-samples, --let-stop-fraction; "
+                                 f"got {' and '.join(stops)}.")
         if self.stop_iter is not None and self.stop_iter <= 0:
             raise LETConfigError(f"--let-stop-iter must be > 0; got {self.stop_iter}.")
+        if self.stop_samples is not None and self.stop_samples <= 0:
+            raise LETConfigError(f"--let-stop-samples must be > 0; got {self.stop_samples}.")
         if self.stop_fraction is not None and not 0 < self.stop_fraction <= 1:
             raise LETConfigError(f"--let-stop-fraction must be in (0, 1]; got {self.stop_fraction}.")
-        if self.stop_fraction is not None and train_iters is None:
-            raise LETConfigError("--let-stop-fraction needs --train-iters; or give --let-stop-iter.")
-        if self.stop_iter is None and self.stop_fraction is None and train_iters is None:
-            raise LETConfigError("LET needs a stop step: give --let-stop-iter (or --let-stop-fraction with --train-iters).")
+        if self.stop_iter is None and self.stop_samples is None and train_iters is None and not train_samples:
+            raise LETConfigError("LET needs a stop step: give --let-stop-iter or --let-stop-samples, or "
+                                 "--train-iters / --train-samples for --let-stop-fraction (default 0.25).")
         if self.projector_hidden_size is not None and self.projector_hidden_size < 1:
             raise LETConfigError(f"--let-projector-hidden-size must be >= 1; got {self.projector_hidden_size}.")
         return self
 
-    def warnings(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None) -> List[str]:
-        """Settings that run but are probably not what the user wants."""
+    def warnings(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None,
+                 stop_iter: Optional[int] = None) -> List[str]:
+        """Settings that run but are probably not what the user wants (``stop_iter``: the resolved stop)."""
         found = []
         if num_layers and self.target_layer > num_layers / 2:
             found.append(f"--let-target-layer {self.target_layer} is in the second half of {num_layers} layers; "
                          "the paper aligns an EARLY layer (~1/6 of depth): late layers gave a loss spike after "
                          "the stop step.")
-        if train_iters and self.resolve_stop_iter(train_iters) > train_iters:
-            found.append(f"--let-stop-iter {self.stop_iter} is beyond --train-iters {train_iters}: lambda never "
+        stop = self.resolve_stop_iter(train_iters) if stop_iter is None and train_iters else stop_iter
+        if train_iters and stop is not None and stop > train_iters:
+            given = f"--let-stop-iter {self.stop_iter}" if self.stop_iter is not None else \
+                f"--let-stop-samples {self.stop_samples} (iteration {stop})"
+            found.append(f"{given} is beyond --train-iters {train_iters}: lambda never "
                          "reaches 0 and the teacher runs for the whole job.")
         return found
 
     def resolve_stop_iter(self, train_iters: Optional[int]) -> int:
-        """The iteration at which lambda reaches 0 (default: a quarter of training)."""
+        """The stop iteration of an iteration-based run with a constant batch size (default: a quarter
+        of training); :func:`megatron_let.stop.resolve_stop` handles every schedule."""
         if self.stop_iter is not None:
             return self.stop_iter
+        if self.stop_samples is not None or train_iters is None:
+            return 1  # placeholder until resolve_stop knows the batch sizes (build_let sets it)
         fraction = 0.25 if self.stop_fraction is None else self.stop_fraction
         return max(1, int(round(fraction * train_iters)))
 
@@ -132,8 +147,12 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Initial alignment-loss weight lambda0 (paper: 0.1 at 1.4B).")
     group.add_argument("--let-stop-iter", type=int, default=None,
                        help="Iteration at which lambda reaches 0 and the teacher is released.")
+    group.add_argument("--let-stop-samples", type=int, default=None,
+                       help="Stop once this many training samples are consumed (sample-based runs; "
+                            "--rampup-batch-size is followed).")
     group.add_argument("--let-stop-fraction", type=float, default=None,
-                       help="Stop step as a fraction of --train-iters (default 0.25).")
+                       help="Stop step as a fraction of training: of --train-iters, or of --train-samples "
+                            "(default 0.25).")
     group.add_argument("--let-schedule", choices=SCHEDULES, default="linear",
                        help="Decay of lambda to 0 at the stop step (linear = the paper).")
     group.add_argument("--let-projector", choices=PROJECTORS, default="interp",
@@ -177,6 +196,7 @@ _ARG_NAMES = {
     "token_alignment": "let_token_alignment", "teacher_tokenizer": "let_teacher_tokenizer",  # token alignment
     "teacher_placement": "let_teacher_placement",
     "teacher_norm": "let_teacher_norm", "teacher_norm_iters": "let_teacher_norm_iters",
+    "stop_samples": "let_stop_samples",
 }
 assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}
 
@@ -185,7 +205,7 @@ def let_config_from_args(args: argparse.Namespace) -> Optional[LETConfig]:
     """Build and validate the LETConfig from parsed args; None when LET is off."""
     if getattr(args, "let_teacher", None) is None:
         given = [f"--{name.replace('_', '-')}" for name in ("let_target_layer", "let_teacher_layer",
-                                                           "let_stop_iter", "let_stop_fraction",
+                                                           "let_stop_iter", "let_stop_fraction", "let_stop_samples",
                                                            "let_projector_hidden_size", "let_teacher_tokenizer")
                  if getattr(args, name, None) is not None]
         if given:
@@ -193,6 +213,7 @@ def let_config_from_args(args: argparse.Namespace) -> Optional[LETConfig]:
         return None
     if args.let_target_layer is None:
         raise LETConfigError("--let-teacher needs --let-target-layer K (e.g. 1/6 of --num-layers).")
-    config = LETConfig(**{field: getattr(args, arg) for field, arg in _ARG_NAMES.items()})
+    config = LETConfig(**{field: getattr(args, arg, None) for field, arg in _ARG_NAMES.items()})
     return config.validate(num_layers=getattr(args, "num_layers", None),
-                           train_iters=getattr(args, "train_iters", None))
+                           train_iters=getattr(args, "train_iters", None),
+                           train_samples=getattr(args, "train_samples", None))

@@ -29,7 +29,8 @@ ALLOWED = {
     "compat": set(),
     "experiments": {"data"},
 }
-COMPAT_LAUNCHERS = {"megatron_let.training.cli", "megatron_let.integrations.megatron_lm"}
+COMPAT_LAUNCHERS = {"megatron_let.training.cli", "megatron_let.integrations.megatron_lm",
+                    "megatron_let.integrations.selection"}
 
 
 def module_name(path: str) -> str:

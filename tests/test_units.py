@@ -50,7 +50,7 @@ def test_flags_build_a_validated_config():
     (["--let-teacher", "/t", "--let-target-layer", "4", "--let-lambda", "nan"], "--let-lambda must be"),
     (["--let-teacher", "/t", "--let-target-layer", "4", "--let-stop-iter", "0"], "--let-stop-iter must be > 0"),
     (["--let-teacher", "/t", "--let-target-layer", "4", "--let-stop-iter", "5", "--let-stop-fraction", "0.1"],
-     "not both"),
+     "give one of --let-stop-iter, --let-stop-samples, --let-stop-fraction"),
 ])
 def test_bad_flags_are_refused_with_the_flag_named(flags, message):
     with pytest.raises(LETConfigError, match=message.replace("(", r"\(")):

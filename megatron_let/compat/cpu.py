@@ -96,6 +96,8 @@ _CUDA_LOOKING_TENSORS = {
     ("megatron.core.optimizer.distrib_optimizer",
      "DistributedOptimizer._build_model_and_main_param_groups"):
         "raises TypeError unless param.type() is torch.cuda.{Float,Half,BFloat16}Tensor",
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"):
+        "fully reshardable save with --overlap-param-gather: gathered buffers moved with .cuda()",
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"):
         "same type() check for bf16/fp16 params",
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"):

@@ -175,6 +175,35 @@ def _compiled_helpers_import() -> bool:
         importlib.import_module("megatron.core.datasets.helpers_cpp")
         return True
     except ImportError:
+        pass
+    return _borrow_installed_helpers()
+
+
+def _borrow_installed_helpers() -> bool:
+    """A Megatron-LM checkout's megatron/core (used first, see integrations.selection) has no compiled
+    dataset helpers until ``make`` builds them in the checkout; on CPU, rather than writing into the
+    user's checkout, use those of an installed megatron-core wheel of the SAME version, if any."""
+    try:
+        from importlib import metadata
+
+        datasets = importlib.import_module("megatron.core.datasets")
+        version = getattr(importlib.import_module("megatron.core"), "__version__", None)
+        for name in ("megatron-core", "megatron_core"):
+            try:
+                dist = metadata.distribution(name)
+                break
+            except metadata.PackageNotFoundError:
+                dist = None
+        if dist is None or dist.version != version:
+            return False
+        wheel_dir = os.path.abspath(str(dist.locate_file(os.path.join("megatron", "core", "datasets"))))
+        if not any(f.startswith("helpers_cpp") and f.endswith(".so") for f in os.listdir(wheel_dir)):
+            return False
+        if wheel_dir not in datasets.__path__:
+            datasets.__path__.append(wheel_dir)
+        importlib.import_module("megatron.core.datasets.helpers_cpp")
+        return True
+    except (ImportError, OSError):
         return False
 
 

@@ -10,8 +10,16 @@ from typing import Callable, Optional
 
 from megatron_let.config import LETConfig, let_config_from_args
 from megatron_let.errors import LETConfigError
+from megatron_let.stop import TrainingSchedule, resolve_stop
 from megatron_let.teachers.huggingface import preflight_teacher
 from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
+
+
+def let_state(let) -> dict:
+    """What a checkpoint keeps of LET (both trainers): its settings, the resolved stop step and the
+    teacher width, so a resume needs neither the flags that derived them nor the teacher."""
+    return {"config": let.config.to_dict(), "stop_iter": let.stop_iter,
+            "stop_samples": getattr(let, "stop_samples", None), "teacher_hidden_size": let.teacher_hidden_size}
 
 
 def changed_settings(saved_config: dict, config: LETConfig) -> list:
@@ -36,15 +44,28 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
     if config is None:
         return None
     saved = saved or {}
+    changed = []
     if saved.get("config"):
         changed = changed_settings(saved["config"], config)
         if changed:
             warn(f"LET settings differ from the checkpoint's: {', '.join(changed)}; continuing with the new ones.")
+    schedule = TrainingSchedule.from_args(args)
+    train_iters = schedule.total_iterations()
+    stop = resolve_stop(config, schedule)
+    if saved.get("stop_iter") is not None and saved.get("config") and not changed \
+            and saved["stop_iter"] != stop.iteration:
+        # the LET flags are the checkpoint's: its stop step stands, whatever the schedule flags say now
+        log(f" LET keeps the checkpoint's stop iteration {saved['stop_iter']} (the current schedule flags "
+            f"would give {stop.iteration})")
+        stop.iteration, stop.source = saved["stop_iter"], "from the checkpoint"
+        stop.samples = saved.get("stop_samples", schedule.samples_after(stop.iteration))
+    log(f" {stop.describe()}")
     causal_span = config.token_alignment == "causal-span"
-    let = LateToEarlyTraining(config, args.train_iters, seed=args.seed,
+    let = LateToEarlyTraining(config, train_iters, seed=args.seed,
                               teacher_hidden_size=saved.get("teacher_hidden_size"),
                               target_tokenizer=hf_tokenizer_of(tokenizer) if causal_span else None,
                               eod_id=getattr(tokenizer, "eod", None) if causal_span else None)
+    let.stop_iter, let.stop_samples = stop.iteration, stop.samples
     if resume_iteration is not None and resume_iteration >= let.stop_iter and "teacher_hidden_size" in saved:
         let.finish()  # past the stop step: the teacher is never read again (it may be gone)
         return let
@@ -62,7 +83,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
             raise LETConfigError(f"{error} Or align across tokenizers with --let-token-alignment causal-span."
                                  ) from None
     log(_placement_line(config, args))
-    for warning in config.warnings(args.num_layers, args.train_iters):
+    for warning in config.warnings(args.num_layers, train_iters, stop.iteration):
         warn(warning)
     if config.projector == "interp" and teacher_config.hidden_size > args.hidden_size:
         warn(f"--let-projector interp shrinks the teacher's {teacher_config.hidden_size} features to "

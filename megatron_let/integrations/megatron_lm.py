@@ -36,6 +36,20 @@ datasets provider, embedding ranks, ModelOpt arguments), wrapped as follows:
   own code. The loss function's report dict was not used: it exists only on
   the last pipeline stage, while LET's numbers live on the stage of layer k.
 
+  Megatron-LM prints a loss-dict entry only when its interval average is
+  > 0, so a negative ``let cos`` is put into the line by a wrapper of the
+  module's ``print_rank_last``, where Megatron-LM would have printed it;
+- stop step: resolved on Megatron-LM's schedule (``megatron_let.stop``:
+  iterations or samples, ``--rampup-batch-size`` included) before
+  Megatron-LM derives ``train_iters``, and kept in the checkpoint: LET's
+  state goes into ``args.let_state``, which Megatron-LM saves with every
+  checkpoint, and is read back from ``--load`` before the model is built;
+- ``setup_model_and_optimizer`` is wrapped: ``--let-on-nonfinite skip``
+  makes ``optimizer.step()`` report an unsuccessful update (Megatron-LM
+  then counts a skipped iteration and leaves its lr schedule alone), and
+  ``--let-export-dir`` saves the loaded model without the projector through
+  Megatron-LM's own ``save_checkpoint`` and ends the run.
+
 The patches touch only names in ``pretrain_gpt``'s and
 ``megatron.training.training``'s module namespaces, for this process; no file
 is edited. Without ``--let-teacher`` every wrapper passes straight through and
@@ -58,7 +72,7 @@ from typing import Callable, Optional, Set
 import torch
 
 from megatron_let.config import add_let_args
-from megatron_let.integrations.launch import build_let
+from megatron_let.integrations.launch import build_let, let_state
 from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
 
@@ -79,22 +93,13 @@ def _prepare_runtime() -> None:
 def megatron_lm_available() -> bool:
     """True if Megatron-LM's ``megatron.training`` imports here (after the CPU redirections).
 
-    ``$MEGATRON_LM_PATH``, if set, is appended to ``sys.path`` first. On CPU,
-    ``megatron.training`` imports a triton module, so a plain ``import`` fails
-    there: this applies the redirections first, and a launcher should use it
-    to choose the integration.
+    ``$MEGATRON_LM_PATH``, if set, is put first on ``sys.path`` (its megatron.core is used). A
+    Megatron-LM that is asked for (MEGATRON_LM_PATH, or megatron.training found) but cannot be
+    imported raises :class:`~megatron_let.integrations.selection.TrainerSelectionError` with the cause.
     """
-    path = os.environ.get("MEGATRON_LM_PATH")
-    if path and os.path.abspath(path) not in map(os.path.abspath, sys.path):
-        sys.path.append(os.path.abspath(path))  # appended: megatron.core stays where it was
-    try:
-        if importlib.util.find_spec("megatron.training") is None:
-            return False
-        _prepare_runtime()
-        importlib.import_module("megatron.training")
-    except ImportError:
-        return False
-    return True
+    from megatron_let.integrations.selection import choose_trainer
+
+    return choose_trainer().megatron_lm
 
 
 def _checkout_roots():
@@ -121,7 +126,7 @@ def import_pretrain_gpt():
     for root in _checkout_roots():
         if os.path.isfile(os.path.join(root, "pretrain_gpt.py")):
             if root not in sys.path:
-                sys.path.append(root)  # appended: megatron.core keeps coming from where it did
+                sys.path.append(root)  # the checkout itself is already first (selection.choose_trainer)
             return importlib.import_module("pretrain_gpt")
     raise ImportError(
         "LET's Megatron-LM integration needs Megatron-LM's pretrain_gpt.py: put the Megatron-LM "
@@ -140,6 +145,7 @@ class LETMegatronLM:
         self._last_iteration: Optional[int] = None
         self._training = False  # the model's mode in the current forward step
         self._placement_reported = False
+        self._cos_sum, self._cos_iters = 0.0, 0  # "let cos" over the log interval (see training_log)
         missing = [name for name in ("get_batch", "mtp_on_this_rank", "forward_step",
                                      "train_valid_test_datasets_provider", "model_provider")
                    if not hasattr(pretrain_gpt, name)]
@@ -154,7 +160,13 @@ class LETMegatronLM:
         def provider(parser):
             if base is not None:
                 parser = base(parser)
-            return add_let_args(parser)
+            parser = add_let_args(parser)
+            parser.add_argument_group(title="LET export").add_argument(
+                "--let-export-dir", type=str, default=None,
+                help="With --load: write the loaded model without LET state (no projector, no optimizer) "
+                     "to this directory as a plain Megatron-LM checkpoint (Megatron-LM's save_checkpoint), "
+                     "and exit.")
+            return parser
 
         return provider
 
@@ -170,7 +182,12 @@ class LETMegatronLM:
                 _check_supported(args)
             name = f"--tokenizer-model {args.tokenizer_model}" if getattr(args, "tokenizer_model", None) \
                 else f"--tokenizer-type {args.tokenizer_type}"
-            self.let = build_let(args, get_tokenizer(), name, print_rank_last)
+            if getattr(args, "let_export_dir", None) and not args.load:
+                raise LETConfigError("--let-export-dir needs --load CHECKPOINT_DIR.")
+            saved, resume_iteration = _saved_let_state(args)
+            self.let = build_let(args, get_tokenizer(), name, print_rank_last, saved, resume_iteration)
+            if self.let is not None:
+                args.let_state = let_state(self.let)  # Megatron-LM saves args in every checkpoint
             self._let_created = True
         return self.let
 
@@ -314,11 +331,27 @@ class LETMegatronLM:
     def _patch_training_log(self, training) -> None:
         training_log = training.training_log
 
+        print_rank_last = training.print_rank_last
+
+        def print_with_let_cos(message, *args, **kwargs):
+            # Megatron-LM prints a loss-dict entry only if its interval average is > 0: a negative
+            # (or zero) "let cos" would vanish from the line; put it where Megatron-LM would have.
+            if isinstance(message, str) and " consumed samples:" in message and self._cos_iters:
+                if " let cos:" not in message:
+                    field = f" let cos: {self._cos_sum / self._cos_iters:.6E} |"
+                    anchor = " let lambda:" if " let lambda:" in message else " loss scale:"
+                    message = message.replace(anchor, field + anchor, 1)
+                self._cos_sum, self._cos_iters = 0.0, 0
+            return print_rank_last(message, *args, **kwargs)
+
+        training.print_rank_last = print_with_let_cos
+
         @functools.wraps(training_log)
         def training_log_with_let(loss_dict, total_loss_dict, *args, **kwargs):
+            skipped_iter = kwargs.get("skipped_iter", args[4] if len(args) > 4 else 0)
             if self.let is not None and not self.let.finished:
                 bad_ranks = self.let.nonfinite_ranks()  # collective, like report()
-                if bad_ranks:
+                if bad_ranks and self.let.config.on_nonfinite == "error":
                     from megatron.training import get_args
 
                     raise LETNonFiniteError(
@@ -329,9 +362,78 @@ class LETMegatronLM:
                     if torch.cuda.is_available() else torch.device("cpu")
                 for key, value in self.let.report().items():  # collective: all ranks, every iteration
                     loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=device)
+                if "let cos" in loss_dict and not skipped_iter:
+                    self._cos_sum += float(loss_dict["let cos"])
+                    self._cos_iters += 1
             return training_log(loss_dict, total_loss_dict, *args, **kwargs)
 
         training.training_log = training_log_with_let
+
+    # -- optimizer step and export ---------------------------------------------------------------
+    def _patch_setup_model_and_optimizer(self, training) -> None:
+        setup = training.setup_model_and_optimizer
+
+        @functools.wraps(setup)
+        def setup_with_let(*args, **kwargs):
+            model, optimizer, scheduler = setup(*args, **kwargs)  # the checkpoint is loaded here
+            from megatron.training import get_args
+
+            if getattr(get_args(), "let_export_dir", None):
+                self._export(model, get_args())
+            if self.let is not None and optimizer is not None:
+                optimizer.step = self._step_unless_nonfinite(optimizer.step)
+            return model, optimizer, scheduler
+
+        training.setup_model_and_optimizer = setup_with_let
+
+    def _step_unless_nonfinite(self, step: Callable) -> Callable:
+        """--let-on-nonfinite skip: an iteration whose alignment loss was NaN/Inf on any rank is not
+        applied; Megatron-LM then counts it as skipped (as an fp16 overflow) and keeps its lr schedule."""
+
+        @functools.wraps(step)
+        def step_unless_nonfinite(*args, **kwargs):
+            let = self.let
+            if let is not None and not let.finished and let.config.on_nonfinite == "skip":
+                bad_ranks = let.nonfinite_ranks()  # collective: every rank steps the optimizer
+                if bad_ranks:
+                    from megatron.training import get_args, print_rank_last
+
+                    print_rank_last(f" LET: non-finite alignment loss at iteration {get_args().curr_iteration + 1} "
+                                    f"on rank(s) {bad_ranks}: optimizer step skipped (--let-on-nonfinite skip)")
+                    return False, None, None
+            return step(*args, **kwargs)
+
+        return step_unless_nonfinite
+
+    def _export(self, model, args) -> None:
+        """--let-export-dir: the loaded model without LET's projector, saved with Megatron-LM's own
+        save_checkpoint (no optimizer, no RNG), then the run ends (_Exported)."""
+        from megatron.training import checkpointing, print_rank_last
+
+        if self.let is not None:
+            self.let.finish()
+        for chunk in model:
+            while hasattr(chunk, "module"):
+                chunk = chunk.module
+            if hasattr(chunk, "let_alignment"):
+                del chunk.let_alignment
+        saved = {name: getattr(args, name, None) for name in ("save", "no_save_optim", "no_save_rng")}
+        args.save, args.no_save_optim, args.no_save_rng = args.let_export_dir, True, True
+        let_state_saved = getattr(args, "let_state", None)
+        if hasattr(args, "let_state"):
+            del args.let_state
+        try:
+            checkpointing.save_checkpoint(args.iteration, model, None, None,
+                                          getattr(args, "num_floating_point_operations_so_far", 0))
+        finally:
+            for name, value in saved.items():
+                setattr(args, name, value)
+            if let_state_saved is not None:
+                args.let_state = let_state_saved
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        print_rank_last(f" exported iteration {args.iteration} without LET state to {args.let_export_dir}")
+        raise _Exported()
 
     # -- run -----------------------------------------------------------------------------------
     def install(self) -> None:
@@ -340,6 +442,35 @@ class LETMegatronLM:
         self._patch_pretrain_gpt()
         self._patch_train_step(training)
         self._patch_training_log(training)
+        self._patch_setup_model_and_optimizer(training)
+
+
+class _Exported(Exception):
+    """--let-export-dir is done: leave pretrain() before training."""
+
+
+def _saved_let_state(args):
+    """(LET state, iteration) of the checkpoint --load resumes from, as the lean trainer reads it:
+    the settings, the resolved stop step and the teacher width saved in Megatron-LM's checkpoint args.
+    ({}, None) for a fresh start, --finetune, or a checkpoint without LET state."""
+    load = getattr(args, "load", None)
+    tracker = os.path.join(load, "latest_checkpointed_iteration.txt") if load else None
+    if not tracker or not os.path.isfile(tracker) or getattr(args, "finetune", False):
+        return {}, None
+    text = open(tracker).read().strip()
+    if not text.isdigit():
+        return {}, None  # a release checkpoint: no training state to resume
+    iteration = int(text)
+    directory = os.path.join(load, f"iter_{iteration:07d}")
+    try:
+        from megatron.core import dist_checkpointing
+
+        common = dist_checkpointing.load_common_state_dict(directory)
+    except Exception:  # noqa: BLE001 - not a torch_dist checkpoint: nothing LET can read from it
+        return {}, iteration
+    saved_args = common.get("args") if isinstance(common, dict) else None
+    saved = getattr(saved_args, "let_state", None) if saved_args is not None else None
+    return (dict(saved) if saved else {}), iteration
 
 
 def _check_supported(args) -> None:
@@ -349,9 +480,6 @@ def _check_supported(args) -> None:
     if getattr(args, "recompute_granularity", None) == "full":
         raise LETConfigError("--recompute-granularity full re-runs --let-target-layer in the backward pass, "
                              "which LET does not support yet; use --recompute-granularity selective.")
-    if getattr(args, "let_on_nonfinite", "error") == "skip":
-        raise LETConfigError("--let-on-nonfinite skip needs the megatron-core trainer; under Megatron-LM use "
-                             "--let-on-nonfinite error with Megatron's --check-for-nan-in-loss-and-grad.")
 
 
 def main(extra_args_provider: Optional[Callable] = None) -> int:
@@ -403,6 +531,8 @@ def main(extra_args_provider: Optional[Callable] = None) -> int:
             extra_args_provider=integration.extra_args_provider(base_args),
             **kwargs,
         )
+    except _Exported:
+        return 0
     except (LETConfigError, LETNonFiniteError) as error:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pretrain_gpt_let.py: error: {error}", file=sys.stderr, flush=True)

@@ -80,7 +80,11 @@ def _add_training_args(p):
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)
     g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--rampup-batch-size", nargs="*", default=None,
+                   help="START INCREMENT SAMPLES: ramp the global batch size up, as Megatron-LM")
+    g.add_argument("--decrease-batch-size-if-needed", action="store_true")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     g.add_argument("--lr", type=float, required=True)
@@ -88,10 +92,13 @@ def _add_training_args(p):
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
                    default="linear")
     g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
     g.add_argument("--lr-warmup-fraction", type=float, default=None)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None)
     g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
                    default="exponential")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -222,10 +229,7 @@ def _validate(args, world_size):
             args.ffn_hidden_size = int(2 * 4 * args.hidden_size / 3 / 64) * 64
     if not args.group_query_attention:
         args.num_query_groups = None
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_fraction is not None:
-        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
+    _validate_schedule(args)
     if args.save is not None and args.save_interval is None:
         args.save_interval = args.train_iters
     if args.tokenizer_type is None:
@@ -237,6 +241,74 @@ def _validate(args, world_size):
         raise ArgumentError("--tokenizer-type NullTokenizer needs --vocab-size N.")
     if args.let_export_dir and not args.load:
         raise ArgumentError("--let-export-dir needs --load CHECKPOINT_DIR.")
+
+
+def _validate_schedule(args) -> None:
+    """Iteration- or sample-based training, with Megatron-LM's rules; sets ``train_iters`` (as
+    Megatron-LM's update_train_iters) and the lr schedule in samples (``lr_*_steps``)."""
+    from megatron_let.stop import TrainingSchedule
+
+    if (args.train_iters is None) == (args.train_samples is None):
+        raise ArgumentError("give exactly one of --train-iters N (iteration-based training) and "
+                            "--train-samples N (sample-based).")
+    if args.train_iters is not None:
+        mixed = [flag for flag, value in (("--train-samples", args.train_samples),
+                                          ("--lr-decay-samples", args.lr_decay_samples),
+                                          ("--lr-warmup-samples", args.lr_warmup_samples or None),
+                                          ("--lr-wsd-decay-samples", args.lr_wsd_decay_samples),
+                                          ("--rampup-batch-size", args.rampup_batch_size)) if value]
+        if mixed:
+            raise ArgumentError(f"{mixed[0]} is for sample-based training (--train-samples); with --train-iters "
+                                "use the -iters form (as Megatron-LM).")
+    else:
+        mixed = [flag for flag, value in (("--lr-decay-iters", args.lr_decay_iters),
+                                          ("--lr-warmup-iters", args.lr_warmup_iters or None),
+                                          ("--lr-wsd-decay-iters", args.lr_wsd_decay_iters)) if value]
+        if mixed:
+            raise ArgumentError(f"{mixed[0]} is for iteration-based training; with --train-samples use the "
+                                "-samples form (as Megatron-LM).")
+    warmup_given = args.lr_warmup_iters or args.lr_warmup_samples
+    if args.lr_warmup_fraction is not None and warmup_given:
+        raise ArgumentError("give one of --lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples.")
+    if args.rampup_batch_size is not None:
+        if len(args.rampup_batch_size) != 3:
+            raise ArgumentError("--rampup-batch-size takes 3 values: START INCREMENT SAMPLES; got "
+                                f"{' '.join(args.rampup_batch_size) or 'none'}.")
+        try:
+            start, increment, samples = (int(v) for v in args.rampup_batch_size)
+        except ValueError:
+            raise ArgumentError(f"--rampup-batch-size values must be integers; got "
+                                f"{' '.join(args.rampup_batch_size)}.") from None
+        step = args.micro_batch_size * args.data_parallel_size
+        if not (0 < start <= args.global_batch_size and increment > 0 and samples >= 0
+                and (args.global_batch_size - start) % increment == 0):
+            raise ArgumentError(f"--rampup-batch-size {start} {increment} {samples}: START must be in "
+                                f"1..--global-batch-size {args.global_batch_size} and INCREMENT must divide "
+                                "their difference.")
+        if not args.decrease_batch_size_if_needed and (start % step or increment % step):
+            raise ArgumentError(f"--rampup-batch-size {start} {increment} {samples}: every batch size of the ramp "
+                                f"must be a multiple of --micro-batch-size x data-parallel size ({step}); or add "
+                                "--decrease-batch-size-if-needed.")
+        args.rampup_batch_size = [start, increment, samples]
+    schedule = TrainingSchedule.from_args(args)
+    G = args.global_batch_size
+    if args.train_iters is not None:  # Megatron-LM's get_optimizer_param_scheduler, in samples
+        args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+        args.lr_decay_steps = args.lr_decay_iters * G
+        args.wd_incr_steps = args.train_iters * G
+        args.lr_wsd_decay_steps = (args.lr_wsd_decay_iters or 0) * G
+        args.lr_warmup_steps = args.lr_warmup_fraction * args.lr_decay_steps \
+            if args.lr_warmup_fraction is not None else args.lr_warmup_iters * G
+    else:
+        args.train_iters = schedule.total_iterations()
+        if args.train_iters < 1:
+            raise ArgumentError(f"--train-samples {args.train_samples} is less than one global batch "
+                                f"({G}).")
+        args.lr_decay_steps = args.lr_decay_samples or args.train_samples
+        args.wd_incr_steps = args.train_samples
+        args.lr_wsd_decay_steps = args.lr_wsd_decay_samples or 0
+        args.lr_warmup_steps = args.lr_warmup_fraction * args.lr_decay_steps \
+            if args.lr_warmup_fraction is not None else args.lr_warmup_samples
 
 
 def has_transformer_engine() -> bool:

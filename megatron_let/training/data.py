@@ -20,7 +20,7 @@ def build_tokenizer(args):
 
 def build_datasets(args, tokenizer):
     """(train, valid) datasets sized for the whole run, as Megatron-LM sizes them."""
-    train_samples = args.train_iters * args.global_batch_size
+    train_samples = getattr(args, "train_samples", None) or args.train_iters * args.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 0
     valid_samples = evals * args.eval_iters * args.global_batch_size
     options = dict(reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,

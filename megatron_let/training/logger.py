@@ -35,7 +35,7 @@ class TrainingLogger:
         self._last = time.time()
 
     def iteration(self, iteration: int, consumed: int, lr: float, metrics: Dict[str, Optional[float]],
-                  skipped: int, nan_iters: int, loss_scale: float) -> None:
+                  skipped: int, nan_iters: int, loss_scale: float, global_batch_size: Optional[int] = None) -> None:
         now = time.time()
         elapsed_ms = (now - self._last) * 1000.0 / self.args.log_interval
         self._last = now
@@ -43,7 +43,7 @@ class TrainingLogger:
         parts = [f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{a.train_iters:8d}",
                  f"consumed samples: {consumed:12d}",
                  f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
-                 f"learning rate: {lr:.6E}", f"global batch size: {a.global_batch_size:5d}"]
+                 f"learning rate: {lr:.6E}", f"global batch size: {global_batch_size or a.global_batch_size:5d}"]
         for key in ("lm loss", "let loss", "let cos", "let lambda"):
             if metrics.get(key) is not None:
                 parts.append(f"{key}: {metrics[key]:.6E}")

@@ -11,7 +11,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_let.controller import LateToEarlyTraining
-from megatron_let.integrations.launch import build_let
+from megatron_let.integrations.launch import build_let, let_state
+from megatron_let.stop import TrainingSchedule
 from megatron_let.training import checkpoint as ckpt
 from megatron_let.training.arguments import vocab_size_with_padding
 from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp
@@ -103,10 +104,10 @@ def pretrain(args) -> dict:
     G = args.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * G, lr_decay_steps=args.lr_decay_iters * G,
+        lr_warmup_steps=args.lr_warmup_steps, lr_decay_steps=args.lr_decay_steps,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * G, wd_incr_style="constant",
-        wsd_decay_steps=(args.lr_wsd_decay_iters or 0) * G, lr_wsd_decay_style=args.lr_wsd_decay_style)
+        wd_incr_steps=args.wd_incr_steps, wd_incr_style="constant",
+        wsd_decay_steps=args.lr_wsd_decay_steps, lr_wsd_decay_style=args.lr_wsd_decay_style)
 
     iteration, consumed = 0, 0
     if resume_iteration is not None:
@@ -139,11 +140,14 @@ def pretrain(args) -> dict:
                  "opt_param_scheduler": scheduler.state_dict(),
                  "args": args}  # as Megatron-LM: lets megatron_teacher convert this model into a teacher
         if let is not None:
-            state["let"] = {"config": let.config.to_dict(), "stop_iter": let.stop_iter,
-                            "teacher_hidden_size": let.teacher_hidden_size}
+            state["let"] = let_state(let)
         return state
 
+    batch_sizes = TrainingSchedule.from_args(args)._calculator()  # megatron-core's, ramp-up included
     while iteration < args.train_iters:
+        batch_sizes.update(consumed, consistency_check=True)
+        G = batch_sizes.get_current_running_global_batch_size()
+        num_microbatches = G // (args.micro_batch_size * dp_size)
         _reseed(args.seed, iteration)
         for chunk in model:
             chunk.train()
@@ -168,10 +172,11 @@ def pretrain(args) -> dict:
             if let is not None:
                 last.update(let.report())
             logger.iteration(iteration, consumed, optimizer.param_groups[0]["lr"], last, skipped, nan_iters,
-                             optimizer.get_loss_scale().item())
+                             optimizer.get_loss_scale().item(), global_batch_size=G)
             interval_losses, skipped, nan_iters = [], 0, 0
         if args.eval_interval and args.eval_iters and valid_ds is not None and iteration % args.eval_interval == 0:
-            evaluate(args, model, valid_ds, iteration, num_microbatches, dp_rank, dp_size, logger)
+            evaluate(args, model, valid_ds, iteration, args.global_batch_size // (args.micro_batch_size * dp_size),
+                     dp_rank, dp_size, logger)
         if args.save and args.save_interval and (iteration % args.save_interval == 0
                                                   or iteration == args.train_iters):
             ckpt.save_checkpoint(args.save, iteration, model, optimizer, common_state(),

@@ -1,0 +1,238 @@
+"""pretrain_gpt_let.py as users launch it on Megatron-LM (issue 15): sample-based schedules with a
+batch-size ramp-up, which trainer runs (and why not Megatron-LM), version checks, and the lean
+trainer's LET features under Megatron-LM's pretrain(): --let-on-nonfinite skip, --let-export-dir,
+LET's state in Megatron-LM's checkpoints, and a `let cos` that never vanishes from the log line.
+
+Runs that need Megatron-LM skip without MEGATRON_LM_PATH (it is not on PyPI); the selection and
+error-path tests that need no checkout run everywhere.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port, make_tiny_llama, torchrun
+from test_megatron_lm import MODEL_ARGS
+from test_sample_schedule import parse as parse_log  # every "name: value" field of the log line
+
+MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
+OTHER_VERSION_CHECKOUT = os.environ.get("MEGATRON_LM_OTHER_VERSION_PATH", "/work/megatron-lm-0.17.1")
+SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
+needs_megatron_lm = pytest.mark.skipif(
+    not MEGATRON_LM_PATH, reason="Megatron-LM is not on PyPI: set MEGATRON_LM_PATH to a Megatron-LM checkout "
+                                 "(tag core_v0.16.1 for megatron-core 0.16.1)")
+
+# sample-based, ramping the global batch 4 -> 8 over the first 16 samples, 48 samples in all
+# (Megatron-LM's update_train_iters: 8 iterations; batch sizes 4 4 4 4 8 8 8 8)
+SAMPLE_FLAGS = ["--train-samples", 48, "--rampup-batch-size", 4, 4, 16, "--lr-warmup-samples", 8,
+                "--lr-decay-samples", 48]
+
+
+def _model_args():
+    args = [str(a) for a in MODEL_ARGS]
+    return args
+
+
+def run_script(args, env_extra=None, drop_path=False, nproc=None, timeout=300):
+    """pretrain_gpt_let.py as one plain process (the start-up errors need no torchrun)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=ROOT)
+    if drop_path:
+        env.pop("MEGATRON_LM_PATH", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=env)
+
+
+def one_error_line(proc, code=2):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return make_tiny_llama(str(tmp_path_factory.mktemp("teacher") / "tiny-llama"))
+
+
+def let_flags(teacher, *extra):
+    return ["--let-teacher", teacher, "--let-target-layer", 1, "--let-lambda", 0.5, "--let-projector", "linear",
+            *extra]
+
+
+def lambda_iterations(logged: dict) -> list:
+    """Iterations whose log line shows a positive `let lambda` (Megatron-LM omits a 0 average)."""
+    return sorted(i for i, fields in logged.items() if fields.get("let lambda", 0) > 0)
+
+
+def expected_stop(logged: dict, samples: int) -> int:
+    """The first iteration after which Megatron-LM's own log line reports >= samples consumed."""
+    return min(i for i, fields in logged.items() if fields["consumed samples"] >= samples)
+
+
+# ------------------------------------------------------------------ sample-based stop on Megatron-LM
+@needs_megatron_lm
+@pytest.mark.parametrize("stop, stop_samples", [
+    ([], 12),                               # default: 0.25 of --train-samples 48 = 12 samples
+    (["--let-stop-fraction", 0.5], 24),     # 24 samples: iteration 5 (4 x 4 ramp-up, then 8)
+    (["--let-stop-samples", 20], 20),       # first iteration with >= 20 consumed: 5
+    (["--let-stop-iter", 6], None),         # iteration 6 = sample 32
+], ids=["default", "fraction", "samples", "iter"])
+def test_sample_based_run_stops_let_where_megatron_lm_counts(stop, stop_samples, teacher):
+    proc = torchrun(SCRIPT, 1, [*_model_args(), *SAMPLE_FLAGS, *let_flags(teacher, *stop)], megatron_lm=True)
+    logged = parse_log(proc.stdout)
+    assert "megatron-let: trainer: Megatron-LM pretrain()" in proc.stdout
+    assert "setting training iterations to 8" in proc.stdout  # Megatron-LM's own count
+    assert [logged[i]["global batch size"] for i in range(1, 9)] == [4, 4, 4, 4, 8, 8, 8, 8]
+    stop_iter = 6 if stop_samples is None else expected_stop(logged, stop_samples)
+    samples = logged[stop_iter]["consumed samples"]
+    assert f"LET stops at iteration {stop_iter} = sample {int(samples)}" in proc.stdout
+    assert lambda_iterations(logged) == list(range(1, stop_iter + 1)), logged
+
+
+# ------------------------------------------------------------------ which trainer, or why not
+def test_no_checkout_runs_the_lean_trainer_and_says_so(teacher):
+    proc = run_script(["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
+                       "--micro-batch-size", 2, "--train-iters", 1, "--lr", 1e-3, "--mock-data", "--vocab-size",
+                       128, "--eval-iters", 0, "--recompute-granularity", "full"], drop_path=True)
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("megatron-let: trainer: lean megatron-core trainer (MEGATRON_LM_PATH is not set"), first
+    assert "megatron.core 0.16.1 from" in first and "tested" in first
+    one_error_line(proc)
+
+
+def test_checkout_without_megatron_training_is_refused(tmp_path):
+    line = one_error_line(run_script(["--help"], {"MEGATRON_LM_PATH": str(tmp_path)}))
+    assert f"MEGATRON_LM_PATH={tmp_path} holds no megatron/training" in line
+
+
+@needs_megatron_lm
+def test_broken_megatron_lm_import_exits_with_the_import_error(tmp_path):
+    """Megatron-LM's BERT tokenizer imports `six`; a machine without it must not fall back silently."""
+    hide = tmp_path / "hide_six"
+    hide.mkdir()
+    # sitecustomize runs at start-up in the launched process: `import six` fails there as if not installed
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['six'] = None\n")
+    proc = run_script(["--num-layers", 2, "--let-stop-iter", 1],
+                      {"PYTHONPATH": f"{hide}{os.pathsep}{ROOT}", "MEGATRON_LM_PATH": MEGATRON_LM_PATH})
+    line = one_error_line(proc)
+    assert f"MEGATRON_LM_PATH={os.path.abspath(MEGATRON_LM_PATH)} but Megatron-LM cannot be imported" in line
+    assert "six" in line and "pip install six" in line
+    assert "megatron-core trainer" not in proc.stdout  # no silent fall-back
+
+
+@needs_megatron_lm
+def test_megatron_core_comes_from_the_checkout(teacher):
+    proc = torchrun(SCRIPT, 1, [*_model_args(), "--train-iters", 1, *let_flags(teacher, "--let-stop-iter", 1)],
+                    megatron_lm=True)
+    first = [line for line in proc.stdout.splitlines() if line.startswith("megatron-let: trainer:")]
+    checkout = os.path.abspath(MEGATRON_LM_PATH)
+    assert len(first) == 1
+    assert f"megatron.core 0.16.1 from {checkout}/megatron/core" in first[0], first
+    assert f"megatron.training from {checkout}/megatron/training" in first[0], first
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(OTHER_VERSION_CHECKOUT, "megatron", "core", "package_info.py")),
+                    reason="needs a Megatron-LM checkout of a version other than the installed megatron-core "
+                           "(MEGATRON_LM_OTHER_VERSION_PATH, default /work/megatron-lm-0.17.1)")
+def test_megatron_core_of_another_version_already_imported_is_refused():
+    """A wrapper that imported megatron.core (the pip wheel, 0.16.1) before pointing at a 0.17.1 checkout:
+    Megatron-LM 0.17.1's training code would run on megatron.core 0.16.1."""
+    code = ("import sys, megatron.core, pretrain_gpt_let; "
+            "sys.exit(pretrain_gpt_let.main())")
+    env = dict(os.environ, PYTHONPATH=ROOT, MEGATRON_LM_PATH=OTHER_VERSION_CHECKOUT, PYTHONWARNINGS="ignore",
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code, "--num-layers", "2"], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+    line = one_error_line(proc)
+    assert "version mismatch: megatron.core 0.16.1 was already imported from" in line
+    assert "is Megatron-LM 0.17.1" in line
+
+
+# ------------------------------------------------------------------ lean-trainer features on Megatron-LM
+def _nan_teacher(path, like):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(like)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(path)
+    return path
+
+
+@needs_megatron_lm
+def test_nonfinite_skip_under_megatron_lm(tmp_path, teacher):
+    bad = _nan_teacher(str(tmp_path / "nan"), teacher)
+    proc = torchrun(SCRIPT, 1, [*_model_args(), "--train-iters", 3,
+                                *let_flags(bad, "--let-stop-iter", 2, "--let-on-nonfinite", "skip")],
+                    megatron_lm=True)
+    logged = parse_log(proc.stdout)
+    for i in (1, 2):  # before the stop step: the NaN teacher's steps are skipped, training goes on
+        assert f"alignment loss at iteration {i} on rank(s) [0]: optimizer step skipped" in proc.stdout
+    # (Megatron-LM keeps its first interval's totals: the second line counts both skipped steps)
+    assert [logged[i]["number of skipped iterations"] for i in (1, 2, 3)] == [1, 2, 0], logged
+    assert "lm loss" in logged[3] and "Unexpected result nan" not in proc.stdout + proc.stderr
+    assert torch.isfinite(torch.tensor(logged[3]["lm loss"]))
+
+
+@needs_megatron_lm
+def test_export_and_let_state_in_megatron_lm_checkpoints(tmp_path, teacher):
+    ckpt, export, gone = tmp_path / "ckpt", tmp_path / "export", tmp_path / "teacher"
+    shutil.copytree(teacher, gone)
+    common = [*_model_args(), *let_flags(str(gone), "--let-stop-iter", 2), "--save", ckpt, "--save-interval", 2,
+              "--train-iters", 3]
+    torchrun(SCRIPT, 1, [*common, "--exit-interval", 2], megatron_lm=True)
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_common_state_dict(str(ckpt / "iter_0000002"))["args"].let_state
+    assert saved["stop_iter"] == 2 and saved["stop_samples"] == 16 and saved["config"]["target_layer"] == 1
+    assert saved["teacher_hidden_size"] == 48
+
+    # resume with the teacher gone: past the stop step it is never read (its width comes from the checkpoint)
+    shutil.rmtree(gone)
+    proc = torchrun(SCRIPT, 1, [*common, "--load", ckpt], megatron_lm=True)
+    assert " iteration        3/" in proc.stdout and "LET settings differ" not in proc.stdout
+
+    # export: the model without the projector, through Megatron-LM's save_checkpoint; a plain run loads it
+    proc = torchrun(SCRIPT, 1, [*_model_args(), *let_flags(teacher, "--let-stop-iter", 2), "--load", ckpt,
+                                "--train-iters", 3, "--no-load-rng", "--let-export-dir", export], megatron_lm=True)
+    assert f"without LET state to {export}" in proc.stdout and "consumed samples" not in proc.stdout  # no training
+    keys = open(export / "iter_0000003" / ".metadata", "rb").read()
+    assert b"decoder.layers.0" in keys and b"let_alignment" not in keys
+    plain = torchrun(SCRIPT, 1, [*_model_args(), "--load", export, "--train-iters", 4, "--no-load-optim",
+                                 "--no-load-rng"], megatron_lm=True)
+    assert "loaded checkpoint" in plain.stdout and " iteration        4/" in plain.stdout
+
+
+def _negated_teacher(path, like):
+    """The same teacher with its final norm's weight negated: its final hidden states are exactly -h, so
+    (with the linear interp projector) every cosine of the run flips sign."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(like)
+    with torch.no_grad():
+        model.model.norm.weight.neg_()
+    model.save_pretrained(path)
+    return path
+
+
+@needs_megatron_lm
+def test_negative_let_cos_is_printed(tmp_path, teacher):
+    """Megatron-LM prints only positive averages: of a teacher and its negation, one gives let cos < 0."""
+    cos = []
+    for which in (teacher, _negated_teacher(str(tmp_path / "neg"), teacher)):
+        proc = torchrun(SCRIPT, 1, [*_model_args(), "--train-iters", 1, "--init-method-std", 0.02,
+                                    *let_flags(which, "--let-stop-iter", 10, "--let-projector", "interp")],
+                        megatron_lm=True)
+        logged = parse_log(proc.stdout)
+        assert "let cos" in logged[1], proc.stdout[-2000:]
+        cos.append(logged[1]["let cos"])
+    assert min(cos) < 0 < max(cos) and cos[0] == pytest.approx(-cos[1], rel=1e-4), cos
