@@ -13,6 +13,7 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_let.autoscaler import LETLossAutoScaler, aux_loss_scale
 from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
 from megatron_let.projector import build_projector, cosine_alignment_terms
+from megatron_let.recompute import RecomputeStash, in_checkpointed_forward
 
 if TYPE_CHECKING:
     from megatron_let.controller import LateToEarlyTraining
@@ -36,6 +37,7 @@ class LETAlignment(MegatronModule):
         for param in self.projector.parameters():
             param.sequence_parallel = config.sequence_parallel
         object.__setattr__(self, "_let", let)  # not a submodule: it holds the teacher
+        self.recompute_stash = RecomputeStash()  # full recompute: targets from the no-grad run to the re-run
         self._hook = None if let.finished else layer.register_forward_hook(self._after_target_layer)
 
     def detach_hook(self) -> None:
@@ -46,12 +48,15 @@ class LETAlignment(MegatronModule):
 
     def _after_target_layer(self, layer, args, output):
         let = self._let
-        if let.current_lambda == 0.0 or not torch.is_grad_enabled() or not self.training:
+        if let.current_lambda == 0.0 or not self.training:
+            return output
+        if not torch.is_grad_enabled():
+            if in_checkpointed_forward(self.config, self.training):  # full recompute's no-grad first run
+                self.recompute_stash.push(self._local_targets())
             return output
         hidden, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
-        tokens, loss_mask = let.take_microbatch()
-        alignment = let.take_alignment()  # None: exact, or computed in the hook
-        teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask, alignment)
+        targets = self.recompute_stash.pop()  # not None: this is full recompute's re-run, in backward
+        teacher_local, mask_local = targets if targets is not None else self._local_targets()
         loss_sum, cos_sum = cosine_alignment_terms(hidden, teacher_local, self.projector, mask_local)
         tokens_in_batch = mask_local.sum().to(torch.float32)
         group = self._token_group()
@@ -74,6 +79,12 @@ class LETAlignment(MegatronModule):
         hidden = make_viewless_tensor(LETLossAutoScaler.apply(hidden, aux_loss, scale),
                                       requires_grad=True, keep_graph=True)
         return (hidden, *rest) if isinstance(output, tuple) else hidden
+
+    def _local_targets(self):
+        """This micro-batch's teacher states and loss mask for this rank (consumes set_microbatch's data)."""
+        tokens, loss_mask = self._let.take_microbatch()
+        alignment = self._let.take_alignment()  # None: exact, or computed in the hook
+        return self._teacher_for_local_hidden(tokens, loss_mask, alignment)
 
     def _token_group(self) -> Optional[dist.ProcessGroup]:
         """Ranks holding different tokens of one micro-batch: CP, and TP under sequence parallel."""

@@ -71,6 +71,8 @@ class LateToEarlyTraining:
     def begin_iteration(self, iteration: int, num_microbatches: int) -> float:
         """Set lambda for the step starting at ``iteration`` (0-based); release LET once it is 0."""
         self.num_microbatches = num_microbatches
+        for alignment in self.alignments:
+            alignment.recompute_stash.check_drained()
         self.current_lambda = let_lambda(iteration, self.config.lambda0, self.stop_iter,
                                          self.config.schedule)
         if self.current_lambda == 0.0 and iteration >= self.stop_iter:
@@ -154,6 +156,7 @@ class LateToEarlyTraining:
             return
         for alignment in self.alignments:
             alignment.detach_hook()
+            alignment.recompute_stash.clear()
         if self._teacher is not None:
             self._teacher.release()
         self._teacher = None

@@ -46,6 +46,9 @@ def parse():
     p.add_argument("--save-ref", default=None)
     p.add_argument("--load-ref", default=None)
     p.add_argument("--out", required=True)
+    # activation recompute (issue 16): each variant trains from the same weights in this process;
+    # "none", "selective", or "full:uniform|block:N". Results under "variants", the first also as "records".
+    p.add_argument("--recompute", nargs="+", default=["none"])
     # LET token alignment (tests/test_token_alignment.py): a teacher with another tokenizer
     p.add_argument("--target-tokenizer", default=None, help="HF tokenizer dir of the target: ids drawn from it, "
                                                             "EOD = its eos id, --let-token-alignment causal-span")
@@ -76,11 +79,47 @@ def microbatches(iteration: int, args):
                "attention_mask": None}
 
 
+def recompute_settings(variant: str) -> dict:
+    if variant == "none":
+        return {}
+    if variant == "selective":
+        return {"recompute_granularity": "selective"}
+    granularity, method, num_layers = variant.split(":")
+    return {"recompute_granularity": granularity, "recompute_method": method,
+            "recompute_num_layers": int(num_layers)}
+
+
+TEACHER_CALLS = [0]
+
+
+def count_teacher_forwards() -> None:
+    """Count teacher forward passes (a wrapper around the real one): full recompute must not add any."""
+    from megatron_let.teachers.huggingface import HFTeacher
+
+    forward = HFTeacher.hidden_states
+
+    def counted(self, *args, **kwargs):
+        TEACHER_CALLS[0] += 1
+        return forward(self, *args, **kwargs)
+
+    HFTeacher.hidden_states = counted
+
+
 def main():
     args = parse()
+    count_teacher_forwards()
     enable_cpu_megatron()  # only without CUDA
     initialize_parallel(tp=args.tp, pp=args.pp, vpp=args.vpp, seed=1234)
-    config = TransformerConfig(
+    results = {variant: train(args, variant) for variant in args.recompute}
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and not args.save_ref:
+        first = results[args.recompute[0]]
+        with open(args.out, "w") as f:
+            json.dump({**first, "variants": results}, f)
+    shutdown_parallel()
+
+
+def train(args, variant: str) -> dict:
+    config = TransformerConfig(**recompute_settings(variant),
         num_layers=args.num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
         normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
@@ -113,7 +152,7 @@ def main():
         dist_checkpointing.save(chunks[0].sharded_state_dict(), args.save_ref)
         with open(args.out, "w") as f:
             json.dump({"saved": args.save_ref}, f)
-        return
+        return {}
     if args.load_ref:
         if len(chunks) == 1:
             state = dist_checkpointing.load(chunks[0].sharded_state_dict(), args.load_ref)
@@ -141,6 +180,9 @@ def main():
                              iteration, num_microbatches, SEQ, MBS)
         if let is not None:
             metrics.update(let.report())
+            calls = torch.tensor([float(TEACHER_CALLS[0])])
+            torch.distributed.all_reduce(calls)  # summed over ranks: the owners' TP parts add up
+            metrics["teacher forwards"], TEACHER_CALLS[0] = calls.item(), 0
         if let is not None and let.owns_target_layer and let._teacher is not None:
             teacher_params = list(let._teacher.model.parameters())
             checksum = sum(p.double().sum().item() for p in teacher_params)
@@ -148,10 +190,7 @@ def main():
             metrics["teacher has grad"] = any(p.grad is not None for p in teacher_params)
             teacher_before = checksum if teacher_before is None else teacher_before
         records.append(metrics)
-    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-        with open(args.out, "w") as f:
-            json.dump({"records": records, "teacher_first_checksum": teacher_before}, f)
-    shutdown_parallel()
+    return {"records": records, "teacher_first_checksum": teacher_before}
 
 
 if __name__ == "__main__":
