@@ -59,7 +59,7 @@ def let(teacher, layer=1, *extra):
     (["--let-target-layer", "1", "--let-teacher-layer", "7"], ["--let-teacher-layer 7", "0 (embeddings) to 2"]),
     (["--let-target-layer", "1", "--let-projector", "conv"], ["--let-projector", "invalid choice"]),
     (["--let-target-layer", "1", "--context-parallel-size", "2"], ["--context-parallel-size", "TransformerEngine"]),
-    (["--let-target-layer", "1", "--recompute-granularity", "full"], ["--recompute-granularity", "Megatron-LM"]),
+    (["--let-target-layer", "1", "--distribute-saved-activations"], ["--distribute-saved-activations", "Megatron-LM"]),
 ], ids=["layer0", "layer_negative", "layer_beyond", "lambda_negative", "lambda_nan", "lambda_not_a_number",
         "stop_zero", "teacher_layer_missing", "projector_unknown", "cp_without_te", "unsupported_flag"])
 def test_bad_let_flag(teacher, flags, fragments):

@@ -52,7 +52,7 @@ from typing import Callable, Optional, Set
 import torch
 
 from megatron_let.config import add_let_args
-from megatron_let.integrations.launch import build_let
+from megatron_let.integrations.launch import build_let, refuse_unsupported_features
 from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
 
@@ -277,9 +277,7 @@ def _check_supported(args) -> None:
     """Settings LET cannot honour under Megatron-LM yet."""
     if getattr(args, "use_legacy_models", False):
         raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
-    if getattr(args, "recompute_granularity", None) == "full":
-        raise LETConfigError("--recompute-granularity full re-runs --let-target-layer in the backward pass, "
-                             "which LET does not support yet; use --recompute-granularity selective.")
+    refuse_unsupported_features(args)  # CUDA graphs, FSDP (full recompute works: megatron_let/recompute.py)
     if getattr(args, "let_on_nonfinite", "error") == "skip":
         raise LETConfigError("--let-on-nonfinite skip needs the megatron-core trainer; under Megatron-LM use "
                              "--let-on-nonfinite error with Megatron's --check-for-nan-in-loss-and-grad.")
