@@ -105,3 +105,18 @@ def test_lean_trainer_moe_expert_parallel_with_recompute(cli_teacher, tmp_path):
     got = _cli(2, *let, "--load", ckpt, "--no-load-optim", "--expert-model-parallel-size", 2, "--recompute-granularity", "full",
                "--recompute-method", "block", "--recompute-num-layers", 2)
     _assert_logs_equal(reference, got, "moe ep2 + full block 2")
+
+
+def test_stash_left_over_at_iteration_start_is_refused():
+    """A no-grad training-mode forward under full recompute without its backward must not hand its
+    teacher states to the next iteration's micro-batches."""
+    from megatron_let.recompute import RecomputeStash
+
+    stash = RecomputeStash()
+    stash.push("mb0")
+    stash.push("mb1")
+    assert stash.pop() == "mb0"  # first in, first out: the schedules' backward order
+    with pytest.raises(RuntimeError, match="1 micro-batch"):
+        stash.check_drained()
+    assert stash.pop() is None
+    stash.check_drained()

@@ -209,6 +209,12 @@ def _validate_recompute_and_moe(args):
     if world % (etp * ep * args.pipeline_model_parallel_size):
         raise ArgumentError(f"world size {world} is not divisible by expert-TP x EP x PP = "
                             f"{etp} x {ep} x {args.pipeline_model_parallel_size}.")
+    if args.moe_token_dispatcher_type == "alltoall":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ArgumentError("--moe-token-dispatcher-type alltoall needs CUDA (megatron-core's dispatcher "
+                                "creates a CUDA stream); use allgather on CPU.")
     if args.moe_ffn_hidden_size is None:
         args.moe_ffn_hidden_size = args.ffn_hidden_size
 
