@@ -214,7 +214,9 @@ def train(args, variant: str) -> dict:
             metrics.update(let.report())
             calls = torch.tensor([float(TEACHER_CALLS[0])])
             torch.distributed.all_reduce(calls)  # summed over ranks: the owners' TP parts add up
-            metrics["teacher forwards"], TEACHER_CALLS[0] = calls.item(), 0
+            if calls.item() > 0:  # (lambda 0: no teacher ran, the record stays that of a run without LET)
+                metrics["teacher forwards"] = calls.item()
+            TEACHER_CALLS[0] = 0
         if args.num_experts:
             metrics["moe aux loss"] = moe_aux_loss()
         if let is not None and let.owns_target_layer and let._teacher is not None:
