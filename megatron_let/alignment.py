@@ -16,6 +16,7 @@ from megatron_let.autoscaler import LETLossAutoScaler, aux_loss_scale
 from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
 from megatron_let.projector import build_projector, cosine_alignment_terms
 from megatron_let.teacher_norm import TeacherFeatureNorm, feature_energy_report
+from megatron_let.recompute import RecomputeStash, in_checkpointed_forward
 
 if TYPE_CHECKING:
     from megatron_let.controller import LateToEarlyTraining
@@ -42,6 +43,7 @@ class LETAlignment(MegatronModule):
         self.teacher_norm = TeacherFeatureNorm(cfg.teacher_norm, teacher_size, cfg.teacher_norm_iters)
         self._reported_features = False
         object.__setattr__(self, "_let", let)  # not a submodule: it holds the teacher
+        self.recompute_stash = RecomputeStash()  # full recompute: targets from the no-grad run to the re-run
         object.__setattr__(self, "_layer_ref", weakref.ref(layer))  # not a submodule: the layer is the model's
         if not let.finished:
             self._hook = layer.register_forward_hook(self._after_target_layer)
@@ -71,25 +73,18 @@ class LETAlignment(MegatronModule):
 
     def _after_target_layer(self, layer, args, output):
         let = self._let
-        if let.current_lambda == 0.0 or not torch.is_grad_enabled() or not self.training:
+        if let.current_lambda == 0.0 or not self.training:
+            return output
+        if not torch.is_grad_enabled():
+            if in_checkpointed_forward(self.config, self.training):  # full recompute's no-grad first run
+                self.recompute_stash.push(self._local_targets())
             return output
         hidden, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
-        tokens, loss_mask = let.take_microbatch()
-        alignment = let.take_alignment()  # None: exact, or computed in the hook
-        teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask, alignment)
-        teacher_finite = None
-        if let.config.on_nonfinite == "skip":
-            # the step will be skipped: keep NaN/Inf out of the gradients (Megatron-LM's DDP checks them
-            # before any optimizer step), and remember the fault for record_loss below
-            teacher_finite = torch.isfinite(teacher_local).all()
-            teacher_local = torch.where(teacher_finite, teacher_local, torch.zeros_like(teacher_local))
-        if not self._reported_features:
-            self._report_features(teacher_local, mask_local)
-        group = self._token_group()
-        teacher_local = self.teacher_norm(teacher_local, mask_local,
-                                          (group, parallel_state.get_data_parallel_group()))
+        targets = self.recompute_stash.pop()  # not None: this is full recompute's re-run, in backward
+        teacher_local, mask_local, teacher_finite = targets if targets is not None else self._local_targets()
         if teacher_local is None:  # standardize's first iteration only measures the teacher
             return output
+        group = self._token_group()
         loss_sum, cos_sum = cosine_alignment_terms(hidden, teacher_local, self.projector, mask_local)
         tokens_in_batch = mask_local.sum().to(torch.float32)
         if group is not None:
@@ -123,6 +118,25 @@ class LETAlignment(MegatronModule):
             norm = self._let.config.teacher_norm
             print(f" LET teacher features (first micro-batch): {feature_energy_report(teacher, mask)}; "
                   f"--let-teacher-norm {norm}", flush=True)
+
+    def _local_targets(self):
+        """This micro-batch's teacher states, loss mask and finiteness flag for this rank, computed once per
+        micro-batch (consumes set_microbatch's data); states None: standardize's first iteration only measures."""
+        let = self._let
+        tokens, loss_mask = let.take_microbatch()
+        alignment = let.take_alignment()  # None: exact, or computed in the hook
+        teacher_local, mask_local = self._teacher_for_local_hidden(tokens, loss_mask, alignment)
+        teacher_finite = None
+        if let.config.on_nonfinite == "skip":
+            # the step will be skipped: keep NaN/Inf out of the gradients (Megatron-LM's DDP checks them
+            # before any optimizer step), and remember the fault for record_loss
+            teacher_finite = torch.isfinite(teacher_local).all()
+            teacher_local = torch.where(teacher_finite, teacher_local, torch.zeros_like(teacher_local))
+        if not self._reported_features:
+            self._report_features(teacher_local, mask_local)
+        teacher_local = self.teacher_norm(teacher_local, mask_local,
+                                          (self._token_group(), parallel_state.get_data_parallel_group()))
+        return teacher_local, mask_local, teacher_finite
 
     def _token_group(self) -> Optional[dist.ProcessGroup]:
         """Ranks holding different tokens of one micro-batch: CP, and TP under sequence parallel."""

@@ -79,6 +79,8 @@ class LateToEarlyTraining:
         self.num_microbatches = num_microbatches
         self._spread = None
         self.work.reset()
+        for alignment in self.alignments:
+            alignment.recompute_stash.check_drained()
         self.current_lambda = let_lambda(iteration, self.config.lambda0, self.stop_iter,
                                          self.config.schedule)
         if self.current_lambda == 0.0 and iteration >= self.stop_iter:
@@ -212,6 +214,7 @@ class LateToEarlyTraining:
             return
         for alignment in self.alignments:
             alignment.detach_hook()
+            alignment.recompute_stash.clear()
         if self._teacher is not None:
             self._teacher.release()
         self._teacher = None

@@ -58,7 +58,7 @@ LAYOUTS = {  # name: (processes, parallel flags)
 }
 
 _LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
-_FIELD = re.compile(r"\s*([a-z][a-z ]*[a-z]): ([-+0-9.eE]+)\s*$")
+_FIELD = re.compile(r"\s*([a-z][a-z_ ]*[a-z]): ([-+0-9.eE]+)\s*$")
 
 
 def parse_log(text: str) -> dict:
@@ -188,3 +188,41 @@ def test_causal_span_layouts_match_tp1(layout, span_setup):
     for key in ("lm loss", "let loss", "let lambda"):
         assert per_iteration(logged, key) == pytest.approx(per_iteration(reference, key), rel=1e-5), \
             f"causal-span {layout}: {key} differs from TP1"
+
+
+# ------------------------------------------------------------------ full activation recomputation
+@pytest.mark.parametrize("name,nproc,flags", [
+    ("tp1_full_block3", 1, ["--recompute-granularity", "full", "--recompute-method", "block",
+                            "--recompute-num-layers", 3]),
+    ("pp2_full_uniform1", 2, ["--pipeline-model-parallel-size", 2, "--recompute-granularity", "full",
+                              "--recompute-method", "uniform", "--recompute-num-layers", 1]),
+])
+def test_full_recompute_matches_tp1(name, nproc, flags, reference, let_args, initial_checkpoint):
+    """Layer k (3) is re-run in the backward pass; LET's loss is counted once with that micro-batch's
+    teacher states: lm loss, let loss and grad norm equal the run without recompute."""
+    logged = train(nproc, flags, let_args, initial_checkpoint, name)
+    for key in ("lm loss", "let loss", "let lambda"):
+        assert per_iteration(logged, key) == pytest.approx(per_iteration(reference, key), rel=1e-5), \
+            f"{name}: {key} differs from TP1 without recompute"
+    grad_norms = [logged[i]["grad norm"] for i in range(1, ITERS + 1)]  # per iteration, not averaged
+    assert grad_norms == pytest.approx([reference[i]["grad norm"] for i in range(1, ITERS + 1)], rel=1e-5)
+
+
+# ------------------------------------------------------------------ MoE target with expert parallelism
+MOE_ARGS = ["--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", 0.01,
+            "--moe-token-dispatcher-type", "allgather"]
+
+
+def test_moe_expert_parallel_with_full_recompute_matches_tp1(megatron_lm_path, let_args, tmp_path):
+    """An MoE target (4 experts, top 2, load-balancing loss): EP2 with full recompute logs TP1's lm loss,
+    let loss, MoE load_balancing_loss and grad norm, from the same initial weights."""
+    ckpt = tmp_path / "moe_init"
+    run(1, [*MODEL_ARGS, *MOE_ARGS, *let_args, "--train-iters", 1, "--save", ckpt, "--save-interval", 1])
+    reference = train(1, MOE_ARGS, let_args, ckpt, "moe_tp1")
+    got = train(2, [*MOE_ARGS, "--expert-model-parallel-size", 2, "--recompute-granularity", "full",
+                    "--recompute-method", "uniform", "--recompute-num-layers", 1], let_args, ckpt, "moe_ep2")
+    for key in ("lm loss", "let loss", "load_balancing_loss"):
+        assert key in reference[1], f"{key} not logged"
+        assert per_iteration(got, key) == pytest.approx(per_iteration(reference, key), rel=1e-5), key
+    assert [got[i]["grad norm"] for i in range(1, ITERS + 1)] == \
+        pytest.approx([reference[i]["grad norm"] for i in range(1, ITERS + 1)], rel=1e-5)

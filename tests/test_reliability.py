@@ -59,7 +59,7 @@ def let(teacher, layer=1, *extra):
     (["--let-target-layer", "1", "--let-teacher-layer", "7"], ["--let-teacher-layer 7", "0 (embeddings) to 2"]),
     (["--let-target-layer", "1", "--let-projector", "conv"], ["--let-projector", "invalid choice"]),
     (["--let-target-layer", "1", "--context-parallel-size", "2"], ["--context-parallel-size", "TransformerEngine"]),
-    (["--let-target-layer", "1", "--recompute-granularity", "full"], ["--recompute-granularity", "Megatron-LM"]),
+    (["--let-target-layer", "1", "--distribute-saved-activations"], ["--distribute-saved-activations", "Megatron-LM"]),
     (["--let-target-layer", "1", "--let-teacher-norm-iters", "0"], ["--let-teacher-norm-iters", ">= 1"]),
 ], ids=["layer0", "layer_negative", "layer_beyond", "lambda_negative", "lambda_nan", "lambda_not_a_number",
         "stop_zero", "teacher_layer_missing", "projector_unknown", "cp_without_te", "unsupported_flag",
@@ -235,3 +235,36 @@ def test_teacher_whose_weights_do_not_match_its_config_is_refused(tmp_path, teac
     partial = shutil.copytree(teacher, tmp_path / "partial")
     save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
     assert_one_line_error(run(*BASE, *let(str(partial))), "2 tensor(s) missing", "1 mis-shaped", "2 unexpected")
+
+
+# ------------------------------------------------------------------ features LET refuses (issue 16)
+@pytest.mark.parametrize("flags,fragments", [
+    (["--enable-cuda-graph"], ["--enable-cuda-graph", "CUDA graph", "stale"]),
+    (["--use-torch-fsdp2"], ["--use-torch-fsdp2", "FSDP", "--use-distributed-optimizer"]),
+    (["--recompute-granularity", "full"], ["--recompute-granularity full", "--recompute-method"]),
+], ids=["cuda_graph", "torch_fsdp2", "full_recompute_without_method"])
+def test_refused_features_with_let(teacher, flags, fragments):
+    """Through pretrain_gpt_let.py (lean trainer), before any process group."""
+    assert_one_line_error(run(*BASE, *let(teacher, 1), *flags), *fragments)
+
+
+@pytest.mark.parametrize("settings,flag", [
+    ({"enable_cuda_graph": True}, "--enable-cuda-graph"),
+    ({"external_cuda_graph": True}, "--external-cuda-graph"),
+    ({"cuda_graph_impl": "local"}, "--cuda-graph-impl local"),  # Megatron-LM's args after validate_args
+    ({"cuda_graph_impl": "transformer_engine"}, "--cuda-graph-impl transformer_engine"),
+    ({"use_megatron_fsdp": True}, "--use-megatron-fsdp"),
+    ({"use_custom_fsdp": True}, "--use-custom-fsdp"),
+    ({"use_torch_fsdp2": True}, "--use-torch-fsdp2"),
+])
+def test_refusals_shared_by_both_trainers(settings, flag):
+    """The check both trainers run (Megatron-LM's _check_supported and the lean trainer's arguments)."""
+    import argparse
+
+    from megatron_let.errors import LETConfigError
+    from megatron_let.integrations.launch import refuse_unsupported_features
+
+    refuse_unsupported_features(argparse.Namespace(cuda_graph_impl="none", recompute_granularity="full"))
+    with pytest.raises(LETConfigError) as error:
+        refuse_unsupported_features(argparse.Namespace(**{"cuda_graph_impl": "none", **settings}))
+    assert str(error.value).startswith(flag) and "\n" not in str(error.value)

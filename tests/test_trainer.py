@@ -95,12 +95,12 @@ def test_resume_is_exact(tmp_path, teacher):
 
 def test_unknown_flag_is_refused_in_one_line():
     proc = subprocess.run([sys.executable, SCRIPT, *map(str, MODEL), "--train-iters", "2",
-                           "--recompute-granularity", "full"],
+                           "--distribute-saved-activations"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--recompute-granularity" in lines[0] and "Megatron-LM" in lines[0], proc.stderr
+    assert len(lines) == 1 and "--distribute-saved-activations" in lines[0] and "Megatron-LM" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 

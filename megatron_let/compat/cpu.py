@@ -19,9 +19,10 @@ Three mechanisms; every target is listed, with its reason, in a table below:
    ``Tensor.type()`` with ``"torch.cuda.*Tensor"`` are wrapped; only while
    they run, ``t.cuda()`` returns ``t`` and a CPU tensor's ``type()`` reads
    ``torch.cuda.<X>Tensor``.
-3. ``_SINGLE_PATCHES``: four small patches whose docstrings say why (RNG
+3. ``_SINGLE_PATCHES``: five small patches whose docstrings say why (RNG
    tracker on the CPU generator, torch norms under sequence parallelism,
-   unbatched P2P on gloo, ``ShardedTensor.init_data``).
+   unbatched P2P on gloo, ``ShardedTensor.init_data``, the MoE router's GEMM
+   without TransformerEngine).
 
 Verified by tests/cpu_compat_smoke.py (TP, TP+SP, PP, interleaved PP, DP,
 distributed optimizer, torch_dist and fully parallel save/load reproduce the
@@ -89,6 +90,10 @@ _TORCH_ON_CPU_MODULES = {
     "verification all-reduce tensors on 'cuda'",
     "megatron.core.dist_checkpointing.strategies.fully_parallel": "torch.cuda.synchronize",
     "megatron.core.dist_checkpointing.exchange_utils": "exchange buffers on 'cuda'",
+    "megatron.core.transformer.moe.router": "router weights moved to and aux-loss "
+    "tensors built on torch.cuda.current_device()",
+    "megatron.core.transformer.moe.experts": "expert weights on torch.cuda.current_device()",
+    "megatron.core.transformer.moe.moe_utils": "aux-loss tracker values on 'cuda'",
 }
 
 # 2. (module, "Class.method" or "function"): why it needs CUDA-looking tensors.
@@ -299,8 +304,16 @@ def _patch_sharded_tensor_init(mapping) -> None:
     cls.init_data = init_data
 
 
+def _patch_moe_gemm_without_te(moe_utils) -> None:
+    """The MoE router's gating GEMM tests ``te_general_gemm is not None``, a name bound only when
+    TransformerEngine imports: without TE it is a NameError. Bind it to None, so torch.mm runs."""
+    if not getattr(moe_utils, "HAVE_TE", False) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 # 3. module -> (attributes it must have, patch function); see each docstring.
 _SINGLE_PATCHES = {
+    "megatron.core.transformer.moe.moe_utils": (("RouterGatingLinearFunction",), _patch_moe_gemm_without_te),
     "megatron.core.tensor_parallel.random": (
         ("_get_cuda_rng_state", "_set_cuda_rng_state"), _patch_rng_tracker),
     "megatron.core.transformer.torch_norm": (("WrappedTorchNorm",), _patch_torch_norm),

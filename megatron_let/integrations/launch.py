@@ -29,6 +29,34 @@ def changed_settings(saved_config: dict, config: LETConfig) -> list:
     return sorted(k for k in current if {**defaults, **saved_config}.get(k) != current[k])
 
 
+def refuse_unsupported_features(args) -> None:
+    """Features LET cannot honour, refused in one line before training, under both trainers.
+
+    CUDA graphs replay a captured forward: LET's hook on layer k computes a new, data-dependent loss
+    from the teacher each micro-batch in Python, which a replayed graph would skip or replay stale.
+    FSDP: LET's learned projector (and the hook on a sharded layer) has not been run under
+    Megatron-FSDP or torch FSDP2; megatron-core 0.16's FSDP wrappers hard-code CUDA
+    (``DeviceMesh(..., "cuda")``, CUDA buffers), so no CPU test can check it here. (Full activation recomputation, MoE and expert parallelism are supported.)"""
+    impl = getattr(args, "cuda_graph_impl", None)
+    graph_flags = [flag for flag, on in (("--enable-cuda-graph", getattr(args, "enable_cuda_graph", False)),
+                                         ("--external-cuda-graph", getattr(args, "external_cuda_graph", False)),
+                                         (f"--cuda-graph-impl {impl}", impl not in (None, "none")))
+                   if on]
+    if graph_flags:
+        raise LETConfigError(
+            f"{graph_flags[0]} would capture --let-target-layer in a CUDA graph, but LET computes a new "
+            "teacher-dependent loss there every micro-batch in Python, which a replayed graph would skip or "
+            "reuse stale; drop the CUDA-graph flags while LET is on.")
+    for flag, attribute in (("--use-megatron-fsdp", "use_megatron_fsdp"), ("--use-custom-fsdp", "use_custom_fsdp"),
+                            ("--use-torch-fsdp2", "use_torch_fsdp2")):
+        if getattr(args, attribute, False):
+            raise LETConfigError(
+                f"{flag} is not supported with LET yet: its learned projector and the hook on a sharded "
+                "--let-target-layer have not been verified under FSDP (megatron-core 0.16's FSDP wrappers build CUDA device "
+                "meshes and buffers, so it cannot be tested on CPU); use DDP with --use-distributed-optimizer, which shards the "
+                "optimizer state, the projector's included.")
+
+
 def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
               saved: Optional[dict] = None, resume_iteration: Optional[int] = None):
     """The LateToEarlyTraining for ``args`` (None without --let-teacher), validated against the
@@ -43,6 +71,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
     config = let_config_from_args(args)
     if config is None:
         return None
+    refuse_unsupported_features(args)
     saved = saved or {}
     changed = []
     if saved.get("config"):

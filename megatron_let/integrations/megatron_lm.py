@@ -72,7 +72,7 @@ from typing import Callable, Optional, Set
 import torch
 
 from megatron_let.config import add_let_args
-from megatron_let.integrations.launch import build_let, let_state
+from megatron_let.integrations.launch import build_let, let_state, refuse_unsupported_features
 from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
 
@@ -477,9 +477,7 @@ def _check_supported(args) -> None:
     """Settings LET cannot honour under Megatron-LM yet."""
     if getattr(args, "use_legacy_models", False):
         raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
-    if getattr(args, "recompute_granularity", None) == "full":
-        raise LETConfigError("--recompute-granularity full re-runs --let-target-layer in the backward pass, "
-                             "which LET does not support yet; use --recompute-granularity selective.")
+    refuse_unsupported_features(args)  # CUDA graphs, FSDP (full recompute works: megatron_let/recompute.py)
 
 
 def main(extra_args_provider: Optional[Callable] = None) -> int:

@@ -152,11 +152,85 @@ def _add_checkpoint_logging_args(p):
     g.add_argument("--log-throughput", action="store_true")
 
 
+def _add_recompute_and_moe_args(p):
+    g = p.add_argument_group("activation recompute")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-modules", nargs="*", default=None)
+    g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "none"],
+                   default="aux_loss")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather")
+    # Megatron-LM features the lean trainer lacks, parsed only to refuse them with the right reason
+    # (with LET on, LET's own reason comes first: see integrations.launch.refuse_unsupported_features)
+    for flag in ("--enable-cuda-graph", "--external-cuda-graph", "--use-megatron-fsdp", "--use-torch-fsdp2"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cuda-graph-impl", default="none", help=argparse.SUPPRESS)
+
+
+def _validate_recompute_and_moe(args):
+    if args.let_teacher:
+        from megatron_let.integrations.launch import refuse_unsupported_features
+
+        refuse_unsupported_features(args)
+    for flag in ("--enable-cuda-graph", "--external-cuda-graph", "--use-megatron-fsdp", "--use-torch-fsdp2"):
+        if getattr(args, flag[2:].replace("-", "_")):
+            raise ArgumentError(f"unsupported flag {flag}: the megatron-core-only trainer does not implement it; "
+                                f"it {NEEDS_MEGATRON_LM}.")
+    if args.cuda_graph_impl != "none":
+        raise ArgumentError(f"unsupported flag --cuda-graph-impl: the megatron-core-only trainer does not "
+                            f"implement it; it {NEEDS_MEGATRON_LM}.")
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"
+    if args.recompute_granularity == "full":
+        if args.recompute_method is None or args.recompute_num_layers is None:
+            raise ArgumentError("--recompute-granularity full needs --recompute-method uniform|block and "
+                                "--recompute-num-layers N.")
+        per_chunk = args.num_layers // args.pipeline_model_parallel_size // (args.virtual_pipeline_model_parallel_size or 1)
+        if args.recompute_num_layers < 1 or (args.recompute_method == "uniform" and per_chunk % args.recompute_num_layers):
+            raise ArgumentError(f"--recompute-num-layers {args.recompute_num_layers} must be >= 1 and, with "
+                                f"--recompute-method uniform, divide the {per_chunk} layers of each model chunk.")
+    elif args.recompute_method is not None or args.recompute_num_layers is not None:
+        raise ArgumentError("--recompute-method / --recompute-num-layers need --recompute-granularity full.")
+    ep = args.expert_model_parallel_size
+    etp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    if args.num_experts is None:
+        if ep > 1 or args.expert_tensor_parallel_size is not None:
+            raise ArgumentError("--expert-model-parallel-size / --expert-tensor-parallel-size need --num-experts.")
+        return
+    if args.num_experts % ep:
+        raise ArgumentError(f"--num-experts {args.num_experts} is not divisible by --expert-model-parallel-size {ep}.")
+    if not 1 <= args.moe_router_topk <= args.num_experts:
+        raise ArgumentError(f"--moe-router-topk {args.moe_router_topk} must be in 1..--num-experts {args.num_experts}.")
+    world = args.data_parallel_size * args.tensor_model_parallel_size * args.pipeline_model_parallel_size \
+        * args.context_parallel_size
+    if world % (etp * ep * args.pipeline_model_parallel_size):
+        raise ArgumentError(f"world size {world} is not divisible by expert-TP x EP x PP = "
+                            f"{etp} x {ep} x {args.pipeline_model_parallel_size}.")
+    if args.moe_token_dispatcher_type == "alltoall":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ArgumentError("--moe-token-dispatcher-type alltoall needs CUDA (megatron-core's dispatcher "
+                                "creates a CUDA stream); use allgather on CPU.")
+    if args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size
+
+
 def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     parser = _Parser(prog="pretrain_gpt_let.py", allow_abbrev=False,
                      description="GPT pretraining with Late-to-Early Training (megatron-core trainer)")
     for add in (_add_model_args, _add_parallel_args, _add_training_args, _add_data_args,
-                _add_checkpoint_logging_args, add_let_args):
+                _add_checkpoint_logging_args, _add_recompute_and_moe_args, add_let_args):
         add(parser)
     parser.add_argument_group("LET export").add_argument(
         "--let-export-dir", default=None,
@@ -241,6 +315,7 @@ def _validate(args, world_size):
         raise ArgumentError("--tokenizer-type NullTokenizer needs --vocab-size N.")
     if args.let_export_dir and not args.load:
         raise ArgumentError("--let-export-dir needs --load CHECKPOINT_DIR.")
+    _validate_recompute_and_moe(args)
 
 
 def _validate_schedule(args) -> None:

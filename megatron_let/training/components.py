@@ -12,7 +12,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1, seed: int = 1234,
-                        timeout_minutes: int = 10) -> None:
+                        timeout_minutes: int = 10, ep: int = 1, etp: Optional[int] = None) -> None:
     """torch.distributed from torchrun's env (gloo without CUDA), then megatron's process groups.
     Without CUDA the launcher applies :mod:`megatron_let.compat` first."""
     if not dist.is_initialized():
@@ -26,7 +26,8 @@ def initialize_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp:
                                 timeout=timedelta(minutes=timeout_minutes))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp)
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

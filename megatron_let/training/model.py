@@ -12,14 +12,15 @@ from megatron_let.controller import LateToEarlyTraining
 
 def layer_spec(config: TransformerConfig, transformer_impl: str = "transformer_engine"):
     """TransformerEngine layers when asked for and importable (GPU), megatron-core's local ones otherwise."""
+    local = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=False, normalization=config.normalization)
     if transformer_impl == "local":
-        return get_gpt_layer_local_spec(normalization=config.normalization)
+        return get_gpt_layer_local_spec(**local)
     try:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
         import transformer_engine  # noqa: F401
     except ImportError:
-        return get_gpt_layer_local_spec(normalization=config.normalization)
-    return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_local_spec(**local)
+    return get_gpt_layer_with_transformer_engine_spec(num_experts=config.num_moe_experts)
 
 
 def build_gpt_chunks(config: TransformerConfig, vocab_size: int, seq_length: int,

@@ -48,7 +48,26 @@ def transformer_config_from_args(args) -> TransformerConfig:
         # gloo: batched p2p gives silently wrong interleaved-pipeline results (see cpu_compat).
         batch_p2p_comm=on_gpu, batch_p2p_sync=on_gpu,
         deallocate_pipeline_outputs=True,
+        **recompute_and_moe_config(args),
     )
+
+
+def recompute_and_moe_config(args) -> dict:
+    """TransformerConfig fields of --recompute-* and the MoE flags (Megatron-LM's mapping)."""
+    kwargs = dict(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                  recompute_num_layers=args.recompute_num_layers)
+    if args.recompute_modules is not None:
+        kwargs["recompute_modules"] = args.recompute_modules
+    if args.num_experts is not None:
+        kwargs.update(
+            num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            expert_tensor_parallel_size=args.expert_tensor_parallel_size or args.tensor_model_parallel_size,
+            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
+            moe_token_dispatcher_type=args.moe_token_dispatcher_type, moe_grouped_gemm=False)
+    return kwargs
 
 
 def _reseed(seed: int, iteration: int) -> None:
@@ -84,6 +103,7 @@ def pretrain(args) -> dict:
     let = build_let(args, tokenizer, tokenizer_name, print_rank_last, resume_common.get("let"), resume_iteration)
     initialize_parallel(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, cp=args.context_parallel_size,
+                        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
                         seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
     padded_vocab = vocab_size_with_padding(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                            args.tensor_model_parallel_size)

@@ -23,7 +23,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron_let import LateToEarlyTraining, LETConfig  # noqa: E402
 from megatron_let.compat.cpu import enable_cpu_megatron  # noqa: E402
 from megatron_let.training.components import build_optimizer, initialize_parallel, shutdown_parallel, wrap_ddp  # noqa: E402
-from megatron_let.training.model import build_gpt_chunks  # noqa: E402
+from megatron_let.training.model import build_gpt_chunks, layer_spec  # noqa: E402
 from megatron_let.training.step import train_step  # noqa: E402
 
 VOCAB, SEQ = 128, 32
@@ -50,6 +50,16 @@ def parse():
     p.add_argument("--save-ref", default=None)
     p.add_argument("--load-ref", default=None)
     p.add_argument("--out", required=True)
+    # activation recompute (issue 16): each variant trains from the same weights in this process;
+    # "none", "selective", "full:uniform|block:N", or "no-let" (same model, LET off). Results under "variants",
+    # the first also as "records".
+    p.add_argument("--recompute", nargs="+", default=["none"])
+    # MoE target (issue 16): experts in every layer, expert parallelism, MoE's load-balancing aux loss
+    p.add_argument("--num-experts", type=int, default=None)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--moe-aux-loss-coeff", type=float, default=0.01)
+    p.add_argument("--dispatcher", default="allgather")
     # LET token alignment (tests/test_token_alignment.py): a teacher with another tokenizer
     p.add_argument("--target-tokenizer", default=None, help="HF tokenizer dir of the target: ids drawn from it, "
                                                             "EOD = its eos id, --let-token-alignment causal-span")
@@ -80,11 +90,71 @@ def microbatches(iteration: int, args):
                "attention_mask": None}
 
 
+def moe_settings(args) -> dict:
+    if not args.num_experts:
+        return {}
+    return {"num_moe_experts": args.num_experts, "moe_router_topk": args.topk, "moe_ffn_hidden_size": 128,
+            "expert_model_parallel_size": args.ep, "moe_router_load_balancing_type": "aux_loss",
+            "moe_aux_loss_coeff": args.moe_aux_loss_coeff, "moe_token_dispatcher_type": args.dispatcher,
+            "moe_grouped_gemm": False}
+
+
+def moe_aux_loss() -> float:
+    """MoE's load-balancing loss of this iteration, summed over layers and all micro-batches of the
+    global batch (megatron-core's tracker; summed over PP and DP), then cleared."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    entry = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]
+    values = entry["values"].clone()
+    clear_aux_losses_tracker()
+    torch.distributed.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+    if entry.get("reduce_group") is not None:  # as megatron's reduce_aux_losses_tracker_across_ranks
+        torch.distributed.all_reduce(values, group=entry["reduce_group"])
+    torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    return values.sum().item()
+
+
+def recompute_settings(variant: str) -> dict:
+    if variant in ("none", "no-let"):
+        return {}
+    if variant == "selective":
+        return {"recompute_granularity": "selective"}
+    granularity, method, num_layers = variant.split(":")
+    return {"recompute_granularity": granularity, "recompute_method": method,
+            "recompute_num_layers": int(num_layers)}
+
+
+TEACHER_CALLS = [0]
+
+
+def count_teacher_forwards() -> None:
+    """Count teacher forward passes (a wrapper around the real one): full recompute must not add any."""
+    from megatron_let.teachers.huggingface import HFTeacher
+
+    forward = HFTeacher.hidden_states
+
+    def counted(self, *args, **kwargs):
+        TEACHER_CALLS[0] += 1
+        return forward(self, *args, **kwargs)
+
+    HFTeacher.hidden_states = counted
+
+
 def main():
     args = parse()
+    count_teacher_forwards()
     enable_cpu_megatron()  # only without CUDA
-    initialize_parallel(tp=args.tp, pp=args.pp, vpp=args.vpp, seed=1234)
-    config = TransformerConfig(
+    initialize_parallel(tp=args.tp, pp=args.pp, vpp=args.vpp, seed=1234, ep=args.ep)
+    results = {variant: train(args, variant) for variant in args.recompute}
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and not args.save_ref:
+        first = results[args.recompute[0]]
+        with open(args.out, "w") as f:
+            json.dump({**first, "variants": results}, f)
+    shutdown_parallel()
+
+
+def train(args, variant: str) -> dict:
+    config = TransformerConfig(**recompute_settings(variant),
         num_layers=args.num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
         normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
@@ -94,6 +164,7 @@ def main():
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         batch_p2p_sync=False, batch_p2p_comm=False, calculate_per_token_loss=args.per_token_loss,
+        **moe_settings(args),
     )
     let = None
     # LET token alignment: ids from a real target tokenizer, teacher re-tokenizes (causal-span)
@@ -104,7 +175,7 @@ def main():
         target_tokenizer = AutoTokenizer.from_pretrained(args.target_tokenizer)
         args.data_vocab, args.eod = len(target_tokenizer), target_tokenizer.eos_token_id
         vocab = -(-args.data_vocab // 128) * 128
-    if args.teacher:
+    if args.teacher and variant != "no-let":
         alignment = {"token_alignment": "causal-span", "teacher_tokenizer": args.teacher_tokenizer} \
             if args.target_tokenizer else {}
         let = LateToEarlyTraining(LETConfig(teacher=args.teacher, target_layer=args.target_layer,
@@ -112,13 +183,13 @@ def main():
                                             projector=args.projector, teacher_placement=args.placement,
                                             **alignment),
                                   target_tokenizer=target_tokenizer, eod_id=args.eod)
-    chunks = build_gpt_chunks(config, vocab, SEQ, let=let)
+    chunks = build_gpt_chunks(config, vocab, SEQ, let=let, spec=layer_spec(config, "local"))
     if args.save_ref:
         os.makedirs(args.save_ref, exist_ok=True)
         dist_checkpointing.save(chunks[0].sharded_state_dict(), args.save_ref)
         with open(args.out, "w") as f:
             json.dump({"saved": args.save_ref}, f)
-        return
+        return {}
     if args.load_ref:
         if len(chunks) == 1:
             state = dist_checkpointing.load(chunks[0].sharded_state_dict(), args.load_ref)
@@ -156,6 +227,13 @@ def main():
             torch.distributed.all_gather_object(every, mine)
             per_rank.append({"teacher rows": [e[0] for e in every], "teacher alive": [e[1] for e in every],
                              "teacher loaded": [e[2] for e in every]})
+            calls = torch.tensor([float(TEACHER_CALLS[0])])
+            torch.distributed.all_reduce(calls)  # summed over ranks: the owners' TP parts add up
+            if calls.item() > 0:  # (lambda 0: no teacher ran, the record stays that of a run without LET)
+                metrics["teacher forwards"] = calls.item()
+            TEACHER_CALLS[0] = 0
+        if args.num_experts:
+            metrics["moe aux loss"] = moe_aux_loss()
         if let is not None and let.owns_target_layer and let._teacher is not None:
             teacher_params = list(let._teacher.model.parameters())
             checksum = sum(p.double().sum().item() for p in teacher_params)
@@ -163,10 +241,7 @@ def main():
             metrics["teacher has grad"] = any(p.grad is not None for p in teacher_params)
             teacher_before = checksum if teacher_before is None else teacher_before
         records.append(metrics)
-    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-        with open(args.out, "w") as f:
-            json.dump({"records": records, "teacher_first_checksum": teacher_before, "per_rank": per_rank}, f)
-    shutdown_parallel()
+    return {"records": records, "teacher_first_checksum": teacher_before, "per_rank": per_rank}
 
 
 if __name__ == "__main__":
