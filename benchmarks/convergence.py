@@ -134,7 +134,8 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
             "let-standardize": (let(trained) + std, trained["key"], (1, 2)),
             "let-smollm2-standardize": (let(smollm2) + span + std, smollm2["key"], (1, 2)),
             # single-seed probes: per-token layernorm; standardize with a learned (linear) projector
-            "let-smollm2-layernorm": (let(smollm2) + span + ["--let-teacher-norm", "layernorm"], smollm2["key"], (1,)),
+            "let-smollm2-layernorm": (let(smollm2) + span + ["--let-teacher-norm", "layernorm"], smollm2["key"],
+                                      (1, 2)),
             "let-smollm2-linear-standardize": (let(smollm2, let_projector="linear") + span + std, smollm2["key"],
                                                (1,)),
         }

@@ -197,7 +197,8 @@ def _gpt2_teacher(path, n_positions):
 def test_teacher_with_learned_positions_shorter_than_seq_length_is_refused(tmp_path):
     short = _gpt2_teacher(tmp_path / "gpt2-ctx8", n_positions=8)  # BASE: --seq-length 16
     proc = run(*BASE, *let(short))
-    assert_one_line_error(proc, "--let-teacher", "learned positions for 8 tokens", "(n_positions)", "--seq-length is 16")
+    assert_one_line_error(proc, "--let-teacher", "learned positions for 8 tokens", "(n_positions)",
+                          "--seq-length is 16")
     assert "iteration" not in proc.stdout  # refused before any step (it used to die at step 1: IndexError)
     # exactly --seq-length positions is enough (no refusal, no warning)
     ok = run(*BASE, "--train-iters", 1, *let(_gpt2_teacher(tmp_path / "gpt2-ctx16", n_positions=16)))
