@@ -17,6 +17,7 @@ import torch
 
 from conftest import ROOT, free_port, make_tiny_llama, torchrun
 from test_megatron_lm import MODEL_ARGS
+from test_reliability import _nan_teacher
 from test_sample_schedule import parse as parse_log  # every "name: value" field of the log line
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
@@ -160,16 +161,6 @@ def test_megatron_core_of_another_version_already_imported_is_refused():
 
 
 # ------------------------------------------------------------------ lean-trainer features on Megatron-LM
-def _nan_teacher(path, like):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(like)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(path)
-    return path
-
-
 @needs_megatron_lm
 def test_nonfinite_skip_under_megatron_lm(tmp_path, teacher):
     bad = _nan_teacher(str(tmp_path / "nan"), teacher)

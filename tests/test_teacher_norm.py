@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_transformer_config
 from megatron_let import LateToEarlyTraining, LETConfig
 from megatron_let.teacher_norm import TeacherFeatureNorm, feature_energy_report
-from test_trainer import REL_TOL, let_flags, train
+from test_trainer import LAYOUTS, assert_same_logs, let_flags, train
 
 NORM = {"--let-teacher-norm": "standardize", "--let-teacher-norm-iters": 3}
 
@@ -122,20 +122,8 @@ def after_first_iteration(tmp_path_factory, teacher):
     return ckpt, flags, reference
 
 
-@pytest.mark.parametrize("layout", [
-    ["--tensor-model-parallel-size", 2, "--sequence-parallel"],
-    ["--pipeline-model-parallel-size", 2],
-    ["--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1],
-    [],  # DP2
-], ids=["tp2_sp", "pp2", "pp2_vpp", "dp2"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_standardize_is_the_same_in_every_layout(after_first_iteration, layout):
     ckpt, flags, reference = after_first_iteration
     got = train(2, *flags, "--load", ckpt, *layout)
-    assert sorted(got) == sorted(reference)
-    for it, ref in reference.items():
-        assert set(got[it]) == set(ref)
-        for key in ("lm loss", "let loss", "let cos", "let lambda"):
-            if key in ref:
-                rel = abs(got[it][key] - ref[key]) / max(abs(ref[key]), 1e-12)
-                assert rel < REL_TOL, f"iteration {it} {key}: {got[it][key]} vs {ref[key]}"
-        assert abs(got[it]["grad norm"] - ref["grad norm"]) <= 1e-3
+    assert_same_logs(got, reference)

@@ -16,6 +16,23 @@ MODEL = ["--num-layers", 4, "--hidden-size", 64, "--num-attention-heads", 4, "--
          "--log-interval", 1, "--eval-interval", 100, "--eval-iters", 0, "--position-embedding-type", "rope",
          "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--attention-dropout", 0]
 REL_TOL = 1e-5
+# 2-process layouts a TP1 checkpoint is resumed into (flags added to the TP1 run's)
+LAYOUTS = {"tp2_sp": ["--tensor-model-parallel-size", 2, "--sequence-parallel"],
+           "pp2": ["--pipeline-model-parallel-size", 2],
+           "pp2_vpp": ["--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1],
+           "dp2": []}
+
+
+def assert_same_logs(got: dict, reference: dict) -> None:
+    """Per logged iteration: the same fields, lm/let scalars within REL_TOL, grad norm to its 3 printed decimals."""
+    assert sorted(got) == sorted(reference)
+    for it, ref in reference.items():
+        assert set(got[it]) == set(ref)
+        for key in ("lm loss", "let loss", "let cos", "let lambda"):
+            if key in ref:
+                rel = abs(got[it][key] - ref[key]) / max(abs(ref[key]), 1e-12)
+                assert rel < REL_TOL, f"iteration {it} {key}: {got[it][key]} vs {ref[key]}"
+        assert abs(got[it]["grad norm"] - ref["grad norm"]) <= 1e-3
 LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
 
 
@@ -60,23 +77,11 @@ def after_first_iteration(tmp_path_factory, teacher):
     return ckpt, reference
 
 
-@pytest.mark.parametrize("layout", [
-    ["--tensor-model-parallel-size", 2, "--sequence-parallel"],
-    ["--pipeline-model-parallel-size", 2],
-    ["--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1],
-    [],  # DP2
-], ids=["tp2_sp", "pp2", "pp2_vpp", "dp2"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_logged_losses_match_tp1(teacher, after_first_iteration, layout):
     ckpt, reference = after_first_iteration
     got = train(2, "--train-iters", 5, "--hidden-dropout", 0, *let_flags(teacher), "--load", ckpt, *layout)
-    assert sorted(got) == sorted(reference)
-    for it, ref in reference.items():
-        assert set(got[it]) == set(ref)
-        for key in ("lm loss", "let loss", "let cos", "let lambda"):
-            if key in ref:
-                rel = abs(got[it][key] - ref[key]) / max(abs(ref[key]), 1e-12)
-                assert rel < REL_TOL, f"iteration {it} {key}: {got[it][key]} vs {ref[key]}"
-        assert abs(got[it]["grad norm"] - ref["grad norm"]) <= 1e-3  # printed with 3 decimals
+    assert_same_logs(got, reference)
 
 
 def test_resume_is_exact(tmp_path, teacher):
