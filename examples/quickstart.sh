@@ -26,7 +26,7 @@ fi
 . .venv/bin/activate
 
 # pip's own lines, cut to one per package, so a 2-minute install shows what it is doing
-pip_progress() { grep --line-buffered -E '^(Collecting|Installing collected|Successfully installed|ERROR)' | \
+pip_progress() { grep --line-buffered -E '^(Collecting|Processing|Installing collected|Successfully installed|ERROR)' | \
     sed -u -e 's/^/[quickstart.sh]   /' -e 's/\(.\{150\}\).*/\1 .../' || true; }
 
 if python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH_SPEC#torch==}')" 2>/dev/null; then

@@ -96,12 +96,13 @@ def run(nproc: int, args) -> dict:
     proc = torchrun(SCRIPT, nproc, args, timeout=600, megatron_lm=True)
     placement = "owner" if "owner" in map(str, args) else "spread"
     assert f"LET teacher placement {placement}" in proc.stdout, proc.stdout[-3000:]
-    if placement == "spread":  # the teacher really ran before the schedule, evenly over all nproc ranks
+    if placement == "spread":  # the teacher ran before the schedule, evenly over each replica's model-parallel ranks
         rows = re.search(r"teacher sequences per rank of the model-parallel group in the first iteration: "
                          r"\[([0-9, ]+)\]", proc.stdout)
         assert rows, proc.stdout[-3000:]
         counts = [int(c) for c in rows.group(1).split(",")]
-        assert len(counts) == nproc and sum(counts) == 8 and max(counts) - min(counts) <= 1, counts
+        replicas = nproc // len(counts)  # data-parallel replicas (EP ranks are data-parallel for the dense part)
+        assert nproc % len(counts) == 0 and sum(counts) * replicas == 8 and max(counts) - min(counts) <= 1, counts
     logged = parse_log(proc.stdout)
     assert "lm loss" in logged.get(1, {}), (
         "no Megatron-LM training log line: did pretrain_gpt_let.py dispatch to Megatron-LM's "
