@@ -226,7 +226,8 @@ class LateToEarlyTraining:
     # -- teacher -------------------------------------------------------------------------------
     @property
     def teacher(self) -> HFTeacher:
-        """Loaded on first use, so only ranks that own layer k, and only before the stop step."""
+        """Loaded on first use, so only where it runs (spread: every model-parallel rank given rows; owner:
+        the ranks owning layer k), and never after the stop step."""
         if self._teacher is None:
             if self.finished:
                 raise RuntimeError("LET teacher requested after the stop step")
