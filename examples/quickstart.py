@@ -281,8 +281,9 @@ def plot(a, base, let, teacher, res, path: Path) -> None:
 # ----------------------------------------------------------------------------- driver
 def expected_duration(a) -> str:
     """What to expect, from the default run's measured times (machine-dependent: BLAS, cores, load)."""
-    work = (a.teacher_steps * a.teacher_batch_size / (250 * 32) * 1.5
-            + 2 * a.target_iters * a.batch_size * a.target_layers * a.target_hidden ** 2 / (200 * 16 * 6 * 256 ** 2) * 2.5)
+    # minutes on this project's idle 2-core machine at the defaults: teacher 1.15, each target run 1.85
+    work = (a.teacher_steps * a.teacher_batch_size / (250 * 32) * 1.15
+            + 2 * a.target_iters * a.batch_size * a.target_layers * a.target_hidden ** 2 / (200 * 16 * 6 * 256 ** 2) * 1.85)
     cores = os.cpu_count() or 1
     return (f"expected: about {max(1, round(work))}-{max(2, round(4 * work))} min on {cores} CPU cores "
             "(the low end on idle cores, the high end on a slow or shared machine; the first run also "
