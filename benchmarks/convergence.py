@@ -125,7 +125,7 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     if plan == "core":
         return core
     if plan == "teacher-norm":  # issue 14: per-dimension standardised teacher features, both teachers, paired
-        std = ["--let-teacher-norm", "standardize"]
+        std, center = ["--let-teacher-norm", "standardize"], ["--let-teacher-norm", "center"]
         return {
             "baseline": ([], "", (1, 2)),
             "let": (let(trained), trained["key"], (1, 2)),
@@ -133,6 +133,10 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
             "let-random-teacher": (let(random), random["key"], (1, 2)),
             "let-standardize": (let(trained) + std, trained["key"], (1, 2)),
             "let-smollm2-standardize": (let(smollm2) + span + std, smollm2["key"], (1, 2)),
+            "let-center": (let(trained) + center, trained["key"], (1, 2)),
+            "let-smollm2-center": (let(smollm2) + span + center, smollm2["key"], (1, 2)),
+            "let-smollm2-linear-center": (let(smollm2, let_projector="linear") + span + center, smollm2["key"],
+                                          (1, 2)),
             # single-seed probes: per-token layernorm; standardize with a learned (linear) projector
             "let-smollm2-layernorm": (let(smollm2) + span + ["--let-teacher-norm", "layernorm"], smollm2["key"],
                                       (1, 2)),

@@ -15,7 +15,7 @@ TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
 TOKEN_ALIGNMENTS = ("exact", "causal-span")  # megatron_let/token_alignment.py
 TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
-TEACHER_NORMS = ("none", "layernorm", "standardize")  # megatron_let/teacher_norm.py
+TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
 
 
 @dataclass
@@ -177,12 +177,13 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "owner: only layer k's stage loads and runs the teacher (less memory elsewhere).")
     group.add_argument("--let-teacher-norm", choices=TEACHER_NORMS, default="none",
                        help="Normalise the teacher's states before the cosine: none (the paper); layernorm (per "
-                            "token, over its dimensions); standardize (per dimension, by the teacher's mean/std "
+                            "token, over its dimensions); center (the teacher's mean state subtracted: removes the "
+                            "near-constant part of massive activations); standardize (per dimension, by the teacher's mean/std "
                             "over the tokens of the first --let-teacher-norm-iters iterations, identical on every "
-                            "rank, then frozen; saved in the checkpoint). For teachers whose energy sits in a few "
+                            "rank, then frozen; saved in the checkpoint; center uses the same mean). For teachers whose energy sits in a few "
                             "dimensions (the start-up line 'LET teacher features' shows it).")
     group.add_argument("--let-teacher-norm-iters", type=int, default=20,
-                       help="standardize: iterations whose teacher states estimate the statistics (default 20; "
+                       help="center / standardize: iterations whose teacher states estimate the statistics (default 20; "
                             "the first only measures, then they are frozen).")
     return parser
 

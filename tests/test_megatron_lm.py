@@ -156,6 +156,30 @@ def test_layout_matches_tp1(layout, reference, let_args, initial_checkpoint):
             f"{layout}: {key} differs from TP1"
 
 
+# ------------------------------------------------------------------ teacher-feature normalisation
+@pytest.fixture(scope="module")
+def norm_setup(megatron_lm_path, let_args, tmp_path_factory):
+    """--let-teacher-norm center inside Megatron-LM: the checkpoint holds the statistics of its first
+    iteration; every layout sums the next ones over its own ranks (DP and SP ranks hold different tokens)."""
+    args = [*let_args, "--let-teacher-norm", "center", "--let-teacher-norm-iters", 3]
+    ckpt = tmp_path_factory.mktemp("megatron_lm_norm") / "init"
+    run(1, [*MODEL_ARGS, *args, "--train-iters", 1, "--save", ckpt, "--save-interval", 1])
+    reference = train(1, [], args, ckpt, "norm tp1")
+    assert all(v > 0 for v in per_iteration(reference, "let loss"))
+    return args, ckpt, reference
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2_sp", "pp2"])
+def test_teacher_norm_layouts_match_tp1(layout, norm_setup):
+    args, ckpt, reference = norm_setup
+    nproc, parallel = {"dp2": (2, []), "tp2_sp": (2, [*LAYOUTS["tp2"][1], "--sequence-parallel"]),
+                       "pp2": LAYOUTS["pp2"]}[layout]
+    logged = train(nproc, parallel, args, ckpt, f"norm {layout}")
+    for key in ("lm loss", "let loss", "let lambda"):
+        assert per_iteration(logged, key) == pytest.approx(per_iteration(reference, key), rel=1e-5), \
+            f"teacher norm {layout}: {key} differs from TP1"
+
+
 # ------------------------------------------------------------------ a teacher with another tokenizer
 @pytest.fixture(scope="module")
 def span_setup(megatron_lm_path, tmp_path_factory):

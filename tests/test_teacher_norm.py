@@ -18,7 +18,9 @@ def test_energy_report_names_the_top_dimensions():
     x = torch.ones(4, 2, 32)
     x[..., 5] = 10.0  # one massive dimension: 100 of 131 per token
     report = feature_energy_report(x, torch.ones(4, 2))
-    assert report == "top 1 / top 16 of 32 dims hold 76% / 88% of the energy"
+    assert report == "top 1 / top 16 of 32 dims hold 76% / 88% of the energy, the mean state 100%"
+    x[::2] *= -1  # every other token flipped: the same energy, none of it constant over tokens
+    assert feature_energy_report(x, torch.ones(4, 2)).endswith("88% of the energy, the mean state 0%")
     assert feature_energy_report(x, torch.zeros(4, 2)).startswith("top 1 / top 16 of 32 dims hold 0%")
 
 
@@ -35,6 +37,23 @@ def test_layernorm_normalises_each_token_and_keeps_no_state():
     torch.testing.assert_close(y.mean(-1), torch.zeros(5, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(5, 3), atol=1e-3, rtol=0)
     assert TeacherFeatureNorm("none", 16)(x, torch.ones(5, 3)) is x
+
+
+def test_center_subtracts_the_teachers_mean_and_keeps_each_dimensions_scale():
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.linspace(0.1, 30, 16)
+    first, second = (torch.randn(5, 3, 16, generator=gen) * scales + 4 for _ in range(2))
+    mask = torch.ones(5, 3)
+    mask[0, 0] = 0  # a masked token is not counted
+    norm = TeacherFeatureNorm("center", 16, estimate_iters=1)
+    assert list(dict(norm.state_dict())) == ["token_count", "feature_sum", "feature_sq_sum"]
+    norm.begin_iteration(0)
+    assert norm(first, mask) is None  # the first iteration only measures
+    norm.begin_iteration(1)
+    mean = first.reshape(-1, 16)[mask.reshape(-1) > 0].double().mean(0).float()
+    torch.testing.assert_close(norm(second, mask), second - mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(norm._mean, mean, rtol=1e-6, atol=1e-6)
+    assert norm.token_count.item() == 14  # frozen after --let-teacher-norm-iters 1: iteration 1 added nothing
 
 
 def _run(model, let, iteration, tokens, mask):
@@ -110,12 +129,13 @@ def test_resume_mid_estimation_is_exact(tmp_path, teacher):
             {k: v for k, v in ref.items() if k != "elapsed time per iteration (ms)"}, f"iteration {it}"
 
 
-@pytest.fixture(scope="module")
-def after_first_iteration(tmp_path_factory, teacher):
+@pytest.fixture(scope="module", params=["standardize", "center"])
+def after_first_iteration(request, tmp_path_factory, teacher):
     """TP1 checkpoint after iteration 1 (statistics of iteration 0 in it); every layout sums iterations
     1 and 2 in its own way (DP and SP ranks hold different tokens) and must end with the same numbers."""
     ckpt = str(tmp_path_factory.mktemp("ckpt") / "it1")
-    flags = ["--train-iters", 5, "--hidden-dropout", 0, *let_flags(teacher, **NORM)]
+    flags = ["--train-iters", 5, "--hidden-dropout", 0,
+             *let_flags(teacher, **{**NORM, "--let-teacher-norm": request.param})]
     train(1, *flags, "--save", ckpt, "--save-interval", 1, "--exit-interval", 1)
     reference = train(1, *flags, "--load", ckpt)
     assert all("let loss" in reference[i] for i in (2, 3, 4))
@@ -123,7 +143,7 @@ def after_first_iteration(tmp_path_factory, teacher):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_standardize_is_the_same_in_every_layout(after_first_iteration, layout):
+def test_estimated_norm_is_the_same_in_every_layout(after_first_iteration, layout):
     ckpt, flags, reference = after_first_iteration
     got = train(2, *flags, "--load", ckpt, *layout)
     assert_same_logs(got, reference)
