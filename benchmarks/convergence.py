@@ -137,6 +137,9 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
             "let-smollm2-center": (let(smollm2) + span + center, smollm2["key"], (1, 2)),
             "let-smollm2-linear-center": (let(smollm2, let_projector="linear") + span + center, smollm2["key"],
                                           (1, 2)),
+            # the teacher's top 16 principal directions only (the small teacher's own spread: 16 hold 96%)
+            "let-smollm2-center-rank16": (let(smollm2) + span + center + ["--let-teacher-norm-rank", "16"],
+                                          smollm2["key"], (1, 2)),
             # single-seed probes: per-token layernorm; standardize with a learned (linear) projector
             "let-smollm2-layernorm": (let(smollm2) + span + ["--let-teacher-norm", "layernorm"], smollm2["key"],
                                       (1, 2)),
