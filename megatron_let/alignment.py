@@ -40,8 +40,7 @@ class LETAlignment(MegatronModule):
         for param in self.projector.parameters():
             param.sequence_parallel = config.sequence_parallel
         # --let-teacher-norm: its statistics (standardize) are buffers here, so the checkpoint holds them
-        self.teacher_norm = TeacherFeatureNorm(cfg.teacher_norm, teacher_size, cfg.teacher_norm_iters,
-                                               cfg.teacher_norm_rank)
+        self.teacher_norm = TeacherFeatureNorm(cfg.teacher_norm, teacher_size, cfg.teacher_norm_iters)
         self._reported_features = False
         object.__setattr__(self, "_let", let)  # not a submodule: it holds the teacher
         self.recompute_stash = RecomputeStash()  # full recompute: targets from the no-grad run to the re-run

@@ -45,7 +45,6 @@ class LETConfig:
     teacher_placement: str = "spread"
     teacher_norm: str = "none"
     teacher_norm_iters: int = 20
-    teacher_norm_rank: int = 0
     stop_samples: Optional[int] = None
 
     def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None,
@@ -86,12 +85,6 @@ class LETConfig:
             raise LETConfigError(f"--let-teacher-norm must be one of {TEACHER_NORMS}; got {self.teacher_norm!r}.")
         if not isinstance(self.teacher_norm_iters, int) or self.teacher_norm_iters < 1:
             raise LETConfigError(f"--let-teacher-norm-iters must be >= 1; got {self.teacher_norm_iters}.")
-        if not isinstance(self.teacher_norm_rank, int) or self.teacher_norm_rank < 0:
-            raise LETConfigError(f"--let-teacher-norm-rank must be >= 1 (or 0: every direction); got "
-                                 f"{self.teacher_norm_rank}.")
-        if self.teacher_norm_rank and self.teacher_norm != "center":
-            raise LETConfigError(f"--let-teacher-norm-rank keeps the top principal directions of the centred "
-                                 f"teacher states: add --let-teacher-norm center (got {self.teacher_norm}).")
         stops = [name for name, value in (("--let-stop-iter", self.stop_iter),
                                           ("--let-stop-samples", self.stop_samples),
                                           ("--let-stop-fraction", self.stop_fraction)) if value is not None]
@@ -192,9 +185,6 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--let-teacher-norm-iters", type=int, default=20,
                        help="center / standardize: iterations whose teacher states estimate the statistics (default 20; "
                             "the first only measures, then they are frozen).")
-    group.add_argument("--let-teacher-norm-rank", type=int, default=0,
-                       help="center: also project the centred teacher states onto the teacher's top R principal "
-                            "directions, estimated like the mean (default 0: keep every direction).")
     return parser
 
 
@@ -207,7 +197,6 @@ _ARG_NAMES = {
     "token_alignment": "let_token_alignment", "teacher_tokenizer": "let_teacher_tokenizer",  # token alignment
     "teacher_placement": "let_teacher_placement",
     "teacher_norm": "let_teacher_norm", "teacher_norm_iters": "let_teacher_norm_iters",
-    "teacher_norm_rank": "let_teacher_norm_rank",
     "stop_samples": "let_stop_samples",
 }
 assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}

@@ -10,10 +10,6 @@ Real LLM teachers put most of their final-layer energy in a few "massive activat
   largely constant over tokens (SmolLM2-135M: the mean state is 36% of its energy; any two of its
   states have cosine 0.37 on average), so a constant output already meets much of ``1 - cos``;
   centring leaves only what varies from token to token, the dimensions keeping their own scales.
-  With ``--let-teacher-norm-rank R`` the centred states are also projected onto the teacher's top R
-  principal directions (eigenvectors of its token covariance), kept in the teacher's own coordinates:
-  a teacher far wider than its target (SmolLM2-135M: 256 directions carry 95% of the variance, 16
-  carry 67%) hands over only its dominant, most shareable structure.
 * ``standardize``: each DIMENSION centred and scaled by the teacher's own mean and std over tokens, so
   every feature counts alike.
 
@@ -43,21 +39,17 @@ class TeacherFeatureNorm(nn.Module):
     """``norm(teacher [s, b, h], mask [s, b], groups)`` -> normalised teacher states (fp32), or None while
     ``center`` / ``standardize`` have no statistics yet (the first iteration)."""
 
-    def __init__(self, mode: str, size: int, estimate_iters: int = 20, rank: int = 0):
+    def __init__(self, mode: str, size: int, estimate_iters: int = 20):
         super().__init__()
         if mode not in NORMS:
             raise ValueError(f"unknown teacher norm {mode!r}")
-        if rank and (mode != "center" or not 0 < rank <= size):
-            raise ValueError(f"teacher norm rank {rank} needs mode center and 0 < rank <= {size}")
-        self.mode, self.size, self.estimate_iters, self.rank = mode, size, estimate_iters, rank
+        self.mode, self.size, self.estimate_iters = mode, size, estimate_iters
         self.iteration = 0
-        self._mean = self._inv_std = self._basis = None
+        self._mean = self._inv_std = None
         if mode in ESTIMATED:  # float64 sums: identical on every rank, layouts differ only by rounding
             self.register_buffer("token_count", torch.zeros((), dtype=torch.float64))
             self.register_buffer("feature_sum", torch.zeros(size, dtype=torch.float64))
             self.register_buffer("feature_sq_sum", torch.zeros(size, dtype=torch.float64))
-        if rank:
-            self.register_buffer("feature_outer_sum", torch.zeros(size, size, dtype=torch.float64))
 
     def _apply(self, fn, recurse=True):
         """Device moves apply; dtype casts (Float16Module's ``.bfloat16()``) do not: the sums stay fp64."""
@@ -73,16 +65,12 @@ class TeacherFeatureNorm(nn.Module):
         if self.mode not in ESTIMATED or (self._mean is not None and iteration > self.estimate_iters):
             return  # frozen: nothing to recompute
         if self.token_count.item() == 0:
-            self._mean = self._inv_std = self._basis = None
+            self._mean = self._inv_std = None
             return
         mean = self.feature_sum / self.token_count
         var = (self.feature_sq_sum / self.token_count - mean * mean).clamp(min=0)
         eps = 1e-6 * var.mean().clamp(min=1e-30)  # dead dimensions stay finite
         self._mean, self._inv_std = mean.float(), (var + eps).rsqrt().float()
-        if self.rank:
-            covariance = self.feature_outer_sum / self.token_count - torch.outer(mean, mean)
-            _, vectors = torch.linalg.eigh(covariance.cpu())  # ascending; fp64 on the CPU: the same on every rank
-            self._basis = vectors[:, -self.rank:].float().to(mean.device)  # [h, R], orthonormal columns
 
     @property
     def estimating(self) -> bool:
@@ -100,27 +88,19 @@ class TeacherFeatureNorm(nn.Module):
         if self._mean is None:
             return None
         centred = x - self._mean.to(x.device)
-        if self._basis is not None:  # the part of each state in the top-R principal subspace
-            basis = self._basis.to(x.device)
-            return (centred @ basis) @ basis.T
         return centred if self.mode == "center" else centred * self._inv_std.to(x.device)
 
     @torch.no_grad()
     def _accumulate(self, x: torch.Tensor, mask: torch.Tensor, groups) -> None:
         flat, weight = x.reshape(-1, x.shape[-1]).double(), mask.reshape(-1, 1).to(torch.float64)
         sums = torch.cat([weight.sum().reshape(1), (flat * weight).sum(0), (flat * flat * weight).sum(0)])
-        if self.rank:  # the token covariance's second moments: h x h more numbers in the same all-reduce
-            sums = torch.cat([sums, (flat * weight).T.matmul(flat).reshape(-1)])
         for group in groups:
             if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(sums, group=group)
         sums = sums.to(self.token_count.device)
-        h = self.size
         self.token_count += sums[0]
-        self.feature_sum += sums[1:1 + h]
-        self.feature_sq_sum += sums[1 + h:1 + 2 * h]
-        if self.rank:
-            self.feature_outer_sum += sums[1 + 2 * h:].reshape(h, h)
+        self.feature_sum += sums[1:1 + self.size]
+        self.feature_sq_sum += sums[1 + self.size:]
 
 
 @torch.no_grad()

@@ -100,9 +100,6 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
         return let
     teacher_config = preflight_teacher(config.teacher, config.teacher_layer, getattr(args, "seq_length", None),
                                        config.token_alignment, warn)
-    if config.teacher_norm_rank > teacher_config.hidden_size:
-        raise LETConfigError(f"--let-teacher-norm-rank {config.teacher_norm_rank} exceeds the teacher's "
-                             f"{teacher_config.hidden_size} features: give at most {teacher_config.hidden_size}.")
     if causal_span:
         aligner = let.aligner  # built now: a tokenizer it cannot read fails before any process group
         log(f" LET token alignment causal-span: target {tokenizer_name} -> teacher tokenizer "
