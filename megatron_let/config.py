@@ -177,14 +177,15 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "owner: only layer k's stage loads and runs the teacher (less memory elsewhere).")
     group.add_argument("--let-teacher-norm", choices=TEACHER_NORMS, default="none",
                        help="Normalise the teacher's states before the cosine: none (the paper); layernorm (per "
-                            "token, over its dimensions); center (the teacher's mean state subtracted: removes the "
-                            "near-constant part of massive activations); standardize (per dimension, by the teacher's mean/std "
-                            "over the tokens of the first --let-teacher-norm-iters iterations, identical on every "
-                            "rank, then frozen; saved in the checkpoint; center uses the same mean). For teachers whose energy sits in a few "
-                            "dimensions (the start-up line 'LET teacher features' shows it).")
+                            "token, over its dimensions); center (the teacher's mean state subtracted: the "
+                            "near-constant part of massive activations); standardize (per dimension, by the "
+                            "teacher's mean/std). center/standardize estimate their statistics over the tokens of "
+                            "the first --let-teacher-norm-iters iterations, identically on every rank, then freeze "
+                            "them; saved in the checkpoint. The start-up line 'LET teacher features' shows how "
+                            "concentrated a teacher's states are; on CPU none of these beat none (README).")
     group.add_argument("--let-teacher-norm-iters", type=int, default=20,
-                       help="center / standardize: iterations whose teacher states estimate the statistics (default 20; "
-                            "the first only measures, then they are frozen).")
+                       help="center / standardize: iterations whose teacher states estimate the statistics "
+                            "(default 20; the first only measures, then they are frozen).")
     return parser
 
 
