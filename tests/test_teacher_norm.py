@@ -114,10 +114,12 @@ def teacher(tmp_path_factory):
     return make_tiny_llama(str(tmp_path_factory.mktemp("t") / "teacher"), vocab_size=256)
 
 
-def test_resume_mid_estimation_is_exact(tmp_path, teacher):
+@pytest.mark.parametrize("mode", ["standardize", "center"])
+def test_resume_mid_estimation_is_exact(tmp_path, teacher, mode):
     """2N straight == N + --load + N, the checkpoint written while the statistics are still being summed."""
     common = ["--train-iters", 6, "--hidden-dropout", 0.1,
-              *let_flags(teacher, **{"--let-stop-iter": 5, **NORM, "--let-teacher-norm-iters": 4})]
+              *let_flags(teacher, **{"--let-stop-iter": 5, **NORM, "--let-teacher-norm": mode,
+                                     "--let-teacher-norm-iters": 4})]
     straight = train(1, *common)
     ckpt = str(tmp_path / "ckpt")
     first = train(1, *common, "--save", ckpt, "--save-interval", 3, "--exit-interval", 3)
