@@ -28,13 +28,8 @@ from megatron_let.teacher_norm import feature_energy_report  # noqa: E402
 from megatron_let.teachers.huggingface import HFTeacher  # noqa: E402
 
 
-def teacher_windows(args, teacher_tokenizer) -> torch.Tensor:
+def teacher_windows(args, dataset, data_tokenizer, teacher_tokenizer) -> torch.Tensor:
     """[n, seq] teacher token ids from random documents of the dataset, as text."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from transformers import AutoTokenizer
-
-    dataset = IndexedDataset(args.data_prefix)
-    data_tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     rng = random.Random(args.seed)
     ids, need = [], args.sequences * args.seq_length
     for index in rng.sample(range(len(dataset)), len(dataset)):
@@ -46,18 +41,14 @@ def teacher_windows(args, teacher_tokenizer) -> torch.Tensor:
     return torch.tensor(ids[:need]).view(args.sequences, args.seq_length)
 
 
-def causal_span_line(args) -> str:
-    """Causal-span alignment of the dataset's own sequences to the teacher's tokenizer."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from transformers import AutoTokenizer
-
+def causal_span_line(args, dataset, data_tokenizer) -> str:
+    """Causal-span alignment of the dataset's first sequences (as the target reads them) to the teacher's
+    tokenizer."""
     from megatron_let.teachers.token_alignment import build_aligner
 
-    target = AutoTokenizer.from_pretrained(args.tokenizer)
-    aligner = build_aligner(target, args.teacher, target.eos_token_id or 0, None)
+    aligner = build_aligner(data_tokenizer, args.teacher, data_tokenizer.eos_token_id or 0, None)
     if aligner.identity:
         return "same vocabulary as the dataset: causal-span is the identity"
-    dataset = IndexedDataset(args.data_prefix)
     ids = torch.cat([torch.from_numpy(dataset[i].astype("int64")) for i in range(min(len(dataset), 400))])
     rows = [row.numpy() for row in ids[:args.sequences * args.seq_length].view(-1, args.seq_length)]
     exact = positions = teacher_tokens = 0
@@ -87,10 +78,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
     from transformers import AutoTokenizer
 
+    dataset, data_tokenizer = IndexedDataset(args.data_prefix), AutoTokenizer.from_pretrained(args.tokenizer)
     teacher = HFTeacher(args.teacher, device=torch.device("cpu"))
-    windows = teacher_windows(args, AutoTokenizer.from_pretrained(args.teacher))
+    windows = teacher_windows(args, dataset, data_tokenizer, AutoTokenizer.from_pretrained(args.teacher))
     states = torch.cat([teacher.hidden_states(chunk) for chunk in windows.split(8)], dim=1)  # [s, n, h]
     flat = states.reshape(-1, states.shape[-1]).double()
     centred = flat - flat.mean(0)
@@ -102,7 +95,7 @@ def main(argv=None):
     print(f"  mean cosine between two tokens' states: {mean_pairwise_cosine(flat):.3f} raw, "
           f"{mean_pairwise_cosine(centred):.3f} centred")
     print(f"  centred variance in the top {' / '.join(map(str, tops))} principal directions: {shares}")
-    print(f"  {causal_span_line(args)}")
+    print(f"  {causal_span_line(args, dataset, data_tokenizer)}")
 
 
 if __name__ == "__main__":
