@@ -69,9 +69,11 @@ class TeacherFeatureNorm(nn.Module):
             self._mean = self._inv_std = None
             return
         mean = self.feature_sum / self.token_count
-        var = (self.feature_sq_sum / self.token_count - mean * mean).clamp(min=0)
-        eps = 1e-6 * var.mean().clamp(min=1e-30)  # dead dimensions stay finite
-        self._mean, self._inv_std = mean.float(), (var + eps).rsqrt().float()
+        self._mean = mean.float()
+        if self.mode == "standardize":  # center only subtracts the mean
+            var = (self.feature_sq_sum / self.token_count - mean * mean).clamp(min=0)
+            eps = 1e-6 * var.mean().clamp(min=1e-30)  # dead dimensions stay finite
+            self._inv_std = (var + eps).rsqrt().float()
 
     @property
     def estimating(self) -> bool:
