@@ -16,7 +16,8 @@ measurement:
 - (--downstream) the OLMo-suite evaluation of kept checkpoints (megatron_let.evaluation.downstream);
 - (plan teacher-norm) the trained teacher and SmolLM2-135M with and without --let-teacher-norm
   (center, standardize, layernorm; issue 14), 2 seeds each, with the baseline and the random-teacher
-  control on the same seeds, plus single-seed probes with a learned (linear) projector;
+  control on the same seeds, plus single-seed probes with a learned (linear) projector; and SmolLM2 and
+  the GPT-2-tokenizer teacher with --let-token-alignment causal-span-matched (stale states dropped);
 - (plan smollm2) baseline vs SmolLM2 only, sized by flags: the GPU check's run (benchmarks/gpu_check.sh).
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
@@ -109,6 +110,7 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     """name -> (extra flags, upstream key, seeds); each name is run for every seed in its list."""
     let = lambda teacher, **o: [str(x) for x in qs.let_flags(argparse.Namespace(**{**vars(a), **o}), teacher)]  # noqa: E731
     span = ["--let-token-alignment", "causal-span"]
+    matched = ["--let-token-alignment", "causal-span-matched"]
     if plan == "smollm2":  # the GPU check's short run (benchmarks/gpu_check.sh)
         return {"baseline": ([], "", (1, 2)), "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2))}
     k_mid, k_late = a.target_layers // 2, a.target_layers - 1
@@ -141,6 +143,10 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
             # single-seed probes: a learned projector (its bias can take the target's own mean state)
             "let-smollm2-linear-center": (linear(smollm2) + span + norm("center"), smollm2["key"], (1,)),
             "let-smollm2-linear-standardize": (linear(smollm2) + span + norm("standardize"), smollm2["key"], (1,)),
+            # stale teacher states inside longer teacher tokens: aligned (causal-span) or dropped (-matched)
+            "let-smollm2-matched": (let(smollm2) + matched, smollm2["key"], (1, 2)),
+            "let-gpt2-tokenizer-teacher": (let(gpt2_tok) + span, gpt2_tok["key"], (1, 2)),
+            "let-gpt2-tokenizer-teacher-matched": (let(gpt2_tok) + matched, gpt2_tok["key"], (1, 2)),
         }
     sweeps = {
         "let-lambda0.1": (let(trained, let_lambda=0.1), trained["key"], (1,)),
@@ -253,7 +259,7 @@ def main(argv=None):
         trained = qs.stage_teacher(a, data)
         random = random_teacher(a, trained)
     extra_teachers = {}
-    if args.plan == "full":
+    if args.plan in ("full", "teacher-norm"):
         extra_teachers["gpt2_tok"] = other_tokenizer_teacher(a, trained)
     if args.plan in ("full", "smollm2", "teacher-norm"):
         extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)

@@ -13,7 +13,7 @@ SCHEDULES = ("linear", "constant", "cosine")
 PROJECTORS = ("interp", "linear", "mlp")
 TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
-TOKEN_ALIGNMENTS = ("exact", "causal-span")  # megatron_let/token_alignment.py
+TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")  # megatron_let/token_alignment.py
 TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
 TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
 
@@ -168,7 +168,9 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--let-token-alignment", choices=TOKEN_ALIGNMENTS, default="exact",
                        help="exact: the target must use the teacher's tokenizer (checked). causal-span: the "
                             "teacher re-tokenizes the text of each micro-batch with its own tokenizer and target "
-                            "position i is aligned to the last teacher token ending at or before token i's end.")
+                            "position i is aligned to the last teacher token ending at or before token i's end. "
+                            "causal-span-matched: the same, but only positions where a teacher token ends exactly "
+                            "where token i ends (the others' teacher state is one teacher token stale).")
     group.add_argument("--let-teacher-tokenizer", type=str, default=None,
                        help="Teacher tokenizer directory for causal-span (default: the teacher's directory).")
     group.add_argument("--let-teacher-placement", choices=TEACHER_PLACEMENTS, default="spread",

@@ -164,7 +164,7 @@ class LateToEarlyTraining:
     @property
     def aligner(self):
         """The CausalSpanAligner, or None in exact mode (the teacher reads the target's ids)."""
-        if self.config.token_alignment != "causal-span":
+        if self.config.token_alignment == "exact":
             return None
         if self._aligner is None:
             from megatron_let.teachers.huggingface import resolve_teacher
@@ -175,7 +175,8 @@ class LateToEarlyTraining:
                                    "..., target_tokenizer=..., eod_id=...)).")
             source = resolve_teacher(self.config.teacher)
             self._aligner = build_aligner(self.target_tokenizer, self.config.teacher_tokenizer or source.directory,
-                                          self.eod_id, teacher_max_positions(source.config()))
+                                          self.eod_id, teacher_max_positions(source.config()),
+                                          matched_only=self.config.token_alignment == "causal-span-matched")
         return self._aligner
 
     def aligned_teacher_hidden_states(self, tokens: torch.Tensor, alignment=None):

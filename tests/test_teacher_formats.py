@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_let.config import LETConfigError
-from megatron_let.teachers.huggingface import HFTeacher, resolve_teacher, teacher_hidden_size
+from megatron_let.teachers.huggingface import HFTeacher, decoder_blocks, resolve_teacher, teacher_hidden_size
 
 transformers = pytest.importorskip("transformers")
 
@@ -148,12 +148,18 @@ def test_hf_directory_teacher_matches_causal_lm(saved, family, fmt):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_hf_directory_teacher_intermediate_layer(saved, family):
-    """``layer=k`` returns the causal LM's ``hidden_states[k]`` (0 = embeddings, k = after block k)."""
+    """``layer=k`` returns the causal LM's ``hidden_states[k]`` (0 = embeddings, k = after block k); the
+    blocks after k are dropped at load (neither kept nor run)."""
     model, paths = saved(family)
     tokens = _tokens()
-    teacher = HFTeacher(paths["safetensors"], torch.float32, device=CPU, layer=1)
-    torch.testing.assert_close(teacher.hidden_states(tokens), _reference(model, tokens, 1), atol=1e-5, rtol=1e-5)
-    teacher.release()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    for layer in (1, -2, 0):  # -2 is block 1 of 2 counted from the end; 0 keeps every block
+        teacher = HFTeacher(paths["safetensors"], torch.float32, device=CPU, layer=layer)
+        torch.testing.assert_close(teacher.hidden_states(tokens), _reference(model, tokens, layer),
+                                   atol=1e-5, rtol=1e-5)
+        dropped = count(model.base_model) - count(teacher.model)
+        assert dropped == (count(decoder_blocks(model.base_model)[1]) if layer else 0), (layer, dropped)
+        teacher.release()
 
 
 def test_opt_with_project_out_final_width(tmp_path):

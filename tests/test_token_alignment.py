@@ -65,11 +65,11 @@ def pairs(gpt2, bpe):
 _ALIGNERS = {}
 
 
-def aligner_for(target, teacher, max_len=None):
+def aligner_for(target, teacher, max_len=None, matched=False):
     """Built once per pair: GPT-2's 50k-entry tables take a moment."""
-    key = (id(target), id(teacher), max_len)
+    key = (id(target), id(teacher), max_len, matched)
     if key not in _ALIGNERS:
-        _ALIGNERS[key] = CausalSpanAligner(target, teacher, target.eos_token_id, max_len)
+        _ALIGNERS[key] = CausalSpanAligner(target, teacher, target.eos_token_id, max_len, matched_only=matched)
     return _ALIGNERS[key]
 
 
@@ -88,8 +88,9 @@ def _ends(tokenizer, ids, text):
     return np.cumsum([len(p) for p in pieces]).tolist()
 
 
-def check_documents(target, teacher, docs, closed_last, max_len=None):
-    """Build the target row from ``docs`` joined by EOD and check the alignment against the spec."""
+def check_documents(target, teacher, docs, closed_last, max_len=None, matched=False):
+    """Build the target row from ``docs`` joined by EOD and check the alignment against the spec;
+    ``matched`` (causal-span-matched): only positions whose teacher token ends with theirs stay valid."""
     eod, eos = target.eos_token_id, teacher.eos_token_id
     ids, where = [], []  # where[i]: (doc, byte end in doc) or (doc, "eod")
     for d, doc in enumerate(docs):
@@ -109,10 +110,11 @@ def check_documents(target, teacher, docs, closed_last, max_len=None):
         if d < len(docs) - 1 or closed_last:
             eos_pos[d] = len(expected)
             expected.append(eos)
-    out = aligner_for(target, teacher, max_len)(torch.tensor([ids]))
+    out = aligner_for(target, teacher, max_len, matched)(torch.tensor([ids]))
     row = out.teacher_tokens[0][out.teacher_attention_mask[0].bool()].tolist()
     assert row == expected[:max_len]  # documents tokenized apart, each closed by the teacher's EOS
     for i, (d, end) in enumerate(where):
+        stale = False
         if end == "eod":
             j = eos_pos[d]  # the boundary: both have seen document d and its end
         else:
@@ -121,7 +123,8 @@ def check_documents(target, teacher, docs, closed_last, max_len=None):
             if before:  # causality: teacher token j ends at or before target token i, and is the last one
                 assert dict(teacher_text[d])[j] <= end
                 assert all(e > end for p, e in teacher_text[d] if p > j)
-        if j is None or (max_len is not None and j >= max_len):
+            stale = not before or dict(teacher_text[d])[j] != end  # the teacher's token is still open
+        if j is None or (max_len is not None and j >= max_len) or (matched and stale):
             assert not out.valid[0, i], (i, d, end)
         else:
             assert out.valid[0, i] and out.index[0, i] == j, (i, d, end, out.index[0, i].item(), j)
@@ -138,10 +141,10 @@ TEXT = st.one_of(
 
 @pytest.mark.parametrize("pair", ["gpt2->bpe", "bpe->gpt2"])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(docs=st.lists(TEXT, min_size=1, max_size=3), closed_last=st.booleans())
-def test_causal_and_last_property(pairs, pair, docs, closed_last):
+@given(docs=st.lists(TEXT, min_size=1, max_size=3), closed_last=st.booleans(), matched=st.booleans())
+def test_causal_and_last_property(pairs, pair, docs, closed_last, matched):
     target, teacher = pairs[pair]
-    check_documents(target, teacher, docs, closed_last)
+    check_documents(target, teacher, docs, closed_last, matched=matched)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -290,6 +293,13 @@ def test_teacher_states_padding_masked_and_gathered(megatron_world1, mismatched)
         expect = alone[out.index[r]]
         torch.testing.assert_close(states[:, r][valid[r]], expect[valid[r]], rtol=1e-4, atol=1e-5)
     assert valid.any()
+    matched = LateToEarlyTraining(LETConfig(teacher=teacher, target_layer=1, stop_iter=2,
+                                            token_alignment="causal-span-matched"),
+                                  target_tokenizer=target, eod_id=target.eos_token_id)
+    matched_states, matched_valid = matched.aligned_teacher_hidden_states(tokens)
+    assert matched_valid.any() and not torch.equal(matched_valid, valid)  # this text has stale positions
+    assert not (matched_valid & ~valid).any()  # a subset: the stale positions are dropped, nothing added
+    torch.testing.assert_close(matched_states[matched_valid.T], states[matched_valid.T])
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +335,6 @@ def test_trainer_cli_causal_span(tmp_path, mismatched):
                                        timeout=120, env=dict(env, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES=""))
     refused = run([])
     assert refused.returncode == 2 and "--let-token-alignment causal-span" in refused.stderr
-    proc = run(["--let-token-alignment", "causal-span"])
+    proc = run(["--let-token-alignment", "causal-span-matched"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "causal-span" in proc.stdout and "let loss" in proc.stdout
+    assert "LET token alignment causal-span-matched" in proc.stdout and "let loss" in proc.stdout

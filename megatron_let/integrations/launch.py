@@ -89,7 +89,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
         stop.iteration, stop.source = saved["stop_iter"], "from the checkpoint"
         stop.samples = saved.get("stop_samples", schedule.samples_after(stop.iteration))
     log(f" {stop.describe()}")
-    causal_span = config.token_alignment == "causal-span"
+    causal_span = config.token_alignment != "exact"
     let = LateToEarlyTraining(config, train_iters, seed=args.seed,
                               teacher_hidden_size=saved.get("teacher_hidden_size"),
                               target_tokenizer=hf_tokenizer_of(tokenizer) if causal_span else None,
@@ -102,7 +102,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
                                        config.token_alignment, warn)
     if causal_span:
         aligner = let.aligner  # built now: a tokenizer it cannot read fails before any process group
-        log(f" LET token alignment causal-span: target {tokenizer_name} -> teacher tokenizer "
+        log(f" LET token alignment {config.token_alignment}: target {tokenizer_name} -> teacher tokenizer "
             f"{config.teacher_tokenizer or config.teacher}"
             + (" (same vocabulary: identity map)" if aligner.identity else ""))
     else:

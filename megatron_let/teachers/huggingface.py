@@ -119,7 +119,7 @@ def check_context_length(config, seq_length: int, token_alignment: str, path: st
     stored = config.to_dict()  # the name in the teacher's config.json (GPT-2: n_positions)
     name = next((n for n in ("n_positions", "max_position_embeddings", "max_sequence_length")
                  if stored.get(n) == limit), "max_position_embeddings")
-    if token_alignment == "causal-span":  # the aligner cuts teacher rows at the teacher's context
+    if token_alignment != "exact":  # causal-span(-matched): the aligner cuts teacher rows at the teacher's context
         return (f"--let-teacher {path!r} reads at most {limit} tokens ({name}) of each --seq-length {seq_length} "
                 "sequence: target positions aligned to later teacher tokens are left out of the alignment loss.")
     if uses_rotary_positions(config):
@@ -268,6 +268,52 @@ def teacher_hidden_size(path: str, layer: Optional[int] = None) -> int:
     return output_width(resolve_teacher(path).config(), layer)
 
 
+def decoder_blocks(model) -> Optional[torch.nn.ModuleList]:
+    """The model's list of transformer blocks (``layers``, ``h``, ``decoder.layers``...): the one
+    ModuleList as long as ``num_hidden_layers``; None when that is ambiguous."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    return found[0] if len(found) == 1 else None
+
+
+def truncate_after(model, layer: Optional[int]) -> Optional[torch.nn.ModuleList]:
+    """For an intermediate ``--let-teacher-layer`` (1 <= layer < num_hidden_layers), drop the blocks
+    after it (their weights are never used: memory, and their compute, saved); returns the kept blocks,
+    or None when the full model runs (final layer, embeddings, or blocks not found)."""
+    count = model.config.num_hidden_layers
+    if layer is not None and layer < 0:
+        layer += count + 1
+    blocks = decoder_blocks(model)
+    if layer is None or not 1 <= layer < count or blocks is None:
+        return None
+    del blocks[layer:]
+    return blocks
+
+
+class _Stop(Exception):
+    """Raised by the hook on the last kept block: the rest of the forward is not needed."""
+
+
+def _run_until(block: torch.nn.Module, run) -> torch.Tensor:
+    """``run()`` up to ``block``'s output (the residual stream after it, as in ``hidden_states``)."""
+    captured = []
+
+    def hook(_module, _args, output):
+        captured.append(output[0] if isinstance(output, (tuple, list)) else output)
+        raise _Stop
+
+    handle = block.register_forward_hook(hook)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("the LET teacher's forward never reached block --let-teacher-layer")
+    return captured[0]
+
+
 class HFTeacher:
     """A frozen Hugging Face causal LM used only for its hidden states.
 
@@ -284,6 +330,7 @@ class HFTeacher:
         device = device or (torch.device("cuda", torch.cuda.current_device())
                             if torch.cuda.is_available() else torch.device("cpu"))
         model = load_base_model(self.source, dtype, path)
+        self._blocks = truncate_after(model, layer)
         self.model = model.to(device).eval().requires_grad_(False)
         self.hidden_size = output_width(self.model.config, layer)
         self.device = device
@@ -297,14 +344,19 @@ class HFTeacher:
         if self.model is None:
             raise RuntimeError("the LET teacher was released; it is not available after the stop step")
         mask = None if attention_mask is None else attention_mask.to(self.device)
-        outputs = self.model(input_ids=tokens.to(self.device), attention_mask=mask, use_cache=False,
-                             output_hidden_states=self.layer is not None)
-        hidden = outputs.last_hidden_state if self.layer is None else outputs.hidden_states[self.layer]
+        run = lambda **extra: self.model(input_ids=tokens.to(self.device), attention_mask=mask,  # noqa: E731
+                                         use_cache=False, **extra)
+        if self._blocks is not None:  # stop after block --let-teacher-layer: later blocks were dropped
+            hidden = _run_until(self._blocks[-1], run)
+        elif self.layer is None:
+            hidden = run().last_hidden_state
+        else:
+            hidden = run(output_hidden_states=True).hidden_states[self.layer]
         return hidden.transpose(0, 1).contiguous()
 
     def release(self) -> None:
         """Drop the weights and return the memory (GPU caches included)."""
-        self.model = None
+        self.model = self._blocks = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -7,6 +7,9 @@ at or before the end of target token ``i`` (in bytes of the text).  The
 teacher state used at ``i`` has therefore never seen text beyond what the
 target has seen at ``i`` (causality).  Positions without such a teacher token
 (or whose teacher token was truncated away) are masked out of the loss.
+Inside a longer teacher token that state is one teacher token stale;
+``causal-span-matched`` masks those positions too and aligns only where a
+teacher token ends exactly where the target token ends.
 
 Choices (all deterministic functions of the token ids, so every TP/PP/CP
 rank computes the same alignment):
@@ -54,7 +57,7 @@ import torch
 from megatron_let.errors import LETConfigError
 from megatron_let.data.byte_level import bytes_to_unicode
 
-TOKEN_ALIGNMENTS = ("exact", "causal-span")
+TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")
 BATCH_KEYS = ("let_teacher_tokens", "let_teacher_attention_mask", "let_index", "let_valid")
 _PROBE = "Hello world,  naïve café\n\tdéjà vu: 東京 🙂 x2=3.14; END"
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -197,9 +200,11 @@ def _same_vocabulary(a, b) -> bool:
 class CausalSpanAligner:
     """``tokens [b, s] -> TokenAlignment`` from the target's to the teacher's tokenization."""
 
-    def __init__(self, target_tokenizer, teacher_tokenizer, eod_id: int, max_teacher_len: Optional[int] = None):
+    def __init__(self, target_tokenizer, teacher_tokenizer, eod_id: int, max_teacher_len: Optional[int] = None,
+                 matched_only: bool = False):
         self.eod_id = int(eod_id)
         self.max_teacher_len = max_teacher_len
+        self.matched_only = matched_only  # align only positions where a teacher token ends with theirs
         self.identity = _same_vocabulary(target_tokenizer, teacher_tokenizer)
         self.truncated_rows = 0  # rows cut to max_teacher_len so far (for logs/benchmarks)
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -312,6 +317,8 @@ class CausalSpanAligner:
         slot = np.searchsorted(teacher_ends[candidates], row["ends"], side="right") - 1
         valid = slot >= 0
         index = candidates[np.maximum(slot, 0)] if len(candidates) else np.zeros_like(slot)
+        if self.matched_only and len(candidates):  # drop the stale states (teacher token still open)
+            valid &= teacher_ends[index] == row["ends"]
         if self.max_teacher_len is not None and len(ids) > self.max_teacher_len:
             valid &= index < self.max_teacher_len
             ids = ids[:self.max_teacher_len]
@@ -354,7 +361,7 @@ def _char_ends_to_text_bytes(text: str, offsets) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ plumbing
 def build_aligner(target_tokenizer, teacher_tokenizer_dir: str, eod_id: int,
-                  max_teacher_len: Optional[int]) -> CausalSpanAligner:
+                  max_teacher_len: Optional[int], matched_only: bool = False) -> CausalSpanAligner:
     """The aligner from a target tokenizer (HF, or Megatron's wrapper) and a teacher tokenizer directory."""
     from transformers import AutoTokenizer
 
@@ -370,7 +377,7 @@ def build_aligner(target_tokenizer, teacher_tokenizer_dir: str, eod_id: int,
     except (OSError, ValueError, TypeError) as error:
         raise LETConfigError(f"--let-teacher-tokenizer {teacher_tokenizer_dir!r}: cannot load a tokenizer "
                              f"({error}); point it at the teacher's tokenizer directory.") from None
-    return CausalSpanAligner(target_tokenizer, teacher_tokenizer, eod_id, max_teacher_len)
+    return CausalSpanAligner(target_tokenizer, teacher_tokenizer, eod_id, max_teacher_len, matched_only)
 
 
 def teacher_max_positions(config) -> Optional[int]:
