@@ -1,6 +1,7 @@
-"""How a teacher's final-layer states are shaped, before choosing --let-teacher-norm.
+"""How a teacher's final-layer (or --teacher-layer) states are shaped, before choosing --let-teacher-norm.
 
     python benchmarks/teacher_features.py --teacher DIR --data-prefix PREFIX --tokenizer DIR [--sequences 64]
+        [--teacher-layer I]
 
 Reads ``--sequences`` random documents of a Megatron indexed dataset (PREFIX.bin/.idx, e.g. what
 ``python -m megatron_let.data.prepare_corpus`` writes), turns them back into text with the dataset's
@@ -73,6 +74,7 @@ def main(argv=None):
     parser.add_argument("--teacher", required=True, help="Hugging Face model directory or .gguf (as --let-teacher)")
     parser.add_argument("--data-prefix", required=True, help="Megatron indexed dataset prefix (no .bin/.idx)")
     parser.add_argument("--tokenizer", required=True, help="the dataset's Hugging Face tokenizer directory")
+    parser.add_argument("--teacher-layer", type=int, default=None, help="as --let-teacher-layer (default: final)")
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -82,7 +84,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     dataset, data_tokenizer = IndexedDataset(args.data_prefix), AutoTokenizer.from_pretrained(args.tokenizer)
-    teacher = HFTeacher(args.teacher, device=torch.device("cpu"))
+    teacher = HFTeacher(args.teacher, device=torch.device("cpu"), layer=args.teacher_layer)
     windows = teacher_windows(args, dataset, data_tokenizer, AutoTokenizer.from_pretrained(args.teacher))
     states = torch.cat([teacher.hidden_states(chunk) for chunk in windows.split(8)], dim=1)  # [s, n, h]
     flat = states.reshape(-1, states.shape[-1]).double()
@@ -90,7 +92,8 @@ def main(argv=None):
     variances = torch.linalg.eigvalsh(centred.T @ centred / flat.shape[0]).flip(0).clamp(min=0)
     tops = [k for k in (16, 64, 256) if k < variances.numel()]
     shares = " / ".join(f"{100 * variances[:k].sum() / variances.sum():.0f}%" for k in tops)
-    print(f"teacher {args.teacher} ({flat.shape[0]:,} tokens, {flat.shape[1]} features):")
+    layer = "final layer" if args.teacher_layer is None else f"layer {args.teacher_layer}"
+    print(f"teacher {args.teacher}, {layer} ({flat.shape[0]:,} tokens, {flat.shape[1]} features):")
     print(f"  {feature_energy_report(states, torch.ones(states.shape[:2]))}")
     print(f"  mean cosine between two tokens' states: {mean_pairwise_cosine(flat):.3f} raw, "
           f"{mean_pairwise_cosine(centred):.3f} centred")

@@ -13,9 +13,10 @@ SCHEDULES = ("linear", "constant", "cosine")
 PROJECTORS = ("interp", "linear", "mlp")
 TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
-TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")  # megatron_let/token_alignment.py
+TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")  # megatron_let/teachers/token_alignment.py
 TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
 TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
+# (the one list of each choice: the modules that implement them import it from here, config stays torch-free)
 
 
 @dataclass

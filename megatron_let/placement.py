@@ -26,7 +26,6 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-PLACEMENTS = ("spread", "owner")
 _REPLICA_GROUP = None  # built once with CP > 1
 
 

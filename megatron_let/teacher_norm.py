@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("none", "layernorm", "center", "standardize")
+from megatron_let.config import TEACHER_NORMS
 ESTIMATED = ("center", "standardize")  # modes with statistics: estimated, frozen, checkpointed
 
 
@@ -42,7 +42,7 @@ class TeacherFeatureNorm(nn.Module):
 
     def __init__(self, mode: str, size: int, estimate_iters: int = 20):
         super().__init__()
-        if mode not in NORMS:
+        if mode not in TEACHER_NORMS:
             raise ValueError(f"unknown teacher norm {mode!r}")
         self.mode, self.size, self.estimate_iters = mode, size, estimate_iters
         self.iteration = 0

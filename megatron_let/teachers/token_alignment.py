@@ -57,7 +57,6 @@ import torch
 from megatron_let.errors import LETConfigError
 from megatron_let.data.byte_level import bytes_to_unicode
 
-TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")
 BATCH_KEYS = ("let_teacher_tokens", "let_teacher_attention_mask", "let_index", "let_valid")
 _PROBE = "Hello world,  naïve café\n\tdéjà vu: 東京 🙂 x2=3.14; END"
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
