@@ -157,14 +157,15 @@ def test_layout_matches_tp1(layout, reference, let_args, initial_checkpoint):
 
 
 # ------------------------------------------------------------------ teacher-feature normalisation
-@pytest.fixture(scope="module")
-def norm_setup(megatron_lm_path, let_args, tmp_path_factory):
-    """--let-teacher-norm center inside Megatron-LM: the checkpoint holds the statistics of its first
-    iteration; every layout sums the next ones over its own ranks (DP and SP ranks hold different tokens)."""
-    args = [*let_args, "--let-teacher-norm", "center", "--let-teacher-norm-iters", 3]
+@pytest.fixture(scope="module", params=["center", "standardize"])
+def norm_setup(request, megatron_lm_path, let_args, tmp_path_factory):
+    """--let-teacher-norm center / standardize inside Megatron-LM: the checkpoint holds the statistics of
+    its first iteration; every layout sums the next ones over its own ranks (DP and SP ranks hold
+    different tokens)."""
+    args = [*let_args, "--let-teacher-norm", request.param, "--let-teacher-norm-iters", 3]
     ckpt = tmp_path_factory.mktemp("megatron_lm_norm") / "init"
     run(1, [*MODEL_ARGS, *args, "--train-iters", 1, "--save", ckpt, "--save-interval", 1])
-    reference = train(1, [], args, ckpt, "norm tp1")
+    reference = train(1, [], args, ckpt, f"{request.param} tp1")
     assert all(v > 0 for v in per_iteration(reference, "let loss"))
     return args, ckpt, reference
 
@@ -174,10 +175,11 @@ def test_teacher_norm_layouts_match_tp1(layout, norm_setup):
     args, ckpt, reference = norm_setup
     nproc, parallel = {"dp2": (2, []), "tp2_sp": (2, [*LAYOUTS["tp2"][1], "--sequence-parallel"]),
                        "pp2": LAYOUTS["pp2"]}[layout]
-    logged = train(nproc, parallel, args, ckpt, f"norm {layout}")
+    mode = args[args.index("--let-teacher-norm") + 1]
+    logged = train(nproc, parallel, args, ckpt, f"{mode} {layout}")
     for key in ("lm loss", "let loss", "let lambda"):
         assert per_iteration(logged, key) == pytest.approx(per_iteration(reference, key), rel=1e-5), \
-            f"teacher norm {layout}: {key} differs from TP1"
+            f"teacher norm {mode} {layout}: {key} differs from TP1"
 
 
 # ------------------------------------------------------------------ a teacher with another tokenizer

@@ -162,6 +162,24 @@ def test_hf_directory_teacher_intermediate_layer(saved, family):
         teacher.release()
 
 
+def test_config_is_parsed_once_per_file_version(tmp_path, saved):
+    """Start-up reads the teacher's config several times (a GGUF's takes seconds): one parse per file
+    version, each caller gets its own copy, and a rewritten file is read again."""
+    import json
+    import shutil
+
+    _, paths = saved("llama")
+    path = shutil.copytree(paths["safetensors"], tmp_path / "teacher")
+    first = resolve_teacher(str(path)).config()
+    first.num_hidden_layers = 99  # a caller's edit stays its own
+    assert resolve_teacher(str(path)).config().num_hidden_layers == 2
+    stored = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**stored, "num_hidden_layers": 3}))
+    stamp = os.stat(path / "config.json").st_mtime_ns + 10**9
+    os.utime(path / "config.json", ns=(stamp, stamp))
+    assert resolve_teacher(str(path)).config().num_hidden_layers == 3
+
+
 def test_opt_with_project_out_final_width(tmp_path):
     """OPT-350m style (word_embed_proj_dim != hidden_size): the final hidden state is project_out's output.
 

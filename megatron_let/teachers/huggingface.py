@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import gc
 import os
 from dataclasses import dataclass
@@ -33,9 +35,11 @@ class TeacherSource:
         return {"local_files_only": True, **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
 
     def config(self):
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(self.directory, **self.kwargs)
+        """The teacher's config (a copy). Parsed once per file version: a GGUF file's metadata, its
+        tokenizer arrays included, takes seconds to parse, and start-up asks several times."""
+        name = self.gguf_file or "config.json"
+        stamp = os.stat(os.path.join(self.directory, name)).st_mtime_ns
+        return copy.deepcopy(_parsed_config(self.directory, self.gguf_file, stamp))
 
     def tokenizer(self):
         """The teacher's own tokenizer, or None when the directory ships none."""
@@ -45,6 +49,14 @@ class TeacherSource:
             return AutoTokenizer.from_pretrained(self.directory, **self.kwargs)
         except (OSError, ValueError, TypeError):
             return None
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_config(directory: str, gguf_file: Optional[str], stamp: int):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(directory, local_files_only=True,
+                                      **({"gguf_file": gguf_file} if gguf_file else {}))
 
 
 def resolve_teacher(path: str) -> TeacherSource:
