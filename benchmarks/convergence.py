@@ -16,8 +16,8 @@ measurement:
 - (--downstream) the OLMo-suite evaluation of kept checkpoints (megatron_let.evaluation.downstream);
 - (plan teacher-norm) the trained teacher and SmolLM2-135M with and without --let-teacher-norm
   (center, standardize, layernorm; issue 14), 2 seeds each, with the baseline and the random-teacher
-  control on the same seeds, plus single-seed probes with a learned (linear) projector; and SmolLM2 and
-  the GPT-2-tokenizer teacher with --let-token-alignment causal-span-matched (stale states dropped);
+  control on the same seeds, plus single-seed probes with a learned (linear) projector; and SmolLM2
+  with --let-token-alignment causal-span-matched (stale teacher states dropped);
 - (plan smollm2) baseline vs SmolLM2 only, sized by flags: the GPU check's run (benchmarks/gpu_check.sh).
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
@@ -145,8 +145,6 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
             "let-smollm2-linear-standardize": (linear(smollm2) + span + norm("standardize"), smollm2["key"], (1,)),
             # stale teacher states inside longer teacher tokens: aligned (causal-span) or dropped (-matched)
             "let-smollm2-matched": (let(smollm2) + matched, smollm2["key"], (1, 2)),
-            "let-gpt2-tokenizer-teacher": (let(gpt2_tok) + span, gpt2_tok["key"], (1, 2)),
-            "let-gpt2-tokenizer-teacher-matched": (let(gpt2_tok) + matched, gpt2_tok["key"], (1, 2)),
         }
     sweeps = {
         "let-lambda0.1": (let(trained, let_lambda=0.1), trained["key"], (1,)),
@@ -259,7 +257,7 @@ def main(argv=None):
         trained = qs.stage_teacher(a, data)
         random = random_teacher(a, trained)
     extra_teachers = {}
-    if args.plan in ("full", "teacher-norm"):
+    if args.plan == "full":
         extra_teachers["gpt2_tok"] = other_tokenizer_teacher(a, trained)
     if args.plan in ("full", "smollm2", "teacher-norm"):
         extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)
