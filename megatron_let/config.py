@@ -16,7 +16,7 @@ NONFINITE_POLICIES = ("error", "skip")
 TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")  # megatron_let/teachers/token_alignment.py
 TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
 TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
-# (the one list of each choice: the modules that implement them import it from here, config stays torch-free)
+# (each list lives only here, imported where a module checks it: config stays torch-free)
 
 
 @dataclass
