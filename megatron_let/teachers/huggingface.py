@@ -37,9 +37,8 @@ class TeacherSource:
     def config(self):
         """The teacher's config (a copy). Parsed once per file version: a GGUF file's metadata, its
         tokenizer arrays included, takes seconds to parse, and start-up asks several times."""
-        name = self.gguf_file or "config.json"
-        stamp = os.stat(os.path.join(self.directory, name)).st_mtime_ns
-        return copy.deepcopy(_parsed_config(self.directory, self.gguf_file, stamp))
+        stamp = os.stat(os.path.join(self.directory, self.gguf_file or "config.json")).st_mtime_ns
+        return copy.deepcopy(_parsed_config(self, stamp))
 
     def tokenizer(self):
         """The teacher's own tokenizer, or None when the directory ships none."""
@@ -52,11 +51,10 @@ class TeacherSource:
 
 
 @functools.lru_cache(maxsize=8)
-def _parsed_config(directory: str, gguf_file: Optional[str], stamp: int):
+def _parsed_config(source: TeacherSource, stamp: int):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(directory, local_files_only=True,
-                                      **({"gguf_file": gguf_file} if gguf_file else {}))
+    return AutoConfig.from_pretrained(source.directory, **source.kwargs)
 
 
 def resolve_teacher(path: str) -> TeacherSource:
