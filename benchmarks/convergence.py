@@ -19,6 +19,8 @@ measurement:
   control on the same seeds, plus single-seed probes with a learned (linear) projector; and SmolLM2
   with --let-token-alignment causal-span-matched (stale teacher states dropped);
 - (plan smollm2) baseline vs SmolLM2 only, sized by flags: the GPU check's run (benchmarks/gpu_check.sh).
+- (plan smollm2-layers) + SmolLM2's layer 10 of 30 as the teacher state (--let-teacher-layer 10: the
+  blocks after it are never run), with and without --let-teacher-norm center; no small teacher is trained.
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
 
@@ -111,8 +113,16 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     let = lambda teacher, **o: [str(x) for x in qs.let_flags(argparse.Namespace(**{**vars(a), **o}), teacher)]  # noqa: E731
     span = ["--let-token-alignment", "causal-span"]
     matched = ["--let-token-alignment", "causal-span-matched"]
-    if plan == "smollm2":  # the GPU check's short run (benchmarks/gpu_check.sh)
-        return {"baseline": ([], "", (1, 2)), "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2))}
+    # an earlier SmolLM2 layer: its blocks after it are never run (layer 10 of 30: a third of the teacher)
+    layer10 = ["--let-teacher-layer", "10"]
+    smollm2_layers = {
+        "let-smollm2-layer10": (let(smollm2) + span + layer10, smollm2["key"], (1, 2)),
+        "let-smollm2-layer10-center": (let(smollm2) + span + layer10 + ["--let-teacher-norm", "center"],
+                                       smollm2["key"], (1, 2)),
+    }
+    if plan in ("smollm2", "smollm2-layers"):  # no small teacher; smollm2 is the GPU check's short run
+        arms_ = {"baseline": ([], "", (1, 2)), "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2))}
+        return {**arms_, **smollm2_layers} if plan == "smollm2-layers" else arms_
     k_mid, k_late = a.target_layers // 2, a.target_layers - 1
     core = {
         "baseline": ([], "", (1, 2, 3)),
@@ -145,6 +155,7 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
             "let-smollm2-linear-standardize": (linear(smollm2) + span + norm("standardize"), smollm2["key"], (1,)),
             # stale teacher states inside longer teacher tokens: aligned (causal-span) or dropped (-matched)
             "let-smollm2-matched": (let(smollm2) + matched, smollm2["key"], (1, 2)),
+            **smollm2_layers,
         }
     sweeps = {
         "let-lambda0.1": (let(trained, let_lambda=0.1), trained["key"], (1,)),
@@ -226,9 +237,10 @@ def fmt_speedup(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", choices=["core", "full", "smollm2", "teacher-norm"], default="full",
+    parser.add_argument("--plan", choices=["core", "full", "smollm2", "smollm2-layers", "teacher-norm"], default="full",
                         help="core: baseline / trained / random teacher, 2 seeds, + constant LR; full: + sweeps, "
                              "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check); "
+                             "smollm2-layers: + SmolLM2's layer 10 (--let-teacher-layer), with and without center; "
                              "teacher-norm: trained and SmolLM2 teachers with and without --let-teacher-norm "
                              "(center, standardize, layernorm), 2 seeds, + the random-teacher control")
     parser.add_argument("--work-dir", default="runs/convergence")
@@ -253,13 +265,13 @@ def main(argv=None):
     if args.prepare_only:
         return
     trained = random = None
-    if args.plan != "smollm2":
+    if not args.plan.startswith("smollm2"):
         trained = qs.stage_teacher(a, data)
         random = random_teacher(a, trained)
     extra_teachers = {}
     if args.plan == "full":
         extra_teachers["gpt2_tok"] = other_tokenizer_teacher(a, trained)
-    if args.plan in ("full", "smollm2", "teacher-norm"):
+    if args.plan != "core":
         extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)
     runs = {}
     plan = arms(a, trained, random, args.plan, **extra_teachers)

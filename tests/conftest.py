@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -54,9 +55,12 @@ def torchrun(script: str, nproc: int, args, timeout: int = 300, expect_failure: 
     return proc
 
 
-def run_layout(tmp_path, name: str, nproc: int, args) -> dict:
+def run_layout(tmp_path, name: str, nproc: int, args, also: dict = None) -> dict:
+    """tests/workers/layout_worker.py under torchrun; ``also``: {NAME: flags} trained in the same launch
+    from the same weights, results under ["also"][NAME] (each as if launched alone: the tests say so)."""
     out = tmp_path / f"{name}.json"
-    torchrun(os.path.join(WORKERS, "layout_worker.py"), nproc, [*args, "--out", out])
+    extra = [x for run, flags in (also or {}).items() for x in ("--also", f"{run}={shlex.join(map(str, flags))}")]
+    torchrun(os.path.join(WORKERS, "layout_worker.py"), nproc, [*args, *extra, "--out", out])
     return json.loads(out.read_text())
 
 

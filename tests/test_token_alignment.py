@@ -314,13 +314,14 @@ def mismatched_reference(tmp_path_factory, mismatched):
     return common, single
 
 
-@pytest.mark.parametrize("layout,flags", [("tp2_sp", ["--tp", 2, "--sp"]), ("pp2", ["--pp", 2]),
-                                          ("tp2_sp_owner", ["--tp", 2, "--sp", "--placement", "owner"]),
-                                          ("pp2_owner", ["--pp", 2, "--placement", "owner"])])
+@pytest.mark.parametrize("layout,flags", [("tp2_sp", ["--tp", 2, "--sp"]), ("pp2", ["--pp", 2])])
 def test_mismatched_teacher_layouts_match_single_process(tmp_path, mismatched_reference, layout, flags):
+    """Spread and (in the same launch) owner placement."""
     common, single = mismatched_reference
-    got = run_layout(tmp_path, layout, 2, [*common, *flags, "--prefetch-alignment"])
+    got = run_layout(tmp_path, layout, 2, [*common, *flags, "--prefetch-alignment"],
+                     also={"owner": ["--placement", "owner"]})
     assert_same_numbers(single, got, f"causal-span {layout}")
+    assert_same_numbers(single, got["also"]["owner"], f"causal-span {layout} owner")
 
 
 def test_trainer_cli_causal_span(tmp_path, mismatched):

@@ -9,6 +9,7 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import sys
 import weakref
 
@@ -29,7 +30,10 @@ from megatron_let.training.step import train_step  # noqa: E402
 VOCAB, SEQ = 128, 32
 
 
-def parse():
+LAYOUT_FLAGS = ("tp", "pp", "vpp", "ep")  # the process groups: one per launch, shared by every --also run
+
+
+def parse(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -65,7 +69,20 @@ def parse():
                                                             "EOD = its eos id, --let-token-alignment causal-span")
     p.add_argument("--teacher-tokenizer", default=None)
     p.add_argument("--prefetch-alignment", action="store_true", help="alignments from the micro-batch iterator")
-    return p.parse_args()
+    # more runs in this launch (a launch costs seconds of imports per rank; a run of 3 tiny iterations, less)
+    p.add_argument("--also", action="append", default=[], metavar="NAME=FLAGS",
+                   help="train again from the same weights with FLAGS added (not the layout's): under 'also'[NAME]")
+    return p.parse_args(argv)
+
+
+def also_runs(args) -> dict:
+    """NAME -> the args of each --also run: this launch's flags with the run's own added last (they win)."""
+    runs = {}
+    for spec in args.also:
+        name, flags = spec.split("=", 1)
+        runs[name] = parse([*sys.argv[1:], *shlex.split(flags)])
+        assert all(getattr(runs[name], f) == getattr(args, f) for f in LAYOUT_FLAGS), f"--also {spec}: layout flag"
+    return runs
 
 
 def global_batch(iteration: int, size: int, vocab: int = VOCAB, eod: int = 0):
@@ -146,10 +163,11 @@ def main():
     enable_cpu_megatron()  # only without CUDA
     initialize_parallel(tp=args.tp, pp=args.pp, vpp=args.vpp, seed=1234, ep=args.ep)
     results = {variant: train(args, variant) for variant in args.recompute}
+    also = {name: train(run, run.recompute[0]) for name, run in also_runs(args).items()}
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 and not args.save_ref:
         first = results[args.recompute[0]]
         with open(args.out, "w") as f:
-            json.dump({**first, "variants": results}, f)
+            json.dump({**first, "variants": results, "also": also}, f)
     shutdown_parallel()
 
 
