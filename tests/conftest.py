@@ -57,7 +57,8 @@ def torchrun(script: str, nproc: int, args, timeout: int = 300, expect_failure: 
 
 def run_layout(tmp_path, name: str, nproc: int, args, also: dict = None) -> dict:
     """tests/workers/layout_worker.py under torchrun; ``also``: {NAME: flags} trained in the same launch
-    from the same weights, results under ["also"][NAME] (each as if launched alone: the tests say so)."""
+    from the same weights, results under ["also"][NAME] (bit for bit what a launch of its own gives:
+    test_parallel_equivalence.py::test_also_runs_equal_their_own_launch)."""
     out = tmp_path / f"{name}.json"
     extra = [x for run, flags in (also or {}).items() for x in ("--also", f"{run}={shlex.join(map(str, flags))}")]
     torchrun(os.path.join(WORKERS, "layout_worker.py"), nproc, [*args, *extra, "--out", out])
