@@ -60,26 +60,26 @@ def other_tokenizer_teacher(a, trained: dict) -> dict:
     """The trained teacher's recipe (architecture, steps, text) with the GPT-2 tokenizer instead of the
     target's BPE: the teacher's tokenizer is the only difference, so LET needs --let-token-alignment
     causal-span (issue 8)."""
+    return qs.stage_teacher(a, retokenized_data(a, "data-gpt2", "gpt2"), name="teacher-gpt2-tokenizer")
+
+
+def retokenized_data(a, name: str, tokenizer: str, key: str = None) -> dict:
+    """The quickstart's text in WORK/<name>, tokenized with ``tokenizer`` (prepare_corpus --tokenizer);
+    ``key`` stands for the tokenizer in the fingerprint (a path differs from machine to machine)."""
     from megatron_let.data import prepare_corpus as pc
 
-    out = a.work_dir / "data-gpt2"
-    manifest = pc.prepare(out, tokenizer="gpt2", max_mb=a.max_mb, seed=a.seed, check=False,
+    out = a.work_dir / name
+    manifest = pc.prepare(out, tokenizer=tokenizer, max_mb=a.max_mb, seed=a.seed, check=False,
                           download_dir=a.download_dir or a.work_dir / "data" / "downloads")
-    data = {"prefix": str(out / pc.DATA_PREFIX), "tokenizer": str(out / "tokenizer"),
-            "key": qs.fingerprint(manifest["args"]), "tokens": manifest["tokens"]}
-    return qs.stage_teacher(a, data, name="teacher-gpt2-tokenizer")
+    args = {**manifest["args"], "tokenizer": key} if key else manifest["args"]
+    return {"prefix": str(out / pc.DATA_PREFIX), "tokenizer": str(out / "tokenizer"),
+            "key": qs.fingerprint(args), "tokens": manifest["tokens"]}
 
 
 def smollm2_tokenizer_data(a, smollm2: dict) -> dict:
     """The same text tokenized with SmolLM2's own tokenizer (vocabulary 49152, EOD its eos): a target
     trained on it shares SmolLM2's token ids, so LET aligns exactly, as with the small teacher."""
-    from megatron_let.data import prepare_corpus as pc
-
-    out = a.work_dir / "data-smollm2-tokenizer"
-    manifest = pc.prepare(out, tokenizer=smollm2["path"], max_mb=a.max_mb, seed=a.seed, check=False,
-                          download_dir=a.download_dir or a.work_dir / "data" / "downloads")
-    return {"prefix": str(out / pc.DATA_PREFIX), "tokenizer": str(out / "tokenizer"),
-            "key": qs.fingerprint({**manifest["args"], "tokenizer": smollm2["key"]}), "tokens": manifest["tokens"]}
+    return retokenized_data(a, "data-smollm2-tokenizer", smollm2["path"], key=smollm2["key"])
 
 
 def smollm2_teacher(a, given=None) -> dict:

@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import ROOT, make_tiny_llama, run_layout
-from test_parallel_equivalence import assert_same_numbers
+from test_parallel_equivalence import OWNER, assert_same_numbers
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError
 from megatron_let.data.byte_level import bytes_to_unicode
 from megatron_let.teachers.token_alignment import (AlignmentPrefetcher, CausalSpanAligner, _to_data_bytes, decode_bytes,
@@ -319,7 +319,7 @@ def test_mismatched_teacher_layouts_match_single_process(tmp_path, mismatched_re
     """Spread and (in the same launch) owner placement."""
     common, single = mismatched_reference
     got = run_layout(tmp_path, layout, 2, [*common, *flags, "--prefetch-alignment"],
-                     also={"owner": ["--placement", "owner"]})
+                     also=OWNER)
     assert_same_numbers(single, got, f"causal-span {layout}")
     assert_same_numbers(single, got["also"]["owner"], f"causal-span {layout} owner")
 

@@ -203,6 +203,9 @@ def gpt2_vocab_and_merges(whisper_archive: Path) -> Tuple[Dict[str, int], List[T
     return vocab, merges
 
 
+BUILT_TOKENIZERS = ("gpt2", "train-bpe")  # made here; any other --tokenizer is a Hugging Face directory
+
+
 def build_tokenizer(out_dir: Path, kind: str, download_dir: Path, texts: List[str], vocab_size: int):
     """Write an offline HF tokenizer directory (vocab.json, merges.txt, tokenizer.json, configs).
 
@@ -215,7 +218,7 @@ def build_tokenizer(out_dir: Path, kind: str, download_dir: Path, texts: List[st
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if kind not in ("gpt2", "train-bpe"):  # a Hugging Face tokenizer directory, used as it is
+    if kind not in BUILT_TOKENIZERS:  # a Hugging Face tokenizer directory, used as it is
         AutoTokenizer.from_pretrained(kind).save_pretrained(str(out_dir))
         _write_megatron_metadata(out_dir)
         return AutoTokenizer.from_pretrained(str(out_dir))
@@ -378,7 +381,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--no-verify", dest="check", action="store_false")
     a = parser.parse_args(argv)
-    if a.tokenizer not in ("gpt2", "train-bpe") and not (Path(a.tokenizer) / "tokenizer_config.json").is_file():
+    if a.tokenizer not in BUILT_TOKENIZERS and not (Path(a.tokenizer) / "tokenizer_config.json").is_file():
         parser.error(f"--tokenizer {a.tokenizer}: not gpt2, train-bpe or a Hugging Face tokenizer directory "
                      "(one with tokenizer_config.json)")
     prepare(a.output_dir, a.tokenizer, a.vocab_size, a.max_mb, a.download_dir, a.seed, a.check)
