@@ -154,6 +154,10 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     })
     if plan == "core":
         return core
+    if plan == "target-scale":  # the core arms and SmolLM2 on a target sized by flags: does the teacher-size gap move?
+        return {"baseline": ([], "", (1, 2)), "let": (let(trained), trained["key"], (1, 2)),
+                "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2)),
+                "let-random-teacher": (let(random), random["key"], (1, 2))}
     if plan == "teacher-norm":  # issue 14: normalised teacher features, both teachers, paired on seeds 1-2
         norm = lambda mode: ["--let-teacher-norm", mode]  # noqa: E731
         linear = lambda teacher: let(teacher, let_projector="linear")  # noqa: E731
@@ -254,11 +258,14 @@ def fmt_speedup(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", choices=["core", "full", "smollm2", "smollm2-layers", "smollm2-tokenizer", "teacher-norm"], default="full",
+    parser.add_argument("--plan", choices=["core", "full", "smollm2", "smollm2-layers", "smollm2-tokenizer", "target-scale",
+                                                     "teacher-norm"], default="full",
                         help="core: baseline / trained / random teacher, 2 seeds, + constant LR; full: + sweeps, "
                              "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check); "
                              "smollm2-layers: + SmolLM2's layer 10 (--let-teacher-layer), with and without center; "
                              "smollm2-tokenizer: baseline vs SmolLM2 with the target on SmolLM2's tokenizer (exact); "
+                             "target-scale: baseline, trained, random and SmolLM2 teachers, 2 seeds, on a target "
+                             "sized by --target-layers/--target-hidden/--target-heads (and its own --work-dir); "
                              "teacher-norm: trained and SmolLM2 teachers with and without --let-teacher-norm "
                              "(center, standardize, layernorm), 2 seeds, + the random-teacher control")
     parser.add_argument("--work-dir", default="runs/convergence")
