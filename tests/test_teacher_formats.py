@@ -218,11 +218,12 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _write_llama_gguf(model, path: str, vocab: str = "vocab_size", lm_head: bool = True) -> str:
+def _write_llama_gguf(model, path: str, vocab: str = "vocab_size", lm_head: bool = True, drop: tuple = ()) -> str:
     """Write ``model`` (a LlamaForCausalLM) as an F32 llama.cpp GGUF file.
 
     ``vocab``: how the loader learns the vocabulary size -- "vocab_size" (the ``llama.vocab_size`` key),
     "tokenizer" (a minimal ``tokenizer.ggml.*`` section; vocab = len(tokens)) or "none".
+    ``drop``: GGUF tensor names left out (a broken conversion).
     """
     gguf = pytest.importorskip("gguf")
     cfg = model.config
@@ -248,6 +249,8 @@ def _write_llama_gguf(model, path: str, vocab: str = "vocab_size", lm_head: bool
         writer.add_token_scores([0.0] * cfg.vocab_size)
         writer.add_token_types([1] * cfg.vocab_size)  # NORMAL
 
+    add_tensor = writer.add_tensor
+    writer.add_tensor = lambda name, tensor: None if name in drop else add_tensor(name, tensor)
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
@@ -314,6 +317,32 @@ def test_gguf_without_vocab_size_or_tokens_does_not_load(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lm_head", [True, False], ids=["output", "tied"])
+def test_correct_gguf_passes_the_preflight_weight_check(tmp_path, lm_head):
+    pytest.importorskip("gguf")
+    from megatron_let.teachers import huggingface
+
+    gguf_path = _write_llama_gguf(_build("llama"), str(tmp_path / "ok.gguf"), lm_head=lm_head)
+    source = resolve_teacher(gguf_path)
+    stored = huggingface._gguf_tensor_shapes(source, source.config())
+    assert stored is not None and len(stored) == 2 + 9 * 2  # read from the header: embeddings, norm, 9 per block
+    assert stored["embed_tokens.weight"] == (VOCAB, 64)
+    warnings = []
+    assert huggingface.preflight_teacher(gguf_path, seq_length=64, warn=warnings.append) is not None
+    assert warnings == []
+
+
+def test_gguf_missing_a_tensor_is_refused_in_preflight(tmp_path):
+    """A broken conversion (a block's tensor left out): transformers would fill it with random values."""
+    pytest.importorskip("gguf")
+    from megatron_let.teachers.huggingface import preflight_teacher
+
+    gguf_path = _write_llama_gguf(_build("llama"), str(tmp_path / "broken.gguf"), drop=("blk.1.ffn_up.weight",))
+    with pytest.raises(LETConfigError, match=r"broken.gguf'.*\(LlamaModel\): 1 tensor\(s\) missing, 0 mis-shaped, "
+                                             r"0 unexpected \(missing e.g. 'layers.1.mlp.up_proj.weight'\)"):
+        preflight_teacher(gguf_path, seq_length=64)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_correct_teachers_pass_the_weight_check_silently(saved, family, fmt):
@@ -337,7 +366,7 @@ def test_base_model_without_lm_head_passes_the_weight_check(tmp_path):
 
 
 def test_loading_refuses_weights_of_another_class_even_without_preflight(tmp_path, saved):
-    """The last guard (GGUF and files preflight cannot read): loading itself refuses in one line."""
+    """The last guard (files preflight cannot read, GGUF architectures gguf cannot name): loading refuses in one line."""
     import shutil
 
     _, llama = saved("llama")

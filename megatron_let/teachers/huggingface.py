@@ -91,10 +91,10 @@ def preflight_teacher(path: str, teacher_layer: Optional[int] = None, seq_length
     except Exception as error:  # noqa: BLE001 - any parse failure means the same thing to the user
         raise LETConfigError(f"--let-teacher {path!r}: cannot read its config ({type(error).__name__}: "
                              f"{error}); re-save the model with save_pretrained.") from None
-    if source.gguf_file is None:
-        stored = _stored_tensor_shapes(source.directory, path)
-        if stored is not None:
-            check_stored_weights(source, config, stored, path)
+    stored = (_stored_tensor_shapes(source.directory, path) if source.gguf_file is None
+              else _gguf_tensor_shapes(source, config))
+    if stored is not None:
+        check_stored_weights(source, config, stored, path)
     layers = config.num_hidden_layers
     if teacher_layer is not None and not -(layers + 1) <= teacher_layer <= layers:
         raise LETConfigError(f"--let-teacher-layer {teacher_layer} does not exist: the teacher's hidden_states "
@@ -187,6 +187,31 @@ def _stored_tensor_shapes(directory: str, path: str) -> Optional[dict]:
             return None
         shapes.update({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
     return shapes
+
+
+def _gguf_tensor_shapes(source: "TeacherSource", config) -> Optional[dict]:
+    """{base-model tensor name: shape} of a GGUF file's tensors (its header only: no dequantising), named
+    through gguf's own HF -> GGUF name table; None when that table cannot name every tensor of the model
+    (an architecture gguf does not know, or transformers' conversion merges tensors): checked at load."""
+    try:
+        import gguf
+
+        expected, prefix = _expected_tensor_shapes(config)
+        arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == config.model_type)
+        names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+        in_file = {t.name: tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
+                   for t in gguf.GGUFReader(os.path.join(source.directory, source.gguf_file)).tensors}
+    except Exception:  # noqa: BLE001 - no gguf package, unknown architecture, unreadable header: checked at load
+        return None
+    stored = {}
+    for key in expected:
+        module, _, suffix = key.rpartition(".")
+        gguf_name = names.get_name(f"{prefix}.{module}" if prefix else module)
+        if gguf_name is None:
+            return None
+        if f"{gguf_name}.{suffix}" in in_file:
+            stored[key] = in_file[f"{gguf_name}.{suffix}"]
+    return stored
 
 
 def _expected_tensor_shapes(config) -> tuple:
