@@ -23,6 +23,9 @@ measurement:
   blocks after it are never run), with and without --let-teacher-norm center; no small teacher is trained.
 - (plan smollm2-tokenizer) the same text tokenized with SmolLM2's tokenizer for the target, so that LET
   aligns SmolLM2 exactly (as the small teacher): baseline and LET on that data.
+- (plan target-scale) baseline, the trained, random and SmolLM2 teachers, 2 seeds, on a target sized by
+  --target-layers/--target-hidden/--target-heads (give it its own --work-dir): how the gain of a teacher
+  much larger than the target (SmolLM2) and of one smaller (the trained one) move as the target grows.
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
 
