@@ -261,8 +261,8 @@ def fmt_speedup(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plan", choices=["core", "full", "smollm2", "smollm2-layers", "smollm2-tokenizer", "target-scale",
-                                                     "teacher-norm"], default="full",
+    plans = ["core", "full", "smollm2", "smollm2-layers", "smollm2-tokenizer", "target-scale", "teacher-norm"]
+    parser.add_argument("--plan", choices=plans, default="full",
                         help="core: baseline / trained / random teacher, 2 seeds, + constant LR; full: + sweeps, "
                              "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check); "
                              "smollm2-layers: + SmolLM2's layer 10 (--let-teacher-layer), with and without center; "
