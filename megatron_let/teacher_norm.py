@@ -47,7 +47,8 @@ class TeacherFeatureNorm(nn.Module):
         self.mode, self.size, self.estimate_iters = mode, size, estimate_iters
         self.iteration = 0
         self._mean = self._inv_std = None
-        if mode in ESTIMATED:  # float64 sums: identical on every rank, layouts differ only by rounding
+        if mode in ESTIMATED:  # float64 sums: identical on every rank, layouts differ only by rounding;
+            # both modes keep all three, so their checkpoints share one layout (center's holds the std too)
             self.register_buffer("token_count", torch.zeros((), dtype=torch.float64))
             self.register_buffer("feature_sum", torch.zeros(size, dtype=torch.float64))
             self.register_buffer("feature_sq_sum", torch.zeros(size, dtype=torch.float64))
