@@ -23,7 +23,7 @@ measurement:
   blocks after it are never run), with and without --let-teacher-norm center; no small teacher is trained.
 - (plan smollm2-tokenizer) the same text tokenized with SmolLM2's tokenizer for the target, so that LET
   aligns SmolLM2 exactly (as the small teacher): baseline and LET on that data.
-- (plan target-scale) baseline, the trained, random and SmolLM2 teachers, 2 seeds, on a target sized by
+- (plan target-scale) baseline, the trained, random and SmolLM2 teachers (+ center), 2 seeds, on a target sized by
   --target-layers/--target-hidden/--target-heads (give it its own --work-dir): how the gain of a teacher
   much larger than the target (SmolLM2) and of one smaller (the trained one) move as the target grows.
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
@@ -158,9 +158,12 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     if plan == "core":
         return core
     if plan == "target-scale":  # the core arms and SmolLM2 on a target sized by flags: does the teacher-size gap move?
+        center = ["--let-teacher-norm", "center"]
         return {"baseline": ([], "", (1, 2)), "let": (let(trained), trained["key"], (1, 2)),
                 "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2)),
-                "let-random-teacher": (let(random), random["key"], (1, 2))}
+                "let-random-teacher": (let(random), random["key"], (1, 2)),
+                "let-smollm2-center": (let(smollm2) + span + center, smollm2["key"], (1, 2)),
+                "let-center": (let(trained) + center, trained["key"], (1, 2))}
     if plan == "teacher-norm":  # issue 14: normalised teacher features, both teachers, paired on seeds 1-2
         norm = lambda mode: ["--let-teacher-norm", mode]  # noqa: E731
         linear = lambda teacher: let(teacher, let_projector="linear")  # noqa: E731
