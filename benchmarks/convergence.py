@@ -157,15 +157,14 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     })
     if plan == "core":
         return core
+    norm = lambda mode: ["--let-teacher-norm", mode]  # noqa: E731
     if plan == "target-scale":  # the core arms and SmolLM2 on a target sized by flags: does the teacher-size gap move?
-        center = ["--let-teacher-norm", "center"]
         return {"baseline": ([], "", (1, 2)), "let": (let(trained), trained["key"], (1, 2)),
                 "let-smollm2": (let(smollm2) + span, smollm2["key"], (1, 2)),
                 "let-random-teacher": (let(random), random["key"], (1, 2)),
-                "let-smollm2-center": (let(smollm2) + span + center, smollm2["key"], (1, 2)),
-                "let-center": (let(trained) + center, trained["key"], (1, 2))}
+                "let-smollm2-center": (let(smollm2) + span + norm("center"), smollm2["key"], (1, 2)),
+                "let-center": (let(trained) + norm("center"), trained["key"], (1, 2))}
     if plan == "teacher-norm":  # issue 14: normalised teacher features, both teachers, paired on seeds 1-2
-        norm = lambda mode: ["--let-teacher-norm", mode]  # noqa: E731
         linear = lambda teacher: let(teacher, let_projector="linear")  # noqa: E731
         return {
             "baseline": ([], "", (1, 2)),
