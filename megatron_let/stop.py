@@ -1,7 +1,8 @@
 """When LET stops: a fraction of training, a sample count or an iteration, on Megatron-LM's schedule.
 
 Megatron-LM trains for ``--train-iters`` iterations or ``--train-samples`` samples, optionally
-ramping the global batch size up (``--rampup-batch-size START INCR SAMPLES``). LET's lambda is a
+ramping the global batch size up (``--rampup-batch-size START INCR SAMPLES`` up to 0.18,
+``--step-batch-size-schedule "THRESHOLD:BS ..."`` from 0.19, which ignores the former). LET's lambda is a
 function of the iteration, so every form of the stop is resolved to the iteration at which lambda
 reaches 0, with the global batch size megatron-core's own num-microbatches calculator gives at each
 step (the calculator Megatron-LM's ``update_train_iters`` and training loop use):
@@ -33,6 +34,8 @@ class TrainingSchedule:
     data_parallel_size: int = 1
     rampup_batch_size: Optional[Sequence] = None
     decrease_batch_size_if_needed: bool = False
+    step_batch_size_schedule: Optional[str] = None
+    seq_length: Optional[int] = None
 
     @classmethod
     def from_args(cls, args) -> "TrainingSchedule":
@@ -44,20 +47,25 @@ class TrainingSchedule:
                    micro_batch_size=getattr(args, "micro_batch_size", 1) or 1,
                    data_parallel_size=getattr(args, "data_parallel_size", 1) or 1,
                    rampup_batch_size=getattr(args, "rampup_batch_size", None) or None,
-                   decrease_batch_size_if_needed=bool(getattr(args, "decrease_batch_size_if_needed", False)))
+                   decrease_batch_size_if_needed=bool(getattr(args, "decrease_batch_size_if_needed", False)),
+                   step_batch_size_schedule=getattr(args, "step_batch_size_schedule", None) or None,
+                   seq_length=getattr(args, "seq_length", None))
+
+    def __post_init__(self):
+        from megatron_let.integrations.versions import rampup_calculator_class
+
+        if self.rampup_batch_size and rampup_calculator_class() is None:
+            self.rampup_batch_size = None  # this megatron-core ignores --rampup-batch-size, so must we
+
+    @property
+    def _varies(self) -> bool:
+        return bool(self.rampup_batch_size or self.step_batch_size_schedule)
 
     def _calculator(self):
-        from megatron.core.num_microbatches_calculator import (ConstantNumMicroBatchesCalculator,
-                                                               RampupBatchsizeNumMicroBatchesCalculator)
+        """megatron-core's own calculator for these flags (the one the training loop uses)."""
+        from megatron_let.integrations.versions import build_calculator
 
-        if not self.rampup_batch_size:
-            return ConstantNumMicroBatchesCalculator(self.global_batch_size, self.micro_batch_size,
-                                                     self.data_parallel_size,
-                                                     self.decrease_batch_size_if_needed, rank=-1)
-        start, increment, samples = (int(v) for v in self.rampup_batch_size)
-        return RampupBatchsizeNumMicroBatchesCalculator(
-            self.global_batch_size, self.micro_batch_size, self.data_parallel_size,
-            self.decrease_batch_size_if_needed, -1, start, increment, samples)
+        return build_calculator(self)
 
     def batch_sizes(self, iterations: int) -> List[int]:
         """Global batch size of each of the first ``iterations`` iterations (as the training loop
@@ -72,13 +80,13 @@ class TrainingSchedule:
 
     def samples_after(self, iterations: int) -> int:
         """Samples consumed when ``iterations`` iterations are done."""
-        if not self.rampup_batch_size:
+        if not self._varies:
             return iterations * self.global_batch_size
         return sum(self.batch_sizes(iterations))
 
     def iteration_reaching(self, samples: int) -> int:
         """The first iteration count after which at least ``samples`` samples were consumed."""
-        if not self.rampup_batch_size:
+        if not self._varies:
             return -(-samples // self.global_batch_size)
         calculator, consumed, iterations = self._calculator(), 0, 0
         while consumed < samples:
@@ -94,8 +102,10 @@ class TrainingSchedule:
             return self.train_iters
         if not self.train_samples:
             return None
-        if not self.rampup_batch_size:
+        if not self._varies:
             return self.train_samples // self.global_batch_size
+        if self.step_batch_size_schedule:  # 0.19's update_train_iters: whole batches until the samples are reached
+            return self.iteration_reaching(self.train_samples)
         calculator, iterations, consumed = self._calculator(), 0, 0
         while consumed <= int(self.rampup_batch_size[2]) and consumed <= self.train_samples:
             calculator.update(consumed, consistency_check=False)

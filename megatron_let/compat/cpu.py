@@ -140,8 +140,19 @@ def _factory_on_cpu(factory):
     return wrapper
 
 
+class _NoStream:
+    """What a CUDA stream or event does on CPU: nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 class _CudaOnCpu(types.ModuleType):
-    """``torch.cuda`` as the patched modules see it."""
+    """``torch.cuda`` as the patched modules see it. Streams and events are no-ops: from 0.19 the DDP grad
+    buffers order their all-reduce on ``torch.cuda.current_stream()`` even without overlap."""
 
     def __init__(self):
         super().__init__("torch.cuda")
@@ -150,6 +161,10 @@ class _CudaOnCpu(types.ModuleType):
         self.get_rng_state = lambda device="cuda": torch.get_rng_state()
         self.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
         self.manual_seed = lambda seed: torch.manual_seed(seed)
+        self.Stream = _NoStream
+        self.Event = _NoStream
+        self.current_stream = lambda *args, **kwargs: _NoStream()
+        self.stream = lambda *args, **kwargs: contextlib.nullcontext()
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)

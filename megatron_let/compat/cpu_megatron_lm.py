@@ -63,37 +63,45 @@ _ENABLED = False
 
 _TRITON_MODULE = "megatron.core.transformer.custom_layers.batch_invariant_kernels"
 
-# Modules whose global ``torch`` becomes the stand-in: why each one.
+# Modules whose global ``torch`` becomes the stand-in: why each one, and the megatron versions that have
+# the module ([since, until) minor versions; None: open). Megatron-LM 0.18 split ``training/utils.py`` into a
+# package and added the model builders (``training/models``).
 _TORCH_ON_CPU_MODULES = {
-    "megatron.training.initialize": "device_count() gates model-parallel init and RNG-tracker "
-    "seeding; torch.cuda.set_device; 'cuda' tensors in the JIT warm-up",
-    "megatron.training.training": "device='cuda' tensors (start time, loss totals, exit flags, "
-    "do_train/valid/test flags); torch.cuda.Stream for DDP; empty_cache",
-    "megatron.training.utils": "device='cuda' / current_device() tensors (batch broadcast, "
-    "norms, stats); memory report",
-    "megatron.training.checkpointing": "iteration tensor on 'cuda'; cuda rng state save/load; "
-    "empty_cache",
-    "megatron.core.timers": "torch.cuda.synchronize; timing buffers on current_device()",
-    "megatron.core.rerun_state_machine": "state tensors on 'cuda' / current_device(); "
-    "cuda rng state",
+    "megatron.training.initialize": ("device_count() gates model-parallel init and RNG-tracker "
+                                     "seeding; torch.cuda.set_device; 'cuda' tensors in the JIT warm-up", None, None),
+    "megatron.training.training": ("device='cuda' tensors (start time, loss totals, exit flags, "
+                                   "do_train/valid/test flags); torch.cuda.Stream for DDP; empty_cache", None, None),
+    "megatron.training.utils": ("device='cuda' / current_device() tensors (batch broadcast, "
+                                "norms, stats); memory report", None, (0, 18)),
+    "megatron.training.utils.common_utils": ("the same functions as training/utils.py before 0.18: "
+                                             "'cuda' norms and stats, memory report", (0, 18), None),
+    "megatron.training.models.dist_utils": ("the builders' DDP wrapping: torch.cuda.Stream, "
+                                            "current_stream().wait_stream", (0, 18), None),
+    "megatron.training.checkpointing": ("iteration tensor on 'cuda'; cuda rng state save/load; "
+                                        "empty_cache", None, None),
+    "megatron.core.timers": ("torch.cuda.synchronize; timing buffers on current_device()", None, None),
+    "megatron.core.rerun_state_machine": ("state tensors on 'cuda' / current_device(); "
+                                          "cuda rng state", None, None),
 }
 
 # (module, function): while it runs ``Tensor.cuda()`` / ``Module.cuda()`` return their object.
 _CUDA_CALLS_ARE_IDENTITY = {
-    ("megatron.training.training", "get_model"): "model_module.cuda(current_device())",
-    ("megatron.training.training", "evaluate"): "loss totals moved with .cuda()",
-    ("megatron.training.utils", "get_batch_on_this_tp_rank"): "batch tensors moved with .cuda()",
+    ("megatron.training.training", "get_model"): ("model_module.cuda(current_device())", None, None),
+    ("megatron.training.training", "evaluate"): ("loss totals moved with .cuda()", None, None),
+    ("megatron.training.utils", "get_batch_on_this_tp_rank"): ("batch tensors moved with .cuda()", None, (0, 18)),
 }
 
 
-class _NoStream:
-    """What a CUDA stream or event does on CPU: nothing."""
+def _in_versions(since, until) -> bool:
+    from megatron_let.compat.cpu import _megatron_version
 
-    def __init__(self, *args, **kwargs):
-        pass
+    minor = _megatron_version()[:2]
+    return (since is None or minor >= since) and (until is None or minor < until)
 
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+
+def _entries(table: dict) -> list:
+    """The keys of ``table`` that the running megatron version has."""
+    return [key for key, (_, since, until) in table.items() if _in_versions(since, until)]
 
 
 class _CudaForTraining(_CudaOnCpu):
@@ -113,10 +121,6 @@ class _CudaForTraining(_CudaOnCpu):
             setattr(self, name, zero)
         self.memory_stats = lambda *args, **kwargs: {}
         self.get_device_capability = lambda *args, **kwargs: (0, 0)
-        self.Stream = _NoStream
-        self.Event = _NoStream
-        self.current_stream = lambda *args, **kwargs: _NoStream()
-        self.stream = lambda *args, **kwargs: contextlib.nullcontext()
 
 
 class _TorchForTraining(_TorchOnCpu):
@@ -219,7 +223,7 @@ def enable_cpu_megatron_lm() -> bool:
     enable_cpu_megatron()
     _register_triton_stub()
 
-    modules = {name: importlib.import_module(name) for name in _TORCH_ON_CPU_MODULES}
+    modules = {name: importlib.import_module(name) for name in _entries(_TORCH_ON_CPU_MODULES)}
     for module in modules.values():
         if vars(module).get("torch") is not torch:
             raise RuntimeError(f"megatron_let.compat.cpu_megatron_lm: {module.__name__} has no "
@@ -228,7 +232,7 @@ def enable_cpu_megatron_lm() -> bool:
     for module in modules.values():
         module.torch = stand_in
 
-    for module_name, function in _CUDA_CALLS_ARE_IDENTITY:
+    for module_name, function in _entries(_CUDA_CALLS_ARE_IDENTITY):
         module = importlib.import_module(module_name)
         setattr(module, function, _identity_cuda_calls(getattr(module, function)))
 
@@ -237,7 +241,8 @@ def enable_cpu_megatron_lm() -> bool:
                                                      allow_no_cuda=True)
 
     initialize = modules["megatron.training.initialize"]
-    initialize.fused_kernels = types.SimpleNamespace(load=lambda args: None)
+    if hasattr(initialize, "fused_kernels"):  # loaded at start-up before 0.18
+        initialize.fused_kernels = types.SimpleNamespace(load=lambda args: None)
     if _compiled_helpers_import():
         importlib.import_module("megatron.core.datasets.utils").compile_helpers = lambda: None
 

@@ -73,6 +73,7 @@ import torch
 
 from megatron_let.config import add_let_args
 from megatron_let.integrations.launch import build_let, let_state, refuse_unsupported_features
+from megatron_let.integrations.versions import batch_predicate_name, call_pretrain, supported_range, tokens_and_loss_mask
 from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
 
@@ -116,7 +117,9 @@ def _checkout_roots():
 
 
 def import_pretrain_gpt():
-    """The user's ``pretrain_gpt`` module (from the Megatron-LM checkout that holds megatron.training)."""
+    """The user's ``pretrain_gpt`` module (from the Megatron-LM checkout that holds megatron.training), or,
+    for a megatron-core wheel that ships megatron.training without the script (0.17+),
+    :mod:`megatron_let.integrations.gpt_script`."""
     _prepare_runtime()
     try:
         return importlib.import_module("pretrain_gpt")
@@ -128,10 +131,10 @@ def import_pretrain_gpt():
             if root not in sys.path:
                 sys.path.append(root)  # the checkout itself is already first (selection.choose_trainer)
             return importlib.import_module("pretrain_gpt")
-    raise ImportError(
-        "LET's Megatron-LM integration needs Megatron-LM's pretrain_gpt.py: put the Megatron-LM "
-        "checkout on PYTHONPATH or set MEGATRON_LM_PATH to it."
-    )
+    if os.environ.get("MEGATRON_LM_PATH"):
+        raise ImportError(f"MEGATRON_LM_PATH={os.environ['MEGATRON_LM_PATH']} holds no pretrain_gpt.py: point it "
+                          "at the root of a Megatron-LM checkout.")
+    return importlib.import_module("megatron_let.integrations.gpt_script")
 
 
 class LETMegatronLM:
@@ -146,12 +149,12 @@ class LETMegatronLM:
         self._training = False  # the model's mode in the current forward step
         self._placement_reported = False
         self._cos_sum, self._cos_iters = 0.0, 0  # "let cos" over the log interval (see training_log)
-        missing = [name for name in ("get_batch", "mtp_on_this_rank", "forward_step",
-                                     "train_valid_test_datasets_provider", "model_provider")
+        missing = [name for name in ("get_batch", batch_predicate_name(pretrain_gpt), "forward_step",
+                                     "train_valid_test_datasets_provider")
                    if not hasattr(pretrain_gpt, name)]
         if missing:
             raise ImportError(f"this pretrain_gpt.py lacks {missing}; LET's integration was written "
-                              "for Megatron-LM core_v0.16 (pretrain_gpt.py with gpt_builders.py).")
+                              f"for Megatron-LM {supported_range()}.")
 
     # -- arguments -----------------------------------------------------------------------------
     def extra_args_provider(self, base: Optional[Callable] = None) -> Callable:
@@ -191,6 +194,15 @@ class LETMegatronLM:
             self._let_created = True
         return self.let
 
+    def attach(self, chunks):
+        """LET on the chunk(s) that hold the target layer, before Megatron wraps them in DDP; returns
+        ``chunks`` (a model-config pre-wrap hook, 0.19)."""
+        let = self._ensure_let()
+        for chunk in chunks:
+            if let is not None and let.attach(chunk):
+                self._owner_vp_stages.add(getattr(chunk, "vp_stage", None))
+        return chunks
+
     def model_provider(self, base: Callable) -> Callable:
         """Wrap Megatron-LM's model provider: attach LET to every chunk it builds."""
 
@@ -211,26 +223,26 @@ class LETMegatronLM:
     # -- data ----------------------------------------------------------------------------------
     def _patch_pretrain_gpt(self) -> None:
         module = self.pretrain_gpt
-        needs_full_batch = module.mtp_on_this_rank
+        predicate = batch_predicate_name(module)
+        needs_full_batch = getattr(module, predicate)
         get_batch = module.get_batch
 
         @functools.wraps(needs_full_batch)
-        def mtp_or_let_on_this_rank(config, *args, vp_stage=None, **kwargs):
-            return needs_full_batch(config, *args, vp_stage=vp_stage, **kwargs) or \
-                self.owns_target(vp_stage)
+        def mtp_or_let_on_this_rank(*args, vp_stage=None, **kwargs):
+            return needs_full_batch(*args, vp_stage=vp_stage, **kwargs) or self.owns_target(vp_stage)
 
         @functools.wraps(get_batch)
         def get_batch_for_let(data_iterator, vp_stage=None):
             batch = get_batch(data_iterator, vp_stage)
             if self.owns_target(vp_stage):
-                tokens, loss_mask = batch[0], batch[2]
+                tokens, loss_mask = tokens_and_loss_mask(module, batch)
                 if tokens is None or loss_mask is None:
                     raise RuntimeError("LET: get_batch returned no tokens/loss mask on the stage of "
                                        "--let-target-layer.")
                 self.let.set_microbatch(tokens, loss_mask, self._alignment_in_background(tokens))
             return batch
 
-        module.mtp_on_this_rank = mtp_or_let_on_this_rank
+        setattr(module, predicate, mtp_or_let_on_this_rank)
         module.get_batch = get_batch_for_let
 
     def _alignment_in_background(self, tokens: torch.Tensor):
@@ -508,8 +520,8 @@ def main(extra_args_provider: Optional[Callable] = None) -> int:
                 parser = script_args(parser)
             return extra_args_provider(parser)
 
-    model_provider = pretrain_gpt.model_provider
-    if hasattr(pretrain_gpt, "gpt_builder"):
+    model_provider = getattr(pretrain_gpt, "model_provider", None)  # None: the config container builds (0.19)
+    if model_provider is not None and hasattr(pretrain_gpt, "gpt_builder"):
         model_provider = functools.partial(model_provider, pretrain_gpt.gpt_builder)
 
     pretrain, kwargs = training.pretrain, {}
@@ -520,15 +532,12 @@ def main(extra_args_provider: Optional[Callable] = None) -> int:
         kwargs["get_embedding_ranks"] = pretrain_gpt.get_embedding_ranks
 
     try:
-        pretrain(
-            provider,
-            integration.model_provider(model_provider),
-            ModelType.encoder_or_decoder,
-            integration.forward_step(pretrain_gpt.forward_step),
-            args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-            extra_args_provider=integration.extra_args_provider(base_args),
-            **kwargs,
-        )
+        call_pretrain(pretrain, provider, model_provider and integration.model_provider(model_provider),
+                      ModelType.encoder_or_decoder,
+                      integration.forward_step(pretrain_gpt.forward_step),
+                      args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+                      extra_args_provider=integration.extra_args_provider(base_args), attach=integration.attach,
+                      **kwargs)
     except _Exported:
         return 0
     except (LETConfigError, LETNonFiniteError) as error:

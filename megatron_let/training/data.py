@@ -8,12 +8,13 @@ from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 from megatron.core.tokenizers import MegatronTokenizer
 
 from megatron_let.data.datasets import build_gpt_datasets
+from megatron_let.integrations.versions import null_tokenizer
 
 
 def build_tokenizer(args):
     """Megatron tokenizer for --tokenizer-type (a Hugging Face directory, or null for mock data)."""
     if args.tokenizer_type == "NullTokenizer":
-        return MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=args.vocab_size)
+        return null_tokenizer(args.vocab_size)
     return MegatronTokenizer.from_pretrained(args.tokenizer_model,
                                              metadata_path={"library": "huggingface", "model_type": "gpt"})
 

@@ -1,0 +1,114 @@
+"""What changed in megatron-core / Megatron-LM between the versions LET supports: one entry per difference,
+with the version it appeared in. Nothing else in megatron_let compares versions.
+
+Supported: 0.16 to 0.19 (0.13-0.15 were dropped: their ``pretrain_gpt.py`` lacks the batch predicate and
+builder split the integration relies on). Tested in CI: 0.16.1 (Python 3.11) and 0.19.x (Python 3.12).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Callable, Optional, Tuple
+
+SUPPORTED = ((0, 16), (0, 19))  # minor versions, inclusive
+TESTED = ("0.16.1", "0.19")  # a tested entry matches the version or its prefix
+
+
+def parse(version: Optional[str]) -> Optional[Tuple[int, int]]:
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def is_supported(version: Optional[str]) -> bool:
+    minor = parse(version)
+    return minor is not None and SUPPORTED[0] <= minor <= SUPPORTED[1]
+
+
+def is_tested(version: Optional[str]) -> bool:
+    return any(version == tested or (version or "").startswith(tested + ".") for tested in TESTED)
+
+
+def supported_range() -> str:
+    return f"{SUPPORTED[0][0]}.{SUPPORTED[0][1]} to {SUPPORTED[1][0]}.{SUPPORTED[1][1]}"
+
+
+def _core_minor() -> Tuple[int, int]:
+    from megatron.core import package_info
+
+    return parse(package_info.__version__)
+
+
+# -- 0.18: pretrain() takes a PretrainConfigContainer first; the arguments are parsed before it --------------
+def call_pretrain(pretrain: Callable, datasets_provider, model_provider, model_type, forward_step, *,
+                  extra_args_provider, args_defaults: dict, attach: Callable, **kwargs) -> None:
+    """Run Megatron-LM's ``pretrain()`` the way that version's ``pretrain_gpt.py`` does.
+
+    ``attach(model_chunks)`` sees every model chunk before Megatron wraps it in DDP: through
+    ``model_provider`` where pretrain() builds the model with it, and as a pre-wrap hook of the model
+    config where (0.19) the config container's builder builds it.
+    """
+    parameters = inspect.signature(pretrain).parameters
+    if "cfg_container" not in parameters:  # up to 0.17
+        pretrain(datasets_provider, model_provider, model_type, forward_step, args_defaults=args_defaults,
+                 extra_args_provider=extra_args_provider, **kwargs)
+        return
+    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider, args_defaults=args_defaults)
+    model_config = gpt_config_from_args(args)
+    model_config.pre_wrap_hooks.append(attach)  # the builder runs it on the chunks, before DDP
+    container = pretrain_cfg_container_from_args(args, model_config)
+    names = list(parameters)
+    if names.index("model_provider") < names.index("model_type"):  # 0.18: model_provider still positional
+        pretrain(container, datasets_provider, model_provider, model_type, forward_step, **kwargs)
+    else:  # 0.19: the container's model builder builds the chunks
+        pretrain(container, datasets_provider, model_type, forward_step, **kwargs)
+
+
+# -- 0.19: pretrain_gpt.get_batch returns its fields in BATCH_KEYS order ------------------------------------
+def tokens_and_loss_mask(script, batch) -> tuple:
+    """(tokens, loss_mask) of what ``script.get_batch`` returned."""
+    keys = getattr(script, "BATCH_KEYS", None)
+    if keys is not None:
+        return batch[keys.index("tokens")], batch[keys.index("loss_mask")]
+    return batch[0], batch[2]  # (tokens, labels, loss_mask, attention_mask, position_ids, ...)
+
+
+# -- 0.19: the script's "this stage needs the full batch" predicate is megatron.core's, imported as
+# mtp_on_this_rank_func(layout=..., mtp_num_layers=..., vp_stage=...); before, its own mtp_on_this_rank(config, ...)
+def batch_predicate_name(script) -> str:
+    return "mtp_on_this_rank_func" if hasattr(script, "mtp_on_this_rank_func") else "mtp_on_this_rank"
+
+
+# -- 0.19: the rampup calculator is gone (--rampup-batch-size is ignored); --step-batch-size-schedule instead --
+def rampup_calculator_class():
+    """megatron-core's rampup calculator, or None where the version has none."""
+    from megatron.core import num_microbatches_calculator
+
+    return getattr(num_microbatches_calculator, "RampupBatchsizeNumMicroBatchesCalculator", None)
+
+
+def build_calculator(schedule):
+    """megatron-core's num-microbatches calculator for a :class:`~megatron_let.stop.TrainingSchedule`."""
+    from megatron.core.num_microbatches_calculator import _build_num_microbatches_calculator
+
+    kwargs = dict(rank=-1, global_batch_size=schedule.global_batch_size, micro_batch_size=schedule.micro_batch_size,
+                  data_parallel_size=schedule.data_parallel_size,
+                  decrease_batch_size_if_needed=schedule.decrease_batch_size_if_needed)
+    if rampup_calculator_class() is not None:
+        kwargs["rampup_batch_size"] = [int(v) for v in schedule.rampup_batch_size] if schedule.rampup_batch_size else None
+    else:
+        kwargs.update(step_batch_size_schedule=schedule.step_batch_size_schedule, seq_length=schedule.seq_length)
+    return _build_num_microbatches_calculator(**kwargs)
+
+
+# -- 0.17: the null tokenizer is the "null-text" library of megatron.core.tokenizers (a path is required else) --
+def null_tokenizer(vocab_size: int):
+    """megatron-core's null tokenizer (ids are the text) with ``vocab_size`` ids."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    if _core_minor() >= (0, 17):
+        return MegatronTokenizer.from_pretrained(metadata_path={"library": "null-text"}, vocab_size=vocab_size)
+    return MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=vocab_size)
