@@ -12,6 +12,45 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "workers")
 
+# Skip reasons say what to do (docs/testing.md lists them all). Megatron-LM is not on PyPI.
+NEEDS_MEGATRON_LM = ("needs a Megatron-LM checkout: git clone --branch core_v0.16.1 "
+                     "https://github.com/NVIDIA/Megatron-LM DIR && export MEGATRON_LM_PATH=DIR (pip install six)")
+NEEDS_MEGATRON_LM_GIT_DIR = ("needs Megatron-LM's git history with tags: git clone --bare "
+                             "https://github.com/NVIDIA/Megatron-LM DIR.git && export MEGATRON_LM_GIT_DIR=DIR.git "
+                             "(or $MEGATRON_LM_PATH/.git after git fetch --tags)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The skipped tests grouped by what would run them, once, at the end (also under -q)."""
+    from collections import Counter
+
+    reasons = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.write_sep("-", f"{sum(reasons.values())} skipped, by what would run them (docs/testing.md)")
+        for reason, count in reasons.most_common():
+            terminalreporter.write_line(f"{count:4d} x {reason}")
+
+
+def megatron_lm_source():
+    """Where Megatron-LM's megatron.training comes from for pretrain_gpt_let.py: "checkout"
+    (MEGATRON_LM_PATH), "wheel" (megatron-core >= 0.17 ships it) or None (0.16 wheel: lean trainer only)."""
+    import importlib.util
+
+    if os.environ.get("MEGATRON_LM_PATH"):
+        return "checkout"
+    try:
+        return "wheel" if importlib.util.find_spec("megatron.training") is not None else None
+    except (ImportError, ValueError):
+        return None
+
+
+MEGATRON_LM_SKIP_REASON = ("no megatron.training here (megatron-core 0.16 wheel): set MEGATRON_LM_PATH to a Megatron-LM "
+                           "checkout of the same version (git clone -b core_v0.16.1 https://github.com/NVIDIA/Megatron-LM), "
+                           "or use Python 3.12 with megatron-core 0.19 (its wheel ships megatron.training)")
+
 
 def make_tiny_llama(path: str, vocab_size: int = 128, hidden_size: int = 48, seed: int = 0) -> str:
     """A randomly initialised Llama causal LM saved with save_pretrained (safetensors)."""

@@ -26,7 +26,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import NEEDS_MEGATRON_LM, ROOT
 
 CLUSTER = os.path.join(ROOT, "examples", "cluster")
 GPUS_PER_NODE = 8
@@ -263,8 +263,7 @@ print("RESULTS" + json.dumps(results))
 def megatron_lm_results(rendered):
     checkout = _megatron_lm_checkout()
     if checkout is None:
-        pytest.skip("no Megatron-LM checkout (set MEGATRON_LM_PATH to tag core_v0.16.1): "
-                    "the non-LET flags were checked against the lean trainer's parser only")
+        pytest.skip(NEEDS_MEGATRON_LM)  # the non-LET flags are then checked against the lean trainer's parser only
     jobs = {f"{name}/{kind}": (SLURM_VARIANTS[name][1] * GPUS_PER_NODE, rendered[name, kind][1])
             for name, kind in CASES}
     env = dict(os.environ, MEGATRON_LM_PATH=checkout, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="",

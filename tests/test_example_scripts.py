@@ -19,14 +19,12 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, make_tiny_llama, torchrun
+from conftest import NEEDS_MEGATRON_LM, ROOT, make_tiny_llama, torchrun
 from test_sample_schedule import parse
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
-pytestmark = pytest.mark.skipif(
-    not MEGATRON_LM_PATH, reason="the example scripts are Megatron-LM's (not on PyPI): set MEGATRON_LM_PATH "
-                                 "to a Megatron-LM checkout (tag core_v0.16.1 for megatron-core 0.16.1)")
+pytestmark = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM)
 
 EXAMPLES = {  # name: (script, its positional arguments after checkpoint and tensorboard dirs, processes, parallel)
     "llama3_8b": ("examples/llama/train_llama3_8b_h100_fp8.sh", ["MOCK", "MOCK"], 2,

@@ -1,8 +1,8 @@
 """LET inside Megatron-LM's own pretrain() (pretrain_gpt_let.py), on CPU with gloo.
 
-Megatron-LM (``megatron/training``, ``pretrain_gpt.py``) is not on PyPI, so
-this test runs only when ``MEGATRON_LM_PATH`` names a checkout (tag
-``core_v0.16.1`` matches megatron-core 0.16.1); otherwise it is skipped.
+Megatron-LM's ``megatron/training`` ships in megatron-core wheels from 0.17 on (Python 3.12): there
+these tests run Megatron-LM's ``pretrain()`` from the wheel. With megatron-core 0.16.1 they need a
+checkout in ``MEGATRON_LM_PATH`` (tag ``core_v0.16.1``), and are skipped without one.
 
 Every layout loads the same initial weights (Megatron-LM seeds each pipeline
 stage differently, so fresh inits differ across PP layouts): a TP1 run saves a
@@ -20,18 +20,14 @@ import re
 
 import pytest
 
-from conftest import ROOT, torchrun
+from conftest import NEEDS_MEGATRON_LM, ROOT, torchrun
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 ITERS = 4
 LAMBDA0, STOP_ITER, TARGET_LAYER = 0.5, 100, 3
 
-pytestmark = pytest.mark.skipif(
-    not MEGATRON_LM_PATH,
-    reason="Megatron-LM is not on PyPI: set MEGATRON_LM_PATH to a Megatron-LM checkout "
-           "(tag core_v0.16.1 for megatron-core 0.16.1) to run the Megatron-LM integration test",
-)
+pytestmark = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM)
 
 MODEL_ARGS = [
     "--num-layers", 4, "--hidden-size", 64, "--num-attention-heads", 4, "--ffn-hidden-size", 128,
@@ -85,6 +81,9 @@ def per_iteration(logged: dict, key: str) -> list:
 
 @pytest.fixture(scope="module")
 def megatron_lm_path():
+    """The checkout, or None where the wheel's megatron.training runs (with megatron_let's gpt_script)."""
+    if not MEGATRON_LM_PATH:
+        return None
     if not os.path.isfile(os.path.join(MEGATRON_LM_PATH, "pretrain_gpt.py")):
         pytest.fail(f"MEGATRON_LM_PATH={MEGATRON_LM_PATH} holds no pretrain_gpt.py")
     if not os.path.isfile(SCRIPT):

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, free_port, make_tiny_llama, torchrun
+from conftest import NEEDS_MEGATRON_LM, ROOT, free_port, make_tiny_llama, torchrun
 from test_megatron_lm import MODEL_ARGS
 from test_reliability import _nan_teacher
 from test_sample_schedule import parse as parse_log  # every "name: value" field of the log line
@@ -23,9 +23,7 @@ from test_sample_schedule import parse as parse_log  # every "name: value" field
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 OTHER_VERSION_CHECKOUT = os.environ.get("MEGATRON_LM_OTHER_VERSION_PATH", "/work/megatron-lm-0.17.1")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
-needs_megatron_lm = pytest.mark.skipif(
-    not MEGATRON_LM_PATH, reason="Megatron-LM is not on PyPI: set MEGATRON_LM_PATH to a Megatron-LM checkout "
-                                 "(tag core_v0.16.1 for megatron-core 0.16.1)")
+needs_megatron_lm = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM)
 
 # sample-based, ramping the global batch 4 -> 8 over the first 16 samples, 48 samples in all
 # (Megatron-LM's update_train_iters: 8 iterations; batch sizes 4 4 4 4 8 8 8 8)
@@ -144,8 +142,9 @@ def test_megatron_core_comes_from_the_checkout(teacher):
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(OTHER_VERSION_CHECKOUT, "megatron", "core", "package_info.py")),
-                    reason="needs a Megatron-LM checkout of a version other than the installed megatron-core "
-                           "(MEGATRON_LM_OTHER_VERSION_PATH, default /work/megatron-lm-0.17.1)")
+                    reason="needs a Megatron-LM checkout of another version than the installed megatron-core: "
+                           "git clone --branch core_v0.17.1 https://github.com/NVIDIA/Megatron-LM DIR && "
+                           "export MEGATRON_LM_OTHER_VERSION_PATH=DIR")
 def test_megatron_core_of_another_version_already_imported_is_refused():
     """A wrapper that imported megatron.core (the pip wheel, 0.16.1) before pointing at a 0.17.1 checkout:
     Megatron-LM 0.17.1's training code would run on megatron.core 0.16.1."""

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, torchrun
+from conftest import NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_GIT_DIR, ROOT, torchrun
 
 PATCHES = sorted(glob.glob(os.path.join(ROOT, "patches", "*.patch")))
 PATCH = os.path.join(ROOT, "patches", "pretrain_gpt.core_v0.16.1.patch")
@@ -128,9 +128,7 @@ def _checkout():
 
 
 CHECKOUT = _checkout()
-needs_checkout = pytest.mark.skipif(
-    CHECKOUT is None, reason="no Megatron-LM checkout: set MEGATRON_LM_PATH (tag core_v0.16.1) "
-                             "to apply the patch to a real pretrain_gpt.py")
+needs_checkout = pytest.mark.skipif(CHECKOUT is None, reason=NEEDS_MEGATRON_LM)
 
 
 @pytest.fixture
@@ -183,14 +181,13 @@ def test_hand_edited_patch_is_reported(user_copy):
     assert _cli("check", user_copy).returncode == 1
 
 
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_GIT_DIR"),
-                    reason="set MEGATRON_LM_GIT_DIR to a Megatron-LM git directory with its tags to check them all")
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_GIT_DIR"), reason=NEEDS_MEGATRON_LM_GIT_DIR)
 @pytest.mark.parametrize("tag", [*APPLIES_TO, *DOES_NOT_APPLY])
 def test_patch_across_megatron_lm_tags(tag, tmp_path):
     git_dir = os.environ["MEGATRON_LM_GIT_DIR"]
     shown = subprocess.run(["git", f"--git-dir={git_dir}", "show", f"{tag}:pretrain_gpt.py"], capture_output=True)
     if shown.returncode != 0:
-        pytest.skip(f"{tag} is not in {git_dir}")
+        pytest.skip(f"{tag} is not in MEGATRON_LM_GIT_DIR={git_dir}: git --git-dir={git_dir} fetch --tags")
     target = tmp_path / "pretrain_gpt.py"
     target.write_bytes(shown.stdout)
     dry = subprocess.run(["patch", "--dry-run", "--batch", "--forward", "--fuzz=0", str(target)],
@@ -220,7 +217,7 @@ ITERS = 2
 @pytest.fixture(scope="module")
 def patched_script(tmp_path_factory):
     if CHECKOUT is None:
-        pytest.skip("no Megatron-LM checkout (MEGATRON_LM_PATH): cannot run the patched script")
+        pytest.skip(NEEDS_MEGATRON_LM)
     directory = tmp_path_factory.mktemp("user_megatron")
     shutil.copyfile(os.path.join(CHECKOUT, "pretrain_gpt.py"), directory / "pretrain_gpt.py")
     result = _cli("apply", directory / "pretrain_gpt.py")
