@@ -13,8 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "workers")
 
 # Skip reasons say what to do (docs/testing.md lists them all). Megatron-LM is not on PyPI.
-NEEDS_MEGATRON_LM = ("needs a Megatron-LM checkout: git clone --branch core_v0.16.1 "
-                     "https://github.com/NVIDIA/Megatron-LM DIR && export MEGATRON_LM_PATH=DIR (pip install six)")
+NEEDS_MEGATRON_LM = ("needs megatron.training: Python 3.12 with megatron-core 0.19 (its wheel ships it; .ci/run's "
+                     "second stack), or a Megatron-LM checkout of the installed version: git clone --branch "
+                     "core_v0.16.1 https://github.com/NVIDIA/Megatron-LM DIR && export MEGATRON_LM_PATH=DIR (pip install six)")
 NEEDS_MEGATRON_LM_GIT_DIR = ("needs Megatron-LM's git history with tags: git clone --bare "
                              "https://github.com/NVIDIA/Megatron-LM DIR.git && export MEGATRON_LM_GIT_DIR=DIR.git "
                              "(or $MEGATRON_LM_PATH/.git after git fetch --tags)")
@@ -46,10 +47,6 @@ def megatron_lm_source():
     except (ImportError, ValueError):
         return None
 
-
-MEGATRON_LM_SKIP_REASON = ("no megatron.training here (megatron-core 0.16 wheel): set MEGATRON_LM_PATH to a Megatron-LM "
-                           "checkout of the same version (git clone -b core_v0.16.1 https://github.com/NVIDIA/Megatron-LM), "
-                           "or use Python 3.12 with megatron-core 0.19 (its wheel ships megatron.training)")
 
 
 def make_tiny_llama(path: str, vocab_size: int = 128, hidden_size: int = 48, seed: int = 0) -> str:

@@ -20,14 +20,14 @@ import re
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM, ROOT, torchrun
+from conftest import NEEDS_MEGATRON_LM, ROOT, megatron_lm_source, torchrun
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 ITERS = 4
 LAMBDA0, STOP_ITER, TARGET_LAYER = 0.5, 100, 3
 
-pytestmark = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM)
+pytestmark = pytest.mark.skipif(megatron_lm_source() is None, reason=NEEDS_MEGATRON_LM)
 
 MODEL_ARGS = [
     "--num-layers", 4, "--hidden-size", 64, "--num-attention-heads", 4, "--ffn-hidden-size", 128,
