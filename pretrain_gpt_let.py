@@ -13,11 +13,29 @@ and megatron.training come from.
 import os
 import sys
 
+# megatron.core's import-time UserWarnings when TransformerEngine/Apex are absent (4-6 per process)
+CPU_FALLBACK_WARNINGS = r"(Transformer Engine and Apex are|Apex is) not installed\. Falling back to"
+
+
+def quiet_cpu_fallback_warnings() -> str:
+    """Without a GPU, TransformerEngine and Apex are expected to be missing: silence megatron.core's warnings
+    about them (only those) before it is imported, and return the note for the start-up line ("" on a GPU
+    machine, where the warnings stay). Decided without importing torch, so flag errors stay instant."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpu = visible not in ("", "-1") and any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
+    if gpu:
+        return ""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=CPU_FALLBACK_WARNINGS, category=UserWarning)
+    return " | no GPU: TransformerEngine/Apex not used (torch fallbacks, as expected on CPU)"
+
 
 def main(argv=None) -> int:
     # Before anything imports megatron: MEGATRON_LM_PATH goes first on sys.path (so megatron.core is the
     # checkout's), and a Megatron-LM that was asked for but cannot run is one line, never a silent fallback.
-    from megatron_let.integrations.selection import TrainerSelectionError, announce, choose_trainer
+    cpu_note = quiet_cpu_fallback_warnings()
+    from megatron_let.integrations.selection import TrainerSelectionError, choose_trainer
 
     try:
         choice = choose_trainer()
@@ -25,7 +43,8 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pretrain_gpt_let.py: error: {error}", file=sys.stderr, flush=True)
         return 2
-    announce(choice)
+    if int(os.environ.get("RANK", "0")) == 0:  # the start-up line, once
+        print(choice.describe() + cpu_note, flush=True)
     if choice.megatron_lm:
         from megatron_let.integrations.megatron_lm import main as megatron_lm_main
 
