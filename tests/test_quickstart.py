@@ -88,3 +88,37 @@ def test_steps_to_reach():
     assert qs.steps_to_reach(curve, 5.5) == (15.0, True)
     assert qs.steps_to_reach(curve, 6.5) == (10, False)  # already below at the first evaluation
     assert qs.steps_to_reach(curve, 4.0) is None
+
+
+def _load_quickstart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
+    qs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qs)
+    return qs
+
+
+def test_loss_axis_holds_every_point():
+    """The plot's loss axis comes from the data: the first train losses (~ln vocab) are not cut off."""
+    from megatron_let.experiments.compare import loss_axis_limits
+
+    base = {"train": {10: {"lm loss": 8.31}, 20: {"lm loss": 6.9}}, "valid": {20: 6.65, 200: 5.51}}
+    let = {"train": {10: {"lm loss": 8.30}, 20: {"lm loss": 6.8}}, "valid": {20: 6.56, 200: 5.39}}
+    lo, hi = loss_axis_limits(base, let, teacher_val_loss=5.26)
+    assert lo < 5.26 and hi > 8.31
+
+
+def test_duration_estimate_extrapolates_the_calibration():
+    """The expected duration is the timed steps times each stage's step count (plus launches), so it follows
+    the machine: twice slower steps, about twice the time; reused stages are not part of the estimate."""
+    qs = _load_quickstart()
+    a = qs.parse_args([])
+    fast, slow = qs.plan_seconds(a, 0.3, 0.5), qs.plan_seconds(a, 0.6, 1.0)
+    assert set(fast) == {"data", "teacher", "baseline", "let"}
+    assert fast["teacher"] == pytest.approx(a.teacher_steps * 0.3, rel=0.1)
+    assert fast["baseline"] == pytest.approx(a.target_iters * 0.5, rel=0.3)  # + evaluations and the launch
+    assert fast["let"] > fast["baseline"]  # the teacher's forward until the stop step
+    assert 1.8 < (slow["teacher"] + slow["baseline"]) / (fast["teacher"] + fast["baseline"]) < 2.0
+    short = qs.plan_seconds(qs.parse_args(["--target-iters", "100"]), 0.3, 0.5)
+    assert short["baseline"] < 0.65 * fast["baseline"]

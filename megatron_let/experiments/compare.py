@@ -6,6 +6,7 @@ validation curve first reaches the baseline's loss at that step.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -59,6 +60,19 @@ def fmt_speedup(d: dict) -> str:
     return f">= {d['speedup']:.2f}x" if d.get("upper_bound") else f"{d['speedup']:.2f}x"
 
 
+def loss_axis_limits(base_log: dict, let_log: dict, teacher_val_loss: Optional[float] = None,
+                     margin: float = 0.05) -> Tuple[float, float]:
+    """The loss axis from the data: every plotted train and validation point (and the teacher's line)
+    inside, with ``margin`` of the range as room on both sides."""
+    values = [v for log in (base_log, let_log) for v in log["valid"].values()]
+    values += [m["lm loss"] for log in (base_log, let_log) for m in log["train"].values() if "lm loss" in m]
+    values += [teacher_val_loss] if teacher_val_loss is not None else []
+    values = [v for v in values if math.isfinite(v)]
+    lo, hi = min(values), max(values)
+    pad = margin * (hi - lo) or 0.1
+    return lo - pad, hi + pad
+
+
 def plot_loss_curves(base_log: dict, let_log: dict, rows: list, path: Path, title: str, stop_iter: int,
                      total_iters: int, teacher_val_loss: Optional[float] = None) -> None:
     """Train and validation curves of both runs (top) and LET - baseline at each validation (bottom)."""
@@ -78,16 +92,13 @@ def plot_loss_curves(base_log: dict, let_log: dict, rows: list, path: Path, titl
     for axis in (ax, dx):
         axis.axvline(stop_iter, color="gray", ls="--", lw=1, label=f"LET stop (iter {stop_iter})" if axis is ax else None)
         axis.grid(alpha=0.3)
-    all_valid = list(base_log["valid"].values()) + list(let_log["valid"].values())
     if teacher_val_loss is not None:
         ax.axhline(teacher_val_loss, color="tab:green", ls=":", lw=1.2,
                    label=f"teacher val loss ({teacher_val_loss:.2f})")
-    lo = min(all_valid + ([teacher_val_loss] if teacher_val_loss is not None else []))
-    hi = max(all_valid)
-    ax.set_ylim(lo - 0.15 * (hi - lo + 0.1), hi + 0.6 * (hi - lo + 0.1))
+    ax.set_ylim(*loss_axis_limits(base_log, let_log, teacher_val_loss))
     ax.set_ylabel("lm loss (nats/token)")
     ax.set_title(title, fontsize=11)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")  # the curves start high on the left and end low on the right
     steps = [r["step"] for r in rows]
     diffs = [r["diff"] for r in rows]
     width = 0.6 * (steps[1] - steps[0]) if len(steps) > 1 else 1.0
