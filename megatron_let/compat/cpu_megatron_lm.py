@@ -56,7 +56,7 @@ import torch
 
 from megatron_let.compat.cpu import _CudaOnCpu, _TorchOnCpu, enable_cpu_megatron
 
-__all__ = ["enable_cpu_megatron_lm"]
+__all__ = ["enable_cpu_megatron_lm", "enable_cpu_script"]
 
 _log = logging.getLogger(__name__)
 _ENABLED = False
@@ -198,8 +198,8 @@ def _borrow_installed_helpers() -> bool:
                 break
             except metadata.PackageNotFoundError:
                 dist = None
-        if dist is None or dist.version != version:
-            return False
+        if dist is None or dist.version.split(".")[:2] != str(version).split(".")[:2]:
+            return False  # the helpers' C++ interface is the same within a minor version
         wheel_dir = os.path.abspath(str(dist.locate_file(os.path.join("megatron", "core", "datasets"))))
         if not any(f.startswith("helpers_cpp") and f.endswith(".so") for f in os.listdir(wheel_dir)):
             return False
@@ -253,3 +253,18 @@ def enable_cpu_megatron_lm() -> bool:
     _ENABLED = True
     _log.info("Megatron-LM CPU redirections enabled")
     return True
+
+
+# functions of a Megatron-LM script (pretrain_gpt.py) whose ``Tensor.cuda()`` calls become the identity
+_SCRIPT_CUDA_CALLS = {"get_batch": "0.19's pretrain_gpt.py moves every batch field with .cuda(non_blocking=True)"}
+
+
+def enable_cpu_script(script) -> None:
+    """The same redirection for the user's script module (``pretrain_gpt``), once it is imported; without
+    CUDA only."""
+    if torch.cuda.is_available() or getattr(script, "_megatron_let_cpu", False):
+        return
+    for name in _SCRIPT_CUDA_CALLS:
+        if hasattr(script, name):
+            setattr(script, name, _identity_cuda_calls(getattr(script, name)))
+    script._megatron_let_cpu = True

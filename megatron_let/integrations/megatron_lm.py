@@ -91,6 +91,15 @@ def _prepare_runtime() -> None:
         enable_cpu_megatron_lm()
 
 
+def _on_this_device(script):
+    """The script's own CUDA calls redirected on a machine without CUDA (compat layer)."""
+    if not torch.cuda.is_available():
+        from megatron_let.compat.cpu_megatron_lm import enable_cpu_script
+
+        enable_cpu_script(script)
+    return script
+
+
 def megatron_lm_available() -> bool:
     """True if Megatron-LM's ``megatron.training`` imports here (after the CPU redirections).
 
@@ -122,7 +131,7 @@ def import_pretrain_gpt():
     :mod:`megatron_let.integrations.gpt_script`."""
     _prepare_runtime()
     try:
-        return importlib.import_module("pretrain_gpt")
+        return _on_this_device(importlib.import_module("pretrain_gpt"))
     except ModuleNotFoundError as exc:
         if exc.name != "pretrain_gpt":
             raise
@@ -130,7 +139,7 @@ def import_pretrain_gpt():
         if os.path.isfile(os.path.join(root, "pretrain_gpt.py")):
             if root not in sys.path:
                 sys.path.append(root)  # the checkout itself is already first (selection.choose_trainer)
-            return importlib.import_module("pretrain_gpt")
+            return _on_this_device(importlib.import_module("pretrain_gpt"))
     if os.environ.get("MEGATRON_LM_PATH"):
         raise ImportError(f"MEGATRON_LM_PATH={os.environ['MEGATRON_LM_PATH']} holds no pretrain_gpt.py: point it "
                           "at the root of a Megatron-LM checkout.")

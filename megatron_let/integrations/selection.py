@@ -26,11 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_let.errors import LETConfigError
-
-# megatron-core / Megatron-LM versions this release was tested with (tests/test_megatron_lm.py,
-# tests/test_example_scripts.py), and the range its integration is written for.
-TESTED_VERSIONS = ("0.16.1",)
-EXPECTED_RANGE = ((0, 13), (0, 17))  # minor versions, inclusive
+from megatron_let.integrations import versions
 
 
 class TrainerSelectionError(LETConfigError):
@@ -57,13 +53,19 @@ class TrainerChoice:
 
 
 def version_status(version: Optional[str]) -> str:
-    """'tested', 'untested (expected to work)' or 'untested'."""
-    if version in TESTED_VERSIONS:
+    """'tested' or 'supported, not tested in CI' (an unsupported version never gets this far)."""
+    if versions.is_tested(version):
         return f"megatron {version}: tested"
-    match = re.match(r"(\d+)\.(\d+)", version or "")
-    if match and EXPECTED_RANGE[0] <= (int(match.group(1)), int(match.group(2))) <= EXPECTED_RANGE[1]:
-        return (f"megatron {version}: untested, expected to work (tested: {', '.join(TESTED_VERSIONS)})")
-    return f"megatron {version}: UNTESTED (tested: {', '.join(TESTED_VERSIONS)}); please report problems"
+    return (f"megatron {version}: supported ({versions.supported_range()}), not tested in CI "
+            f"(tested: 0.16.1, 0.19.x)")
+
+
+def check_supported_version(version: Optional[str]) -> None:
+    """One line, before any process group, for a megatron-core outside the supported range."""
+    if version is not None and not versions.is_supported(version):
+        raise TrainerSelectionError(
+            f"megatron-core {version} is not supported: megatron-let supports {versions.supported_range()} "
+            f"(tested: 0.16.1 on Python 3.11, 0.19.x on Python 3.12); pip install 'megatron-core>=0.16,<0.20'.")
 
 
 def package_info_version(core_dir: Optional[str]) -> Optional[str]:
@@ -147,6 +149,7 @@ def choose_trainer(environ=None) -> TrainerChoice:
     training_version = package_info_version(os.path.join(os.path.dirname(training_dir), "core")) \
         if training_dir else None
     core_version = package_info_version(core_dir)
+    check_supported_version(core_version)
     if training_version and core_version and training_version != core_version:
         raise TrainerSelectionError(
             f"version mismatch: megatron.training is Megatron-LM {training_version} ({training_dir}) but "
@@ -186,6 +189,7 @@ def _import_failure(asked: str, error: Exception) -> str:
 
 def _lean(reason: str) -> TrainerChoice:
     core_dir = _package_dir("megatron.core")
+    check_supported_version(package_info_version(core_dir))
     return TrainerChoice(False, reason, core_version=package_info_version(core_dir), core_path=core_dir)
 
 
