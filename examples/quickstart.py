@@ -329,6 +329,14 @@ def expected_duration(a, est: dict) -> str:
             "sharing the cores. Stages reused from an earlier run take seconds")
 
 
+def time_left(est: dict, timings: dict, reused: set) -> str:
+    """The stages still to run, at the pace of the ones that ran (other jobs may have slowed the machine)."""
+    ran = [k for k in timings if k not in reused and est["stages"].get(k, 0) > 0]
+    pace = sum(timings[k] for k in ran) / sum(est["stages"][k] for k in ran) if ran else 1.0
+    left = sum(v for k, v in est["stages"].items() if k not in timings) * pace
+    return f"about {left / 60:.0f} min left ({pace:.1f}x the calibrated estimate so far)"
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
@@ -345,9 +353,11 @@ def main(argv=None) -> int:
     t = time.time()
     teacher = stage_teacher(a, data)
     timings["teacher"] = time.time() - t
+    say(time_left(estimate, timings, {"teacher"} if teacher.get("reused") else set()))
     t = time.time()
     base = stage_target(a, data, "baseline", [], "", "3/5")
     timings["baseline"] = time.time() - t
+    say(time_left(estimate, timings, {k for k, st in (("teacher", teacher), ("baseline", base)) if st.get("reused")}))
     t = time.time()
     let = stage_target(a, data, "let", let_flags(a, teacher), teacher["key"], "4/5")
     timings["let"] = time.time() - t

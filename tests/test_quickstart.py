@@ -122,3 +122,11 @@ def test_duration_estimate_extrapolates_the_calibration():
     assert 1.8 < (slow["teacher"] + slow["baseline"]) / (fast["teacher"] + fast["baseline"]) < 2.0
     short = qs.plan_seconds(qs.parse_args(["--target-iters", "100"]), 0.3, 0.5)
     assert short["baseline"] < 0.65 * fast["baseline"]
+
+
+def test_time_left_follows_the_pace_of_finished_stages():
+    qs = _load_quickstart()
+    est = {"stages": {"data": 10.0, "teacher": 100.0, "baseline": 200.0, "let": 220.0}}
+    assert "about 7 min left (1.0x" in qs.time_left(est, {"data": 10.0, "teacher": 100.0}, set())
+    assert "about 14 min left (2.0x" in qs.time_left(est, {"data": 20.0, "teacher": 200.0}, set())
+    assert "(1.0x" in qs.time_left(est, {"data": 10.0, "teacher": 0.5}, {"teacher"})  # a reused stage sets no pace
