@@ -10,7 +10,7 @@ Real LLM teachers put most of their final-layer energy in a few "massive activat
   largely constant over tokens (SmolLM2-135M: the mean state is 36% of its energy; any two of its
   states have cosine 0.37 on average), so a constant output already meets much of ``1 - cos``;
   centring leaves only what varies from token to token, the dimensions keeping their own scales.
-  Measured (README, issue 14): at CPU scale every normalisation here costs gain; ``none`` stays default.
+  Measured (docs/convergence.md, issue 14): at CPU scale every normalisation here costs gain; ``none`` stays default.
 * ``standardize``: each DIMENSION centred and scaled by the teacher's own mean and std over tokens, so
   every feature counts alike.
 
