@@ -14,14 +14,15 @@ setup(
     packages=find_packages(include=["megatron_let", "megatron_let.*"]),
     py_modules=["pretrain_gpt_let"],
     # the Megatron-LM patch (python -m megatron_let.integrations.patching) must ship with non-editable installs
-    data_files=[("share/megatron-let/patches", ["patches/pretrain_gpt.core_v0.16.1.patch"])],
+    data_files=[("share/megatron-let/patches", ["patches/pretrain_gpt.core_v0.16.1.patch",
+                                                "patches/pretrain_gpt.core_v0.19.0.patch"])],
     install_requires=[
         # torch is not pinned here: on CPU machines install torch==2.13.0 first (.ci/run does),
         # so pip never pulls a multi-GB CUDA build.
         "torch>=2.4",
-        # no upper pin: NGC containers ship megatron-core 0.17+ (Python 3.12) and pip must not downgrade it;
-        # pretrain_gpt_let.py says at start-up whether the version found is tested (README: Versions)
-        "megatron-core>=0.13",
+        # supported 0.16-0.19 (tested: 0.16.1 on Python 3.11, 0.19.x on 3.12). No upper pin: pip must not
+        # downgrade an NGC container's megatron-core; pretrain_gpt_let.py refuses an unsupported one in one line
+        "megatron-core>=0.16",
         "transformers>=4.56",
         "safetensors",
         "psutil",  # needed by megatron-core's torch_dist checkpoint writer

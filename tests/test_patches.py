@@ -24,11 +24,14 @@ from conftest import NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_GIT_DIR, ROOT, torchru
 
 PATCHES = sorted(glob.glob(os.path.join(ROOT, "patches", "*.patch")))
 PATCH = os.path.join(ROOT, "patches", "pretrain_gpt.core_v0.16.1.patch")
-# tags whose pretrain_gpt.py the patch applies to without fuzz (checked with MEGATRON_LM_GIT_DIR) and
-# whether the command accepts them (LET needs get_batch(..., vp_stage) and mtp_on_this_rank: core_v0.16+)
-APPLIES_TO = {"core_v0.13.1": False, "core_v0.14.0": False, "core_v0.15.0": False, "core_v0.15.3": False,
-              "core_v0.16.0": True, "core_v0.16.1": True, "core_v0.17.0": True, "core_v0.17.1": True}
-DOES_NOT_APPLY = ("core_v0.12.3", "core_v0.18.0")  # __main__ differs: the command says so
+PATCH_019 = os.path.join(ROOT, "patches", "pretrain_gpt.core_v0.19.0.patch")
+# tags whose pretrain_gpt.py a patch applies to without fuzz (checked with MEGATRON_LM_GIT_DIR): which patch, and
+# whether the command accepts the script (LET needs get_batch(..., vp_stage) and mtp_on_this_rank: core_v0.16+)
+APPLIES_TO = {"core_v0.13.1": (PATCH, False), "core_v0.14.0": (PATCH, False), "core_v0.15.0": (PATCH, False),
+              "core_v0.15.3": (PATCH, False), "core_v0.16.0": (PATCH, True), "core_v0.16.1": (PATCH, True),
+              "core_v0.17.0": (PATCH, True), "core_v0.17.1": (PATCH, True), "core_v0.18.0": (PATCH_019, True),
+              "core_v0.18.2": (PATCH_019, True), "core_v0.19.0": (PATCH_019, True)}
+DOES_NOT_APPLY = ("core_v0.12.3",)  # __main__ differs: the command says so
 
 _HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 
@@ -190,11 +193,12 @@ def test_patch_across_megatron_lm_tags(tag, tmp_path):
         pytest.skip(f"{tag} is not in MEGATRON_LM_GIT_DIR={git_dir}: git --git-dir={git_dir} fetch --tags")
     target = tmp_path / "pretrain_gpt.py"
     target.write_bytes(shown.stdout)
+    patch_file, accepted = APPLIES_TO.get(tag, (PATCH, False))
     dry = subprocess.run(["patch", "--dry-run", "--batch", "--forward", "--fuzz=0", str(target)],
-                         stdin=open(PATCH), capture_output=True)
+                         stdin=open(patch_file), capture_output=True)
     assert (dry.returncode == 0) == (tag in APPLIES_TO), dry.stdout
     result = _cli("apply", target)
-    assert result.returncode == (0 if APPLIES_TO.get(tag) else 2), result.stderr
+    assert result.returncode == (0 if accepted else 2), result.stderr
 
 
 # -- the patched script trains -----------------------------------------------------------------------

@@ -17,6 +17,10 @@ from typing import Callable, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "pretrain_gpt_let.py"
+# what Megatron-LM's own loop needs on a CPU (megatron_let.compat.cpu_megatron_lm); the lean trainer accepts them too
+CPU_FLAGS = ["--transformer-impl", "local", "--distributed-backend", "gloo", "--use-cpu-initialization",
+             "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
+             "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion"]
 ITER_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|(.*)")
 VAL_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.eE+-]+)")
 

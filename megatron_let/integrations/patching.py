@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import os
 import py_compile
 import shutil
@@ -39,7 +38,9 @@ from typing import Callable, Optional
 
 __all__ = ["enable_let", "default_patch", "is_patched", "apply_patch", "revert_patch", "main"]
 
-PATCH_NAME = "pretrain_gpt.core_v0.16.1.patch"
+# one patch per __main__ layout: core_v0.16/0.17 (pretrain parses the arguments), core_v0.18/0.19 (the script does)
+PATCH_NAMES = ("pretrain_gpt.core_v0.16.1.patch", "pretrain_gpt.core_v0.19.0.patch")
+PATCH_NAME = PATCH_NAMES[0]
 MARKER = "from megatron_let.integrations.patching import enable_let"
 # What LETMegatronLM needs from pretrain_gpt.py (core_v0.16 layout); older scripts lack them.
 _REQUIRED_SOURCE = ("def get_batch(data_iterator, vp_stage", "mtp_on_this_rank", "def forward_step(",
@@ -78,27 +79,18 @@ def enable_let(namespace, pretrain: Callable) -> Callable:
     with one line and exit code 2 (1 for a non-finite alignment loss), as in ``pretrain_gpt_let.py``.
     """
     from megatron_let.errors import LETConfigError, LETNonFiniteError
-    from megatron_let.integrations.megatron_lm import LETMegatronLM
+    from megatron_let.integrations.megatron_lm import LETMegatronLM, _on_this_device
+    from megatron_let.integrations.versions import wrap_script_pretrain
 
-    module = _Namespace(namespace) if isinstance(namespace, dict) else namespace
+    module = _on_this_device(_Namespace(namespace) if isinstance(namespace, dict) else namespace)
     integration = LETMegatronLM(module)
     integration.install()
-    signature = inspect.signature(pretrain)
-    for name in ("model_provider", "forward_step_func", "extra_args_provider"):
-        if name not in signature.parameters:
-            raise ImportError(f"this Megatron-LM's pretrain() has no {name!r} parameter; LET's patch was written "
-                              "for core_v0.16 (pretrain(train_valid_test_dataset_provider, model_provider, "
-                              "model_type, forward_step_func, ..., extra_args_provider=...)).")
+    pretrain_wrapped = wrap_script_pretrain(pretrain, module, integration)
 
     @functools.wraps(pretrain)
     def pretrain_with_let(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        arguments = bound.arguments
-        arguments["model_provider"] = integration.model_provider(arguments["model_provider"])
-        arguments["forward_step_func"] = integration.forward_step(arguments["forward_step_func"])
-        arguments["extra_args_provider"] = integration.extra_args_provider(arguments.get("extra_args_provider"))
         try:
-            return pretrain(*bound.args, **bound.kwargs)
+            return pretrain_wrapped(*args, **kwargs)
         except (LETConfigError, LETNonFiniteError) as error:
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"{os.path.basename(sys.argv[0] or 'pretrain_gpt.py')}: error: {error}",
@@ -111,17 +103,28 @@ def enable_let(namespace, pretrain: Callable) -> Callable:
 
 # -- applying the patch ------------------------------------------------------------------------------
 
-def default_patch() -> str:
-    """``patches/pretrain_gpt.core_v0.16.1.patch`` of this checkout (or $MEGATRON_LET_PATCHES)."""
+def _patch_directory() -> str:
     candidates = [os.environ.get("MEGATRON_LET_PATCHES"),
                   os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "patches"),
                   os.path.join(sys.prefix, "share", "megatron-let", "patches")]
     for directory in filter(None, candidates):
-        path = os.path.join(directory, PATCH_NAME)
-        if os.path.isfile(path):
-            return path
+        if os.path.isfile(os.path.join(directory, PATCH_NAME)):
+            return directory
     raise PatchError(f"{PATCH_NAME} not found (looked in {', '.join(filter(None, candidates))}); pass --patch FILE "
                      "or set MEGATRON_LET_PATCHES to the project's patches/ directory.")
+
+
+def default_patch(path: Optional[str] = None) -> str:
+    """The patch of this project's patches/ (or $MEGATRON_LET_PATCHES) for ``path``: the one that applies to it,
+    or reverses from it where it is patched; the core_v0.16.1 one when none does (its error message says why)."""
+    directory = _patch_directory()
+    patches = [os.path.join(directory, name) for name in PATCH_NAMES if os.path.isfile(os.path.join(directory, name))]
+    if path is not None and os.path.isfile(path):
+        patched = MARKER in _read(path)
+        for patch_file in patches:
+            if _run_patch(path, patch_file, reverse=patched, dry_run=True)[0]:
+                return patch_file
+    return patches[0]
 
 
 def _tool() -> str:
@@ -169,7 +172,7 @@ def is_patched(path: str, patch_file: Optional[str] = None) -> bool:
     """True if the LET patch is applied to ``path`` exactly (it reverses cleanly)."""
     if MARKER not in _read(path):
         return False
-    ok, _ = _run_patch(path, patch_file or default_patch(), reverse=True, dry_run=True)
+    ok, _ = _run_patch(path, patch_file or default_patch(path), reverse=True, dry_run=True)
     return ok
 
 
@@ -182,7 +185,7 @@ def _compiles(path: str) -> None:
 
 def apply_patch(path: str, patch_file: Optional[str] = None, backup: bool = False) -> str:
     """Apply the LET patch to ``path``; returns 'applied' or 'already applied'. Raises PatchError."""
-    patch_file = patch_file or default_patch()
+    patch_file = patch_file or default_patch(path)
     source = _read(path)
     if MARKER in source:
         if is_patched(path, patch_file):
@@ -193,12 +196,12 @@ def apply_patch(path: str, patch_file: Optional[str] = None, backup: bool = Fals
     missing = [needle for needle in _REQUIRED_SOURCE if needle not in source]
     if missing:
         raise PatchError(f"{path} lacks {missing}: LET's Megatron-LM integration needs the pretrain_gpt.py layout of "
-                         "Megatron-LM core_v0.16/core_v0.17 (get_batch(data_iterator, vp_stage), mtp_on_this_rank). "
+                         "Megatron-LM core_v0.16..core_v0.19 (get_batch(data_iterator, vp_stage), mtp_on_this_rank). "
                          "Use pretrain_gpt_let.py, or a newer Megatron-LM.")
     ok, output = _run_patch(path, patch_file, dry_run=True)
     if not ok:
         raise PatchError(f"{os.path.basename(patch_file)} does not apply to {path} (its __main__ block differs from "
-                         f"core_v0.13.1..core_v0.17.1):\n{output}\nAdd the two lines by hand before "
+                         f"core_v0.16.x..core_v0.17.x and core_v0.19.0):\n{output}\nAdd the two lines by hand before "
                          "`pretrain, store = inprocess_restart...`: `from megatron_let.integrations.patching import enable_let` "
                          "and `pretrain = enable_let(globals(), pretrain)`.")
     if backup:
@@ -218,7 +221,7 @@ def apply_patch(path: str, patch_file: Optional[str] = None, backup: bool = Fals
 
 def revert_patch(path: str, patch_file: Optional[str] = None) -> str:
     """Remove the LET patch from ``path``; returns 'reverted' or 'not applied'."""
-    patch_file = patch_file or default_patch()
+    patch_file = patch_file or default_patch(path)
     if MARKER not in _read(path):
         return "not applied"
     if not is_patched(path, patch_file):
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
                         help="apply: patch the file (idempotent); check: is it patched and does it compile; "
                              "revert: remove the patch")
     parser.add_argument("path", help="your pretrain_gpt.py")
-    parser.add_argument("--patch", default=None, help=f"patch file (default: patches/{PATCH_NAME})")
+    parser.add_argument("--patch", default=None, help=f"patch file (default: the one of patches/{{{','.join(PATCH_NAMES)}}} that fits)")
     parser.add_argument("--backup", action="store_true", help="apply: keep the original as PATH.orig")
     args = parser.parse_args(argv)
     prog = parser.prog
