@@ -3,7 +3,8 @@ batch-size ramp-up, which trainer runs (and why not Megatron-LM), version checks
 trainer's LET features under Megatron-LM's pretrain(): --let-on-nonfinite skip, --let-export-dir,
 LET's state in Megatron-LM's checkpoints, and a `let cos` that never vanishes from the log line.
 
-Runs that need Megatron-LM skip without MEGATRON_LM_PATH (it is not on PyPI); the selection and
+Runs that need Megatron-LM skip where megatron.training is absent (megatron-core 0.16 without
+MEGATRON_LM_PATH); on megatron-core 0.19 they run on the wheel's megatron.training. The selection and
 error-path tests that need no checkout run everywhere.
 """
 
@@ -15,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import NEEDS_MEGATRON_LM, ROOT, free_port, make_tiny_llama, torchrun
+from conftest import NEEDS_MEGATRON_LM, ROOT, free_port, make_tiny_llama, megatron_lm_source, torchrun
 from test_megatron_lm import MODEL_ARGS
 from test_reliability import _nan_teacher
 from test_sample_schedule import parse as parse_log  # every "name: value" field of the log line
@@ -23,16 +24,30 @@ from test_sample_schedule import parse as parse_log  # every "name: value" field
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 OTHER_VERSION_CHECKOUT = os.environ.get("MEGATRON_LM_OTHER_VERSION_PATH", "/work/megatron-lm-0.17.1")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
-needs_megatron_lm = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM)
-
-# sample-based, ramping the global batch 4 -> 8 over the first 16 samples, 48 samples in all
-# (Megatron-LM's update_train_iters: 8 iterations; batch sizes 4 4 4 4 8 8 8 8)
-SAMPLE_FLAGS = ["--train-samples", 48, "--rampup-batch-size", 4, 4, 16, "--lr-warmup-samples", 8,
-                "--lr-decay-samples", 48]
+needs_megatron_lm = pytest.mark.skipif(megatron_lm_source() is None, reason=NEEDS_MEGATRON_LM)
+needs_checkout = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM.replace(
+    "needs megatron.training: Python 3.12 with megatron-core 0.19 (its wheel ships it; .ci/run's second stack), or",
+    "needs"))
 
 
-def _model_args():
+def _has_rampup() -> bool:
+    from megatron_let.integrations.versions import rampup_calculator_class
+
+    return rampup_calculator_class() is not None
+
+
+# sample-based, the global batch 4 for the first 16 samples then 8, 48 samples in all (Megatron-LM's
+# update_train_iters: 8 iterations; batch sizes 4 4 4 4 8 8 8 8): --rampup-batch-size up to 0.18, from 0.19
+# --step-batch-size-schedule (thresholds in tokens: 16 samples x 32) without --global-batch-size
+RAMP = ["--rampup-batch-size", 4, 4, 16] if _has_rampup() else ["--step-batch-size-schedule", "0:4 512:8"]
+SAMPLE_FLAGS = ["--train-samples", 48, *RAMP, "--lr-warmup-samples", 8, "--lr-decay-samples", 48]
+
+
+def _model_args(sample_based: bool = False):
     args = [str(a) for a in MODEL_ARGS]
+    if sample_based and not _has_rampup():
+        at = args.index("--global-batch-size")
+        del args[at:at + 2]
     return args
 
 
@@ -86,7 +101,8 @@ def expected_stop(logged: dict, samples: int) -> int:
     (["--let-stop-iter", 6], None),         # iteration 6 = sample 32
 ], ids=["default", "fraction", "samples", "iter"])
 def test_sample_based_run_stops_let_where_megatron_lm_counts(stop, stop_samples, teacher):
-    proc = torchrun(SCRIPT, 1, [*_model_args(), *SAMPLE_FLAGS, *let_flags(teacher, *stop)], megatron_lm=True)
+    proc = torchrun(SCRIPT, 1, [*_model_args(sample_based=True), *SAMPLE_FLAGS, *let_flags(teacher, *stop)],
+                    megatron_lm=True)
     logged = parse_log(proc.stdout)
     assert "megatron-let: trainer: Megatron-LM pretrain()" in proc.stdout
     assert "setting training iterations to 8" in proc.stdout  # Megatron-LM's own count
@@ -98,6 +114,8 @@ def test_sample_based_run_stops_let_where_megatron_lm_counts(stop, stop_samples,
 
 
 # ------------------------------------------------------------------ which trainer, or why not
+@pytest.mark.skipif(megatron_lm_source() == "wheel", reason="this megatron-core wheel ships megatron.training: "
+                    "pretrain_gpt_let.py runs Megatron-LM (test_wheel_runs_megatron_lm_pretrain_and_says_so)")
 def test_no_checkout_runs_the_lean_trainer_and_says_so(teacher):
     proc = run_script(["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
                        "--micro-batch-size", 2, "--train-iters", 1, "--lr", 1e-3, "--mock-data", "--vocab-size",
@@ -110,12 +128,43 @@ def test_no_checkout_runs_the_lean_trainer_and_says_so(teacher):
     one_error_line(proc)
 
 
+@pytest.mark.skipif(megatron_lm_source() != "wheel", reason="needs a megatron-core wheel with megatron.training "
+                    "(0.17+, Python 3.12)")
+def test_wheel_runs_megatron_lm_pretrain_and_says_so(teacher):
+    proc = torchrun(SCRIPT, 1, [*_model_args(), "--train-iters", 1, *let_flags(teacher, "--let-stop-iter", 1)],
+                    megatron_lm=True)
+    first = [line for line in proc.stdout.splitlines() if line.startswith("megatron-let: trainer:")]
+    from importlib.metadata import version
+
+    assert len(first) == 1 and first[0].startswith("megatron-let: trainer: Megatron-LM pretrain()"), first
+    assert f"megatron.core {version('megatron-core')} from" in first[0] and "site-packages" in first[0], first
+    assert "megatron.training from" in first[0] and f"megatron {version('megatron-core')}: tested" in first[0], first
+    assert "lm loss" in parse_log(proc.stdout)[1] and "let loss" in parse_log(proc.stdout)[1]
+
+
+def test_unsupported_megatron_core_is_one_line(tmp_path):
+    """A megatron-core outside 0.16-0.19 (here a copy of the installed one that says 0.15.0): refused before
+    any process group, naming the found and the supported versions."""
+    import megatron.core
+
+    fake = tmp_path / "megatron"
+    shutil.copytree(os.path.dirname(megatron.core.__file__), fake / "core",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    info = (fake / "core" / "package_info.py").read_text()
+    import re
+
+    info = re.sub(r"^MINOR = .*$", "MINOR = 15", info, flags=re.M)
+    (fake / "core" / "package_info.py").write_text(re.sub(r"^PATCH = .*$", "PATCH = 0", info, flags=re.M))
+    line = one_error_line(run_script(["--help"], {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, drop_path=True))
+    assert "megatron-core 0.15.0 is not supported: megatron-let supports 0.16 to 0.19" in line, line
+
+
 def test_checkout_without_megatron_training_is_refused(tmp_path):
     line = one_error_line(run_script(["--help"], {"MEGATRON_LM_PATH": str(tmp_path)}))
     assert f"MEGATRON_LM_PATH={tmp_path} holds no megatron/training" in line
 
 
-@needs_megatron_lm
+@needs_checkout
 def test_broken_megatron_lm_import_exits_with_the_import_error(tmp_path):
     """Megatron-LM's BERT tokenizer imports `six`; a machine without it must not fall back silently."""
     hide = tmp_path / "hide_six"
@@ -130,14 +179,17 @@ def test_broken_megatron_lm_import_exits_with_the_import_error(tmp_path):
     assert "megatron-core trainer" not in proc.stdout  # no silent fall-back
 
 
-@needs_megatron_lm
+@needs_checkout
 def test_megatron_core_comes_from_the_checkout(teacher):
     proc = torchrun(SCRIPT, 1, [*_model_args(), "--train-iters", 1, *let_flags(teacher, "--let-stop-iter", 1)],
                     megatron_lm=True)
     first = [line for line in proc.stdout.splitlines() if line.startswith("megatron-let: trainer:")]
     checkout = os.path.abspath(MEGATRON_LM_PATH)
     assert len(first) == 1
-    assert f"megatron.core 0.16.1 from {checkout}/megatron/core" in first[0], first
+    from megatron_let.integrations.selection import package_info_version
+
+    version = package_info_version(os.path.join(checkout, "megatron", "core"))
+    assert f"megatron.core {version} from {checkout}/megatron/core" in first[0], first
     assert f"megatron.training from {checkout}/megatron/training" in first[0], first
 
 

@@ -58,10 +58,12 @@ def test_bad_flags_are_refused_with_the_flag_named(flags, message):
 
 
 @pytest.mark.parametrize("cp_size", [2, 4])
-def test_cp_shard_matches_megatron_layout(megatron_world1, cp_size):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+def test_cp_shard_matches_megatron_layout(megatron_world1, cp_size, monkeypatch):
+    import torch.distributed as dist
 
-    class FakeGroup:  # only size()/rank() are read
+    from megatron_let.integrations.versions import batch_on_this_cp_rank
+
+    class FakeGroup:  # only its size and this rank's index are read
         def __init__(self, rank):
             self._rank = rank
 
@@ -71,10 +73,16 @@ def test_cp_shard_matches_megatron_layout(megatron_world1, cp_size):
         def rank(self):
             return self._rank
 
+    # megatron-core 0.19 asks torch.distributed for them (0.16 asks the group): answer for the stand-in group
+    for name, method in (("get_world_size", "size"), ("get_rank", "rank")):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda group=None, _real=real, _method=method:
+                            getattr(group, _method)() if isinstance(group, FakeGroup) else _real(group))
+
     tokens = torch.arange(3 * 8 * cp_size).view(3, 8 * cp_size)
     parts = []
     for rank in range(cp_size):
-        expected = get_batch_on_this_cp_rank({"tokens": tokens.clone()}, cp_group=FakeGroup(rank))["tokens"]
+        expected = batch_on_this_cp_rank({"tokens": tokens.clone()}, cp_group=FakeGroup(rank))["tokens"]
         assert torch.equal(cp_shard(tokens, cp_size, rank, seq_dim=1), expected)
         hidden = tokens.t().unsqueeze(-1).float()  # [s, b, 1]: the teacher output layout
         assert torch.equal(cp_shard(hidden, cp_size, rank, seq_dim=0)[..., 0].t(), expected)

@@ -137,6 +137,17 @@ def build_calculator(schedule):
     return _build_num_microbatches_calculator(**kwargs)
 
 
+# -- 0.19: get_batch_on_this_cp_rank(batch, is_hybrid_cp, cp_group=...) (before: (batch, cp_group=None)) --------
+def batch_on_this_cp_rank(batch: dict, cp_group=None) -> dict:
+    """megatron-core's context-parallel slice of ``batch`` (zigzag over 2 x CP chunks)."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
+    return get_batch_on_this_cp_rank(batch, cp_group=cp_group) if cp_group is not None \
+        else get_batch_on_this_cp_rank(batch)
+
+
 # -- 0.17: the null tokenizer is the "null-text" library of megatron.core.tokenizers (a path is required else) --
 def null_tokenizer(vocab_size: int):
     """megatron-core's null tokenizer (ids are the text) with ``vocab_size`` ids."""

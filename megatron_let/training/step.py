@@ -7,10 +7,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.errors import LETNonFiniteError
+from megatron_let.integrations.versions import batch_on_this_cp_rank
 from megatron_let.teachers.token_alignment import pop_alignment
 
 
@@ -27,7 +27,7 @@ def forward_step(data_iterator: Iterator, model, let: Optional[LateToEarlyTraini
     """Fetch this micro-batch on every stage (LET's stage needs the tokens too), then run the chunk."""
     batch = dict(next(data_iterator))
     alignment = pop_alignment(batch)  # full-sequence, kept out of CP slicing
-    batch = get_batch_on_this_cp_rank(batch)
+    batch = batch_on_this_cp_rank(batch)
     if let is not None:
         let.set_microbatch(batch["tokens"], batch["loss_mask"], alignment)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
