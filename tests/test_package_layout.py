@@ -100,17 +100,31 @@ def test_layout_checker_catches_a_reverse_import(tmp_path):
     assert list(imports_of(str(bad))) == ["megatron_let.integrations.launch"]
 
 
-def documented_commands():
-    """Every ``python -m megatron_let...`` module named in the README, docs, examples, benchmarks and
-    the package's own docstrings."""
+def documentation_sources():
+    """The README, docs/*.md, and every example, benchmark and package file (their docstrings)."""
     sources = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "patches", "README.md")]
     for folder in ("docs", "examples", "benchmarks", "megatron_let"):
         for directory, _, files in os.walk(os.path.join(ROOT, folder)):
             sources += [os.path.join(directory, f) for f in files
                         if f.endswith((".md", ".sh", ".sbatch", ".flags", ".yaml", ".py"))]
+    return sources
+
+
+def documented_commands():
+    """Every ``python -m megatron_let...`` module named in the documentation."""
     found = set()
-    for path in sources:
+    for path in documentation_sources():
         found |= set(re.findall(r"python3? -m (megatron_let[\w.]*)", open(path, encoding="utf-8").read()))
+    return sorted(found)
+
+
+def documented_scripts():
+    """Every ``python benchmarks/X.py`` / ``python examples/X.py`` (or under torchrun) in the README and docs/*.md."""
+    docs = os.path.join(ROOT, "docs")
+    found = set()
+    for path in [os.path.join(ROOT, "README.md")] + [os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md")]:
+        text = open(path, encoding="utf-8").read()
+        found |= set(re.findall(r"(?:python3?|torchrun(?: --nproc[-_]per[-_]node[ =]?\d+)?) ((?:benchmarks|examples)/\w+\.py)", text))
     return sorted(found)
 
 
@@ -125,3 +139,44 @@ def test_documented_command_runs(module):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "usage" in run.stdout.lower()
+
+
+def test_documented_scripts_are_found():
+    assert {"examples/quickstart.py", "benchmarks/convergence.py", "benchmarks/overhead.py"} <= set(documented_scripts())
+
+
+@pytest.mark.parametrize("script", documented_scripts())
+def test_documented_script_runs(script):
+    """Every script the README and docs/*.md tell you to run exists and answers --help."""
+    run = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "usage" in run.stdout.lower()
+
+
+def _anchors(path):
+    """GitHub's heading anchors of a markdown file (lower case, punctuation dropped, spaces to hyphens)."""
+    text, fence, found = open(path, encoding="utf-8").read(), False, set()
+    for line in text.splitlines():
+        fence ^= line.startswith("```")
+        if not fence and line.startswith("#"):
+            found.add(re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-"))
+    return found
+
+
+def test_documentation_links_resolve():
+    """Every relative link in the README and docs/*.md names an existing file and, with #, a heading in it."""
+    docs = os.path.join(ROOT, "docs")
+    pages = [os.path.join(ROOT, "README.md")] + [os.path.join(docs, f) for f in sorted(os.listdir(docs)) if f.endswith(".md")]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", open(page, encoding="utf-8").read()):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            file, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(os.path.dirname(page), file)) if file else page
+            if not os.path.exists(path):
+                broken.append(f"{os.path.relpath(page, ROOT)}: {target} (no such file)")
+            elif anchor and path.endswith(".md") and anchor not in _anchors(path):
+                broken.append(f"{os.path.relpath(page, ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
