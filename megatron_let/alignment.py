@@ -12,7 +12,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_let.autoscaler import LETLossAutoScaler, aux_loss_scale
+from megatron_let.auto_lambda import AutoLambda
+from megatron_let.autoscaler import LETLossAutoScaler, MeasuredLETLossAutoScaler, aux_loss_scale
 from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
 from megatron_let.projector import build_projector, cosine_alignment_terms
 from megatron_let.teacher_norm import TeacherFeatureNorm, feature_energy_report
@@ -73,7 +74,7 @@ class LETAlignment(MegatronModule):
 
     def _after_target_layer(self, layer, args, output):
         let = self._let
-        if let.current_lambda == 0.0 or not self.training:
+        if not let.aligning or not self.training:
             return output
         if not torch.is_grad_enabled():
             if in_checkpointed_forward(self.config, self.training):  # full recompute's no-grad first run
@@ -105,10 +106,25 @@ class LETAlignment(MegatronModule):
         let.record_loss(global_loss_sum)
         scale = aux_loss_scale(self.config, let.num_microbatches,
                                parallel_state.get_context_parallel_world_size(), hidden.device)
+        if let.auto_lambda is None:
+            injected = LETLossAutoScaler.apply(hidden, aux_loss, scale)
+        else:  # --let-lambda auto: measure both pulls at this output (megatron_let/auto_lambda.py)
+            injected = self._measured(hidden, loss_sum, tokens_in_batch, aux_loss, scale, let.auto_lambda)
         # viewless, as megatron-core keeps layer outputs: pipeline stages free them after sending
-        hidden = make_viewless_tensor(LETLossAutoScaler.apply(hidden, aux_loss, scale),
-                                      requires_grad=True, keep_graph=True)
+        hidden = make_viewless_tensor(injected, requires_grad=True, keep_graph=True)
         return (hidden, *rest) if isinstance(output, tuple) else hidden
+
+    def _measured(self, hidden, loss_sum, tokens_in_batch, aux_loss, scale, auto: AutoLambda):
+        """The autoscaler, plus --let-lambda auto's two measurements on this rank's part of h_k: the
+        alignment loss's gradient at unit weight now (autograd over the projector + cosine graph only; the
+        graph is kept for the real backward), and the LM's gradient when the backward reaches h_k."""
+        unit = loss_sum if self.config.calculate_per_token_loss else loss_sum / tokens_in_batch.clamp(min=1)
+        (align_grad,) = torch.autograd.grad(unit, hidden, retain_graph=True)
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        weight = AutoLambda.contribution(self.config.sequence_parallel, tp_size,
+                                         parallel_state.get_tensor_model_parallel_rank())
+        auto.add(1, align_grad * scale, weight)  # the schedule's factors, as the LM gradient carries them
+        return MeasuredLETLossAutoScaler.apply(hidden, aux_loss, scale, lambda grad: auto.add(0, grad, weight))
 
     def _report_features(self, teacher: torch.Tensor, mask: torch.Tensor) -> None:
         """Once, at the start: how much of the teacher's energy sits in its top dimensions."""

@@ -23,6 +23,24 @@ class LETLossAutoScaler(torch.autograd.Function):
         return grad_output, torch.ones_like(aux_loss) * ctx.scale, None
 
 
+class MeasuredLETLossAutoScaler(torch.autograd.Function):
+    """:class:`LETLossAutoScaler` that also hands ``grad_output`` -- the gradient arriving at the activation
+    from everything above it, i.e. without the aux loss's own -- to ``probe`` (``--let-lambda auto``)."""
+
+    @staticmethod
+    def forward(ctx, activation: torch.Tensor, aux_loss: torch.Tensor, scale: torch.Tensor, probe):
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
+        ctx.probe = probe
+        return activation
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        ctx.probe(grad_output)
+        return grad_output, torch.ones_like(aux_loss) * ctx.scale, None, None
+
+
 def aux_loss_scale(config, num_microbatches: int, cp_size: int, device: torch.device) -> torch.Tensor:
     """The factor megatron-core's schedule applies to an aux loss for one micro-batch.
 

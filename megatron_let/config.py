@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from megatron_let.errors import LETConfigError
 
@@ -16,6 +16,8 @@ NONFINITE_POLICIES = ("error", "skip")
 TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")  # megatron_let/teachers/token_alignment.py
 TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
 TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
+LAMBDA_AUTO = "auto"  # --let-lambda auto: megatron_let/auto_lambda.py
+DEFAULT_LAMBDA_AUTO_FRACTION = 0.1  # provisional until issue 27's convergence sweep (docs/auto-lambda.md)
 # (each list lives only here, imported where a module checks it: config stays torch-free)
 
 
@@ -33,7 +35,7 @@ class LETConfig:
     teacher: str
     target_layer: int
     teacher_layer: Optional[int] = None
-    lambda0: float = 0.1
+    lambda0: Union[float, str] = 0.1  # or "auto"
     stop_iter: Optional[int] = None
     stop_fraction: Optional[float] = None
     schedule: str = "linear"
@@ -47,6 +49,7 @@ class LETConfig:
     teacher_norm: str = "none"
     teacher_norm_iters: int = 20
     stop_samples: Optional[int] = None
+    lambda_auto_fraction: Optional[float] = None  # --let-lambda auto (None: DEFAULT_LAMBDA_AUTO_FRACTION)
 
     def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None,
                  train_samples: Optional[int] = None) -> "LETConfig":
@@ -61,8 +64,17 @@ class LETConfig:
                 f"--let-target-layer {self.target_layer} is beyond the model's --num-layers "
                 f"{num_layers}; choose 1..{num_layers} (the paper uses an early layer, ~1/6 of depth)."
             )
-        if not isinstance(self.lambda0, (int, float)) or not math.isfinite(self.lambda0) or self.lambda0 < 0:
-            raise LETConfigError(f"--let-lambda must be a finite number >= 0; got {self.lambda0}.")
+        if self.lambda0 != LAMBDA_AUTO and (not isinstance(self.lambda0, (int, float))
+                                            or not math.isfinite(self.lambda0) or self.lambda0 < 0):
+            raise LETConfigError(f"--let-lambda must be a finite number >= 0 or 'auto'; got {self.lambda0}.")
+        if self.lambda_auto_fraction is not None:
+            if self.lambda0 != LAMBDA_AUTO:
+                raise LETConfigError("--let-lambda-auto-fraction is only used with --let-lambda auto; "
+                                     f"got --let-lambda {self.lambda0}.")
+            if not isinstance(self.lambda_auto_fraction, (int, float)) \
+                    or not math.isfinite(self.lambda_auto_fraction) or self.lambda_auto_fraction <= 0:
+                raise LETConfigError(f"--let-lambda-auto-fraction must be a finite number > 0; "
+                                     f"got {self.lambda_auto_fraction}.")
         if self.schedule not in SCHEDULES:
             raise LETConfigError(f"--let-schedule must be one of {SCHEDULES}; got {self.schedule!r}.")
         if self.projector not in PROJECTORS:
@@ -131,6 +143,11 @@ class LETConfig:
         fraction = 0.25 if self.stop_fraction is None else self.stop_fraction
         return max(1, int(round(fraction * train_iters)))
 
+    @property
+    def auto_fraction(self) -> float:
+        """--let-lambda auto's fraction of the LM loss's pull at layer k."""
+        return DEFAULT_LAMBDA_AUTO_FRACTION if self.lambda_auto_fraction is None else float(self.lambda_auto_fraction)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -144,8 +161,15 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="1-based global layer number of the target whose output is aligned.")
     group.add_argument("--let-teacher-layer", type=int, default=None,
                        help="Index into the teacher's hidden_states (default: final layer).")
-    group.add_argument("--let-lambda", type=float, default=0.1,
-                       help="Initial alignment-loss weight lambda0 (paper: 0.1 at 1.4B).")
+    group.add_argument("--let-lambda", type=_lambda_value, default=0.1,
+                       help="Initial alignment-loss weight lambda0 (paper: 0.1 at 1.4B), or 'auto': the weight "
+                            "that keeps the alignment's gradient at layer k's output a fixed fraction "
+                            "(--let-lambda-auto-fraction) of the LM loss's gradient there, measured every "
+                            "iteration, smoothed, and decayed to 0 at the stop step by --let-schedule "
+                            "(docs/auto-lambda.md).")
+    group.add_argument("--let-lambda-auto-fraction", type=float, default=None,
+                       help=f"--let-lambda auto: the alignment's pull at layer k as a fraction of the LM loss's "
+                            f"(default {DEFAULT_LAMBDA_AUTO_FRACTION}; provisional until the convergence sweep).")
     group.add_argument("--let-stop-iter", type=int, default=None,
                        help="Iteration at which lambda reaches 0 and the teacher is released.")
     group.add_argument("--let-stop-samples", type=int, default=None,
@@ -192,6 +216,16 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _lambda_value(text: str):
+    """--let-lambda: a number, or 'auto'."""
+    if text.strip().lower() == LAMBDA_AUTO:
+        return LAMBDA_AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or '{LAMBDA_AUTO}', got {text!r}") from None
+
+
 _ARG_NAMES = {
     "teacher": "let_teacher", "target_layer": "let_target_layer", "teacher_layer": "let_teacher_layer",
     "lambda0": "let_lambda", "stop_iter": "let_stop_iter", "stop_fraction": "let_stop_fraction",
@@ -201,7 +235,7 @@ _ARG_NAMES = {
     "token_alignment": "let_token_alignment", "teacher_tokenizer": "let_teacher_tokenizer",  # token alignment
     "teacher_placement": "let_teacher_placement",
     "teacher_norm": "let_teacher_norm", "teacher_norm_iters": "let_teacher_norm_iters",
-    "stop_samples": "let_stop_samples",
+    "stop_samples": "let_stop_samples", "lambda_auto_fraction": "let_lambda_auto_fraction",
 }
 assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}
 
@@ -211,7 +245,8 @@ def let_config_from_args(args: argparse.Namespace) -> Optional[LETConfig]:
     if getattr(args, "let_teacher", None) is None:
         given = [f"--{name.replace('_', '-')}" for name in ("let_target_layer", "let_teacher_layer",
                                                            "let_stop_iter", "let_stop_fraction", "let_stop_samples",
-                                                           "let_projector_hidden_size", "let_teacher_tokenizer")
+                                                           "let_projector_hidden_size", "let_teacher_tokenizer",
+                                                           "let_lambda_auto_fraction")
                  if getattr(args, name, None) is not None]
         if given:
             raise LETConfigError(f"{', '.join(given)} given without --let-teacher; add --let-teacher PATH.")

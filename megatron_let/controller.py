@@ -10,7 +10,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_let.alignment import LETAlignment
-from megatron_let.config import LETConfig
+from megatron_let.auto_lambda import SLOTS as AUTO_SLOTS, AutoLambda
+from megatron_let.config import LAMBDA_AUTO, LETConfig
 from megatron_let.metrics import LETMetrics
 from megatron_let.placement import SpreadPlacement, SpreadStates, TeacherWork
 from megatron_let.schedule import let_lambda
@@ -40,6 +41,9 @@ class LateToEarlyTraining:
         self.metrics = LETMetrics()
         self.alignments: List[LETAlignment] = []
         self.current_lambda = 0.0
+        # --let-lambda auto: the weight follows the measured pulls at layer k (megatron_let/auto_lambda.py)
+        self.auto_lambda: Optional[AutoLambda] = \
+            AutoLambda(config.auto_fraction) if config.lambda0 == LAMBDA_AUTO else None
         self.num_microbatches = 1
         self.finished = False
         self._teacher: Optional[HFTeacher] = None
@@ -81,8 +85,12 @@ class LateToEarlyTraining:
         self.work.reset()
         for alignment in self.alignments:
             alignment.recompute_stash.check_drained()
-        self.current_lambda = let_lambda(iteration, self.config.lambda0, self.stop_iter,
-                                         self.config.schedule)
+        if self.auto_lambda is None:
+            self.current_lambda = let_lambda(iteration, self.config.lambda0, self.stop_iter,
+                                             self.config.schedule)
+        else:  # auto: the measured scale times the schedule's shape (0 while nothing is measured yet)
+            self.current_lambda = self.auto_lambda.weight(let_lambda(iteration, 1.0, self.stop_iter,
+                                                                     self.config.schedule))
         if self.current_lambda == 0.0 and iteration >= self.stop_iter:
             self.finish()
         if not self.finished:
@@ -100,11 +108,17 @@ class LateToEarlyTraining:
         self._microbatch = (tokens, loss_mask)
         self._alignment = alignment
 
+    @property
+    def aligning(self) -> bool:
+        """Does layer k's hook run the alignment this iteration? lambda > 0, or --let-lambda auto before the
+        stop (its first iteration measures at weight 0)."""
+        return not self.finished and (self.current_lambda != 0.0 or self.auto_lambda is not None)
+
     # -- spread placement (megatron_let/placement.py) --------------------------------------------
     @property
     def spreads_teacher(self) -> bool:
         """True when this iteration's teacher work is to be precomputed over the model-parallel group."""
-        return self.config.teacher_placement == "spread" and not self.finished and self.current_lambda != 0.0
+        return self.config.teacher_placement == "spread" and self.aligning
 
     def precompute_teacher(self, tokens: torch.Tensor, micro_batch_size: int) -> None:
         """On EVERY rank of the replica's model-parallel group, before the schedule: ``tokens`` [rows, s] are
@@ -198,16 +212,29 @@ class LateToEarlyTraining:
         self._nonfinite = bad if self._nonfinite is False else (self._nonfinite | bad)
 
     def nonfinite_ranks(self) -> List[int]:
-        """Ranks whose alignment loss was NaN/Inf this iteration (a collective over all ranks)."""
+        """Ranks whose alignment loss was NaN/Inf this iteration (a collective over all ranks).
+
+        Both trainers call it on every rank after each iteration's backward while LET runs, before any
+        checkpoint: --let-lambda auto's per-iteration sums ride on its all-reduce and its EMA is updated
+        here, identically on every rank (a second call in the same iteration finds nothing to add)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        flags = torch.zeros(world, device=_device())
+        auto = self.auto_lambda
+        if auto is None:
+            flags = torch.zeros(world, device=_device())
+        else:
+            flags = torch.zeros(world + AUTO_SLOTS, dtype=torch.float64, device=_device())
+            flags[world:] = auto.take_local(flags.device)
         if self._nonfinite is not False:
-            flags[rank] = self._nonfinite.float().to(flags.device)
+            flags[rank] = self._nonfinite.to(flags.dtype).to(flags.device)
         self._nonfinite = False
         if world > 1:
             dist.all_reduce(flags)
-        return [r for r, flag in enumerate(flags.tolist()) if flag]
+        values = flags.tolist()
+        bad = [r for r, flag in enumerate(values[:world]) if flag]
+        if auto is not None:
+            auto.update(values[world:], self.current_lambda, skip=bool(bad))
+        return bad
 
     def finish(self) -> None:
         """Past the stop step: remove hooks, free the teacher (its memory is returned)."""
@@ -264,7 +291,10 @@ class LateToEarlyTraining:
         if dist.is_initialized():
             groups = (parallel_state.get_pipeline_model_parallel_group(),
                       parallel_state.get_data_parallel_group())
-        return self.metrics.report(self.current_lambda, _device(), groups)
+        scalars = self.metrics.report(self.current_lambda, _device(), groups)
+        if self.auto_lambda is not None:
+            scalars.update(self.auto_lambda.report())  # already the same on every rank
+        return scalars
 
 
 def _device() -> torch.device:

@@ -17,9 +17,13 @@ from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
 
 def let_state(let) -> dict:
     """What a checkpoint keeps of LET (both trainers): its settings, the resolved stop step and the
-    teacher width, so a resume needs neither the flags that derived them nor the teacher."""
-    return {"config": let.config.to_dict(), "stop_iter": let.stop_iter,
-            "stop_samples": getattr(let, "stop_samples", None), "teacher_hidden_size": let.teacher_hidden_size}
+    teacher width, so a resume needs neither the flags that derived them nor the teacher. --let-lambda auto:
+    its EMA state, the live dict itself (Megatron-LM keeps this state in ``args`` and pickles it at each save)."""
+    state = {"config": let.config.to_dict(), "stop_iter": let.stop_iter,
+             "stop_samples": getattr(let, "stop_samples", None), "teacher_hidden_size": let.teacher_hidden_size}
+    if getattr(let, "auto_lambda", None) is not None:
+        state["auto_lambda"] = let.auto_lambda.state
+    return state
 
 
 def changed_settings(saved_config: dict, config: LETConfig) -> list:
@@ -95,6 +99,8 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
                               target_tokenizer=hf_tokenizer_of(tokenizer) if causal_span else None,
                               eod_id=getattr(tokenizer, "eod", None) if causal_span else None)
     let.stop_iter, let.stop_samples = stop.iteration, stop.samples
+    if let.auto_lambda is not None:  # --let-lambda auto continues the checkpoint's smoothed ratio
+        let.auto_lambda.load_state_dict(saved.get("auto_lambda"))
     if resume_iteration is not None and resume_iteration >= let.stop_iter and "teacher_hidden_size" in saved:
         let.finish()  # past the stop step: the teacher is never read again (it may be gone)
         return let

@@ -47,7 +47,8 @@ def parse(argv=None):
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--teacher", default=None, help="HF teacher dir; no LET when absent")
     p.add_argument("--target-layer", type=int, default=2)
-    p.add_argument("--lambda0", type=float, default=0.5)
+    p.add_argument("--lambda0", type=lambda v: v if v == "auto" else float(v), default=0.5)  # or auto (issue 27)
+    p.add_argument("--auto-fraction", type=float, default=None, help="--lambda0 auto: lambda_auto_fraction")
     p.add_argument("--stop-iter", type=int, default=100)
     p.add_argument("--projector", default="linear")
     p.add_argument("--per-token-loss", action="store_true")
@@ -199,7 +200,7 @@ def train(args, variant: str) -> dict:
         let = LateToEarlyTraining(LETConfig(teacher=args.teacher, target_layer=args.target_layer,
                                             lambda0=args.lambda0, stop_iter=args.stop_iter,
                                             projector=args.projector, teacher_placement=args.placement,
-                                            **alignment),
+                                            lambda_auto_fraction=args.auto_fraction, **alignment),
                                   target_tokenizer=target_tokenizer, eod_id=args.eod)
     chunks = build_gpt_chunks(config, vocab, SEQ, let=let, spec=layer_spec(config, "local"))
     if args.save_ref:

@@ -1,0 +1,126 @@
+"""``--let-lambda auto``: the alignment's weight set from the run, as a fraction of the LM loss's pull.
+
+The rule (docs/auto-lambda.md). At layer k's output h_k two gradients arrive in the backward pass: the
+LM loss's (``g_LM``, from the layers above; exactly the ``grad_output`` LET's autoscaler receives) and
+the alignment loss's at unit weight (``g_A``: d(alignment loss)/d h_k with the schedule's own factors,
+one ``torch.autograd.grad`` over the small projector + cosine graph in the forward hook). Over one
+iteration (every micro-batch, every rank) their norms give
+
+    r_t = ||g_LM||_t / ||g_A||_t,    R_t = EMA_beta(r_1..r_t)  (R = r_1 at the first measurement),
+
+and the weight of the step starting at iteration s is
+
+    lambda(s) = fraction * R_(s-1) * decay(s),   decay(s) = the --let-schedule shape with lambda0 = 1,
+
+so the alignment's pull at h_k, ``lambda * ||g_A||``, stays ``fraction * decay(s)`` of the LM's, and reaches
+0 at the stop step exactly as a fixed lambda does. The first LET iteration only measures (weight 0: no
+ratio is known before a backward pass, and no extra backward is run to get one). Measuring costs one small
+autograd call per micro-batch and one all-reduce of a few numbers per iteration, riding on the end-of-
+iteration collective both trainers already run (``LateToEarlyTraining.nonfinite_ranks``).
+
+Reduction (``AutoLambda.contribution``): the norms are sums of squares over the whole global batch, as
+the gradient norm is a sum of squares over every parameter shard, then one all-reduce over all ranks:
+
+- pipeline: only the stage (model chunk) holding layer k has h_k; both gradients live there (the LM's
+  arrives there through the pipeline's backward p2p), so other stages contribute 0;
+- tensor parallel without sequence parallelism: h_k and both gradients are replicated on every TP rank
+  (the next layer's column-parallel input all-reduces its gradient), so only TP rank 0 contributes, as
+  the grad norm counts a TP-duplicated parameter once; with sequence parallelism h_k is split over the
+  sequence across TP ranks: every rank contributes its tokens;
+- context parallel: each CP rank holds its own tokens of h_k: every rank contributes;
+- data parallel: each replica ran its own micro-batches of the global batch: every replica contributes.
+
+Both gradients carry the same schedule factors (loss scale, cp / num_microbatches, or the per-token
+normalisation), so r_t is free of them, of the layout and of fp16's dynamic loss scale; the EMA of the
+ratio therefore resumes exactly under another layout. An iteration whose ratio is not finite (an fp16
+overflow, no token in the batch) or that some rank flagged non-finite leaves the EMA unchanged.
+
+State: ``state`` (``ema_ratio``, ``updates``) is a plain dict mutated in place; LET's checkpoint state
+holds this very dict (``launch.let_state``), so Megatron-LM, which keeps that state in ``args`` and pickles
+it at every save, saves the current value without a hook of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+
+from megatron_let.config import DEFAULT_LAMBDA_AUTO_FRACTION
+
+EMA_BETA = 0.9  # weight of the history per iteration (~10 iterations of memory); not a flag
+SLOTS = 2  # [sum ||g_LM||^2, sum ||g_A||^2] per iteration
+
+
+class AutoLambda:
+    """Measures the two pulls at layer k, keeps their smoothed ratio, gives the weight."""
+
+    def __init__(self, fraction: float = DEFAULT_LAMBDA_AUTO_FRACTION, beta: float = EMA_BETA):
+        self.fraction = float(fraction)
+        self.beta = float(beta)
+        self.state: Dict[str, object] = {"ema_ratio": None, "updates": 0}  # mutated in place only
+        self._local: Optional[torch.Tensor] = None  # this rank's [lm_sq, align_sq] since the iteration began
+        self._realised_sum, self._realised_count = 0.0, 0  # logging: "let ratio" since the last report
+
+    # -- weight --------------------------------------------------------------------------------
+    @property
+    def scale(self) -> Optional[float]:
+        """fraction * R, or None before the first measurement (that iteration only measures)."""
+        ratio = self.state["ema_ratio"]
+        return None if ratio is None else self.fraction * ratio
+
+    def weight(self, decay: float) -> float:
+        """The effective lambda of an iteration whose schedule shape (lambda0 = 1) is ``decay``."""
+        scale = self.scale
+        return 0.0 if scale is None or decay == 0.0 else scale * decay
+
+    # -- measurement (the stage of layer k, inside the schedule; no device sync) ----------------------
+    def add(self, slot: int, grad: torch.Tensor, weight: float = 1.0) -> None:
+        """Add ``weight * ||grad||^2`` (fp64) to this rank's sums; ``weight`` 0 drops a TP replica's copy."""
+        value = grad.detach().double().pow(2).sum() * weight
+        if self._local is None:
+            self._local = torch.zeros(SLOTS, dtype=torch.float64, device=grad.device)
+        self._local[slot] = self._local[slot] + value
+
+    def take_local(self, device: torch.device) -> torch.Tensor:
+        """This rank's sums since the last call (zeros if it measured nothing), then reset."""
+        local, self._local = self._local, None
+        return torch.zeros(SLOTS, dtype=torch.float64, device=device) if local is None else local.to(device)
+
+    @staticmethod
+    def contribution(sequence_parallel: bool, tp_size: int, tp_rank: int) -> float:
+        """1 where this rank's part of h_k is its own, 0 for a TP replica's duplicate (module docstring)."""
+        return 1.0 if sequence_parallel or tp_size == 1 or tp_rank == 0 else 0.0
+
+    # -- end of iteration (every rank, the same reduced numbers) -----------------------------------
+    def update(self, sums, lambda_used: float, skip: bool = False) -> Optional[float]:
+        """Fold one iteration's all-reduced ``sums`` [lm_sq, align_sq] into the EMA; returns r_t or None
+        (nothing measured, not finite, or ``skip``). Pure Python floats: identical on every rank."""
+        lm_sq, align_sq = (float(x) for x in sums)
+        if skip or lm_sq == 0.0 and align_sq == 0.0:
+            return None
+        ratio = math.sqrt(lm_sq) / math.sqrt(align_sq) if align_sq > 0 else math.inf
+        if not math.isfinite(ratio):
+            return None
+        previous = self.state["ema_ratio"]
+        self.state["ema_ratio"] = ratio if previous is None else self.beta * previous + (1.0 - self.beta) * ratio
+        self.state["updates"] = int(self.state["updates"]) + 1
+        self._realised_sum += lambda_used / ratio if ratio > 0 else 0.0
+        self._realised_count += 1
+        return ratio
+
+    def report(self) -> Dict[str, float]:
+        """``let ratio``: lambda * ||g_A|| / ||g_LM|| at layer k, averaged over the iterations since the
+        last report (the alignment's pull as a fraction of the LM's; ~ fraction * decay once measured)."""
+        if not self._realised_count:
+            return {}
+        value = self._realised_sum / self._realised_count
+        self._realised_sum, self._realised_count = 0.0, 0
+        return {"let ratio": value}
+
+    # -- checkpoint ------------------------------------------------------------------------------
+    def load_state_dict(self, saved: Optional[dict]) -> None:
+        """Continue a checkpoint's EMA (in place: the checkpoint state holds this dict)."""
+        if saved:
+            self.state.update({"ema_ratio": saved.get("ema_ratio"), "updates": int(saved.get("updates", 0))})
