@@ -48,6 +48,7 @@ def test_table_json_and_plot(quickstart):
     assert "[baseline] iter" in out and "[let     ] iter" in out and "let lambda" in out  # streamed progress
     assert "| step | baseline val loss | LET val loss |" in out
     assert "Steps for LET to reach the baseline's final validation loss" in out
+    assert "expected: about" in out and "calibration on this machine" in out and "min left" in out
 
     results = json.loads((work / "results.json").read_text())
     assert [r["step"] for r in results["rows"]] == [2, 4, 6]
@@ -57,6 +58,8 @@ def test_table_json_and_plot(quickstart):
     assert summary["final_step"] == 6 and summary["teacher_val_loss"] > 0
     assert (summary["speedup"] is None) == (summary["let_steps_to_baseline_final"] is None)
     assert set(results["stage_seconds"]) == {"data", "teacher", "baseline", "let", "results"}
+    assert set(results["estimate"]["stage_seconds"]) == {"data", "teacher", "baseline", "let"}
+    assert results["estimate"]["target_step"] > 0 and results["estimate"]["total_seconds"] > 0
     # The teacher saw more tokens than the target, and the LET run really ran LET.
     assert results["teacher"]["tokens"] > 6 * 4 * 32
     let_log = (work / "let" / "train.log").read_text()
