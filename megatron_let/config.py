@@ -213,6 +213,14 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--let-teacher-norm-iters", type=int, default=20,
                        help="center / standardize: iterations whose teacher states estimate the statistics "
                             "(default 20; the first only measures, then they are frozen).")
+    group.add_argument("--let-allow-bidirectional-teacher", action="store_true",
+                       help="Accept a teacher that is not a causal decoder (BERT-style encoders). Off by default: "
+                            "its state at position t has seen later tokens, which the target's causal layer k "
+                            "cannot, so the alignment asks for information the target does not have.")
+    group.add_argument("--let-reset-projector", action="store_true",
+                       help="On resume, start a fresh learned projector (and its optimizer state) instead of the "
+                            "checkpoint's: needed when the teacher's width, --let-projector or "
+                            "--let-projector-hidden-size changed, which the saved projector cannot serve.")
     return parser
 
 

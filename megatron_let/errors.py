@@ -7,3 +7,7 @@ class LETConfigError(ValueError):
 
 class LETNonFiniteError(RuntimeError):
     """The alignment loss was NaN/Inf and --let-on-nonfinite is 'error'."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); the previous one still loads."""

@@ -5,13 +5,13 @@ teacher, a vocabulary mismatch or a tokenizer the aligner cannot read fails in s
 line, never hours into a job on some rank.
 """
 
-from dataclasses import fields
 from typing import Callable, Optional
 
 from megatron_let.config import LETConfig, let_config_from_args
 from megatron_let.errors import LETConfigError
+from megatron_let.resume import changed_settings, refuse_unusable_projector, refuse_unusable_width
 from megatron_let.stop import TrainingSchedule, resolve_stop
-from megatron_let.teachers.huggingface import preflight_teacher
+from megatron_let.teachers.huggingface import output_width, preflight_teacher
 from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
 
 
@@ -24,13 +24,6 @@ def let_state(let) -> dict:
     if getattr(let, "auto_lambda", None) is not None:
         state["auto_lambda"] = let.auto_lambda.state
     return state
-
-
-def changed_settings(saved_config: dict, config: LETConfig) -> list:
-    """Names of LET settings that differ from a checkpoint's (fields it predates count as defaults)."""
-    defaults = {f.name: f.default for f in fields(LETConfig)}
-    current = config.to_dict()
-    return sorted(k for k in current if {**defaults, **saved_config}.get(k) != current[k])
 
 
 def refuse_unsupported_features(args) -> None:
@@ -77,11 +70,9 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
         return None
     refuse_unsupported_features(args)
     saved = saved or {}
-    changed = []
-    if saved.get("config"):
-        changed = changed_settings(saved["config"], config)
-        if changed:
-            warn(f"LET settings differ from the checkpoint's: {', '.join(changed)}; continuing with the new ones.")
+    reset_projector = bool(getattr(args, "let_reset_projector", False))
+    refuse_unusable_projector(saved, config, reset_projector)  # megatron_let/resume.py: what a resume may change
+    changed = changed_settings(saved["config"], config) if saved.get("config") else []
     schedule = TrainingSchedule.from_args(args)
     train_iters = schedule.total_iterations()
     stop = resolve_stop(config, schedule)
@@ -92,20 +83,29 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
             f"would give {stop.iteration})")
         stop.iteration, stop.source = saved["stop_iter"], "from the checkpoint"
         stop.samples = saved.get("stop_samples", schedule.samples_after(stop.iteration))
+    # past the stop step the teacher is never read again (it may be gone): the saved width builds the projector
+    past_stop = resume_iteration is not None and resume_iteration >= stop.iteration and "teacher_hidden_size" in saved
+    teacher_config, width = None, saved.get("teacher_hidden_size")
+    if not past_stop:
+        teacher_config = preflight_teacher(config.teacher, config.teacher_layer, getattr(args, "seq_length", None),
+                                           config.token_alignment, warn,
+                                           allow_bidirectional=bool(getattr(args, "let_allow_bidirectional_teacher",
+                                                                            False)))
+        width = output_width(teacher_config, config.teacher_layer)
+        refuse_unusable_width(saved, config, width, reset_projector)
+    if changed:
+        warn(f"LET settings differ from the checkpoint's: {', '.join(changed)}; continuing with the new ones.")
     log(f" {stop.describe()}")
     causal_span = config.token_alignment != "exact"
-    let = LateToEarlyTraining(config, train_iters, seed=args.seed,
-                              teacher_hidden_size=saved.get("teacher_hidden_size"),
+    let = LateToEarlyTraining(config, train_iters, seed=args.seed, teacher_hidden_size=width,
                               target_tokenizer=hf_tokenizer_of(tokenizer) if causal_span else None,
                               eod_id=getattr(tokenizer, "eod", None) if causal_span else None)
     let.stop_iter, let.stop_samples = stop.iteration, stop.samples
     if let.auto_lambda is not None:  # --let-lambda auto continues the checkpoint's smoothed ratio
         let.auto_lambda.load_state_dict(saved.get("auto_lambda"))
-    if resume_iteration is not None and resume_iteration >= let.stop_iter and "teacher_hidden_size" in saved:
-        let.finish()  # past the stop step: the teacher is never read again (it may be gone)
+    if past_stop:
+        let.finish()
         return let
-    teacher_config = preflight_teacher(config.teacher, config.teacher_layer, getattr(args, "seq_length", None),
-                                       config.token_alignment, warn)
     if causal_span:
         aligner = let.aligner  # built now: a tokenizer it cannot read fails before any process group
         log(f" LET token alignment {config.token_alignment}: target {tokenizer_name} -> teacher tokenizer "
@@ -113,7 +113,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
             + (" (same vocabulary: identity map)" if aligner.identity else ""))
     else:
         try:
-            check_vocabulary(config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), tokenizer_name)
+            check_vocabulary(config.teacher, tokenizer.vocab_size, hf_tokenizer_of(tokenizer), tokenizer_name, warn)
         except LETConfigError as error:
             raise LETConfigError(f"{error} Or align across tokenizers with --let-token-alignment causal-span."
                                  ) from None

@@ -73,6 +73,7 @@ import torch
 
 from megatron_let.config import add_let_args
 from megatron_let.integrations.launch import build_let, let_state, refuse_unsupported_features
+from megatron_let.resume import saved_let_state
 from megatron_let.integrations.versions import batch_predicate_name, call_pretrain, supported_range, tokens_and_loss_mask
 from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
@@ -489,9 +490,7 @@ def _saved_let_state(args):
         common = dist_checkpointing.load_common_state_dict(directory)
     except Exception:  # noqa: BLE001 - not a torch_dist checkpoint: nothing LET can read from it
         return {}, iteration
-    saved_args = common.get("args") if isinstance(common, dict) else None
-    saved = getattr(saved_args, "let_state", None) if saved_args is not None else None
-    return (dict(saved) if saved else {}), iteration
+    return saved_let_state(common), iteration  # megatron_let/resume.py: either trainer's checkpoint
 
 
 def _check_supported(args) -> None:
@@ -499,6 +498,9 @@ def _check_supported(args) -> None:
     if getattr(args, "use_legacy_models", False):
         raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
     refuse_unsupported_features(args)  # CUDA graphs, FSDP (full recompute works: megatron_let/recompute.py)
+    if getattr(args, "let_reset_projector", False):  # Megatron-LM's own load_checkpoint reads every saved tensor
+        raise LETConfigError("--let-reset-projector is implemented by the lean trainer only; under Megatron-LM "
+                             "resume with the checkpoint's teacher and --let-projector settings.")
 
 
 def main(extra_args_provider: Optional[Callable] = None) -> int:

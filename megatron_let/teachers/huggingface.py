@@ -77,13 +77,14 @@ def resolve_teacher(path: str) -> TeacherSource:
 
 
 def preflight_teacher(path: str, teacher_layer: Optional[int] = None, seq_length: Optional[int] = None,
-                      token_alignment: str = "exact", warn=None) -> "object":
+                      token_alignment: str = "exact", warn=None, allow_bidirectional: bool = False) -> "object":
     """Everything about the teacher that can be checked without loading it; returns its config.
 
     Catches a wrong path, an unreadable or corrupt config or weight file, weights whose names or shapes
     do not match the config (which transformers would fill with random values), a context shorter than
-    ``seq_length`` and a --let-teacher-layer the teacher does not have, in seconds instead of at the
-    first training step on some rank. ``warn(message)`` receives what runs but deserves a word.
+    ``seq_length``, a --let-teacher-layer the teacher does not have and a bidirectional teacher
+    (megatron_let/teachers/causality.py), in seconds instead of at the first training step on some
+    rank. ``warn(message)`` receives what runs but deserves a word.
     """
     source = resolve_teacher(path)
     try:
@@ -91,6 +92,7 @@ def preflight_teacher(path: str, teacher_layer: Optional[int] = None, seq_length
     except Exception as error:  # noqa: BLE001 - any parse failure means the same thing to the user
         raise LETConfigError(f"--let-teacher {path!r}: cannot read its config ({type(error).__name__}: "
                              f"{error}); re-save the model with save_pretrained.") from None
+    check_causal(config, path, allow_bidirectional, warn)
     stored = (_stored_tensor_shapes(source.directory, path) if source.gguf_file is None
               else _gguf_tensor_shapes(source, config))
     if stored is not None:
@@ -104,6 +106,24 @@ def preflight_teacher(path: str, teacher_layer: Optional[int] = None, seq_length
         if message and warn:
             warn(message)
     return config
+
+
+def check_causal(config, path: str, allow_bidirectional: bool, warn=None) -> None:
+    """Refuse a bidirectional teacher unless --let-allow-bidirectional-teacher says it is meant."""
+    from megatron_let.teachers.causality import bidirectional_reason
+
+    reason = bidirectional_reason(config)
+    if reason is None:
+        return
+    if allow_bidirectional:
+        if warn:
+            warn(f"--let-teacher {path!r} is not a causal decoder ({reason}); aligning to it anyway "
+                 "(--let-allow-bidirectional-teacher): its state at t has seen later tokens.")
+        return
+    raise LETConfigError(
+        f"--let-teacher {path!r} is not a causal decoder ({reason}); LET aligns the target's causal layer k at "
+        "position t to the teacher's state at t, which must not have seen later tokens: use a causal decoder "
+        "(e.g. a *ForCausalLM model), or pass --let-allow-bidirectional-teacher to align to it on purpose.")
 
 
 # -- context length -------------------------------------------------------------------------------------

@@ -14,14 +14,16 @@ def _sample_ids(vocab_size: int, count: int = SAMPLE_TOKENS):
 
 
 def check_vocabulary(teacher_path: str, target_vocab_size: int, target_tokenizer=None,
-                     target_name: str = "the target's tokenizer") -> None:
+                     target_name: str = "the target's tokenizer", warn=None) -> None:
     """Raise LETConfigError when the teacher would see different tokens than the target.
 
     ``target_vocab_size`` is the tokenizer's true size, before the padding
     Megatron adds for TP (``--make-vocab-size-divisible-by``), so padding never
     counts as a mismatch. With both tokenizers at hand, their sizes and a
     spread-out sample of token strings must agree; without the target's
-    tokenizer (mock data) every target id must at least exist in the teacher.
+    tokenizer (mock data) every target id must at least exist in the teacher. A teacher
+    directory without tokenizer files cannot be compared token by token: ``warn`` says so
+    (it runs: a converted teacher often ships none, and the same tokenizer is the usual case).
     """
     source = resolve_teacher(teacher_path)
     teacher_embeddings = source.config().vocab_size
@@ -31,6 +33,10 @@ def check_vocabulary(teacher_path: str, target_vocab_size: int, target_tokenizer
         raise LETConfigError(f"--let-teacher {teacher_path!r} has {teacher_embeddings} token embeddings but "
                              f"{target_name} has {target_vocab_size} tokens. {fix}")
     teacher_tokenizer = source.tokenizer() if target_tokenizer is not None else None
+    if target_tokenizer is not None and teacher_tokenizer is None and warn is not None:
+        warn(f"--let-teacher {teacher_path!r} ships no tokenizer (no tokenizer.json / tokenizer_config.json "
+             f"it can load): only its size ({teacher_embeddings} token embeddings) was checked against {target_name}, "
+             "not its tokens; copy the teacher's tokenizer files next to its config.json to have them compared.")
     if target_tokenizer is None or teacher_tokenizer is None:
         return
     teacher_size = len(teacher_tokenizer)

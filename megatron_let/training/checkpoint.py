@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_let.errors import CheckpointWriteError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 LET_KEY_FRAGMENT = "let_alignment."
 # Optimizer state stored re-shardable across TP/PP/DP and distributed/plain optimizers.
@@ -58,29 +60,52 @@ def save_checkpoint(root: str, iteration: int, model: List, optimizer, common: d
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-    _barrier()
     state = model_sharded_state_dict(model, include_let)
     state["has_optimizer"] = save_optimizer and optimizer is not None
     if state["has_optimizer"]:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state.update(common)
-    dist_checkpointing.save(state, partial)
-    _barrier()
-    if rank == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, TRACKER))
+    try:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        _barrier()
+        dist_checkpointing.save(state, partial)
+        _barrier()
+        if rank == 0:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            tmp = os.path.join(root, TRACKER + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(str(iteration))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(root, TRACKER))
+    except Exception as error:  # noqa: BLE001 - disk full, I/O error, a writer crash: the old checkpoint stands
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # give the space back
+        raise CheckpointWriteError(_write_failure(root, iteration, error)) from error
     _barrier()
     return final
+
+
+def _write_failure(root: str, iteration: int, error: BaseException) -> str:
+    """One line: what failed (the OS error where there is one: torch's writer loses errno), free space,
+    and which checkpoint still loads."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    reason = f"{type(cause or error).__name__}: {cause or error}"
+    try:
+        free = f"; {shutil.disk_usage(root).free} bytes free on its disk"
+    except OSError:
+        free = ""
+    previous = latest_iteration(root)
+    kept = f"iteration {previous} is still the checkpoint that loads" if previous is not None \
+        else "no earlier checkpoint exists"
+    return (f"saving the checkpoint of iteration {iteration} to --save {root} failed ({reason}{free}); its partial "
+            f"files were removed and {kept}. Free space or fix the error, then resume with --load {root}.")
 
 
 def load_common(root: str, iteration: int) -> dict:
@@ -88,13 +113,17 @@ def load_common(root: str, iteration: int) -> dict:
     return dist_checkpointing.load_common_state_dict(iteration_dir(root, iteration))
 
 
-def load_checkpoint(root: str, iteration: int, model: List, optimizer, load_optimizer: bool = True) -> dict:
-    """Load model (and optimizer) shards into place, re-sharding across layouts; return common state."""
+def load_checkpoint(root: str, iteration: int, model: List, optimizer, load_optimizer: bool = True,
+                    fresh_let: bool = False) -> dict:
+    """Load model (and optimizer) shards into place, re-sharding across layouts; return common state.
+    ``fresh_let`` (--let-reset-projector): the LET tensors and their optimizer state keep their fresh values."""
     directory = iteration_dir(root, iteration)
     state = model_sharded_state_dict(model)
     if load_optimizer and optimizer is not None and load_common(root, iteration).get("has_optimizer"):
         _materialize_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
+    if fresh_let:
+        state = _keep_local(state, lambda key: LET_KEY_FRAGMENT in key)
     loaded = dist_checkpointing.load(state, directory, strict="assume_ok_unexpected")
     for index, chunk in enumerate(model):
         _unwrap(chunk).load_state_dict(loaded["model" if len(model) == 1 else f"model{index}"])
@@ -102,6 +131,23 @@ def load_checkpoint(root: str, iteration: int, model: List, optimizer, load_opti
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
     return loaded
+
+
+def _keep_local(state, matches):
+    """``state`` with every sharded entry whose key ``matches`` wrapped as a LocalNonpersistentObject:
+    loading leaves it as it is here instead of reading it (and its saved shape) from the checkpoint."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    if isinstance(state, ShardedBase):
+        if not matches(state.key):
+            return state
+        data = getattr(state, "data", None)
+        return LocalNonpersistentObject(data if data is not None else state)
+    if isinstance(state, dict):
+        return {k: _keep_local(v, matches) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_keep_local(v, matches) for v in state]
+    return state
 
 
 def _materialize_optimizer_state(optimizer) -> None:

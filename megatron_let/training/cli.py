@@ -3,7 +3,7 @@
 import os
 import sys
 
-from megatron_let.errors import LETConfigError, LETNonFiniteError
+from megatron_let.errors import CheckpointWriteError, LETConfigError, LETNonFiniteError
 from megatron_let.training.arguments import ArgumentError, parse_args
 
 
@@ -23,13 +23,14 @@ def main(argv=None) -> int:
     except (ArgumentError, LETConfigError) as error:
         _one_line(error)
         return 2
-    except LETNonFiniteError as error:
+    except (LETNonFiniteError, CheckpointWriteError) as error:
         _one_line(error)
         return 1
     return 0
 
 
 def _one_line(error: Exception) -> None:
-    """Every rank hits the same error; rank 0 says it once."""
+    """Every rank hits the same error; rank 0 says it once, on one line (messages quoting a library's
+    multi-line text included)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"pretrain_gpt_let.py: error: {error}", file=sys.stderr, flush=True)
+        print(f"pretrain_gpt_let.py: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)

@@ -11,7 +11,9 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_let.controller import LateToEarlyTraining
+from megatron_let.errors import LETConfigError
 from megatron_let.integrations.launch import build_let, let_state
+from megatron_let.resume import saved_let_state
 from megatron_let.stop import TrainingSchedule
 from megatron_let.training import checkpoint as ckpt
 from megatron_let.training.arguments import vocab_size_with_padding
@@ -97,10 +99,14 @@ def pretrain(args) -> dict:
     # Everything that can be wrong with the input is checked before process groups exist.
     resume_iteration = ckpt.latest_iteration(args.load)
     resume_common = ckpt.load_common(args.load, resume_iteration) if resume_iteration is not None else {}
-    tokenizer = build_tokenizer(args)
+    try:
+        tokenizer = build_tokenizer(args)
+    except (OSError, ValueError) as error:  # e.g. a directory without tokenizer.json / tokenizer_config.json
+        raise LETConfigError(f"--tokenizer-model {args.tokenizer_model!r}: cannot load a Hugging Face tokenizer "
+                             f"from it ({error}); point it at a directory written by save_pretrained.") from None
     tokenizer_name = f"--tokenizer-model {args.tokenizer_model}" if args.tokenizer_model \
         else "the target's vocabulary"
-    let = build_let(args, tokenizer, tokenizer_name, print_rank_last, resume_common.get("let"), resume_iteration)
+    let = build_let(args, tokenizer, tokenizer_name, print_rank_last, saved_let_state(resume_common), resume_iteration)
     initialize_parallel(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, cp=args.context_parallel_size,
                         ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
@@ -132,7 +138,8 @@ def pretrain(args) -> dict:
     iteration, consumed = 0, 0
     if resume_iteration is not None:
         loaded = ckpt.load_checkpoint(args.load, resume_iteration, model, optimizer,
-                                      load_optimizer=not (args.no_load_optim or args.finetune))
+                                      load_optimizer=not (args.no_load_optim or args.finetune),
+                                      fresh_let=bool(let is not None and getattr(args, "let_reset_projector", False)))
         if not args.finetune:
             iteration, consumed = loaded["iteration"], loaded["consumed_train_samples"]
             if "opt_param_scheduler" in loaded and not args.no_load_optim:
