@@ -52,7 +52,7 @@ class TrainingSchedule:
                    seq_length=getattr(args, "seq_length", None))
 
     def __post_init__(self):
-        from megatron_let.integrations.versions import rampup_calculator_class
+        from megatron_let.megatron_versions import rampup_calculator_class
 
         if self.rampup_batch_size and rampup_calculator_class() is None:
             self.rampup_batch_size = None  # this megatron-core ignores --rampup-batch-size, so must we
@@ -63,7 +63,7 @@ class TrainingSchedule:
 
     def _calculator(self):
         """megatron-core's own calculator for these flags (the one the training loop uses)."""
-        from megatron_let.integrations.versions import build_calculator
+        from megatron_let.megatron_versions import build_calculator
 
         return build_calculator(self)
 

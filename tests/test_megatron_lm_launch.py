@@ -31,7 +31,7 @@ needs_checkout = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_
 
 
 def _has_rampup() -> bool:
-    from megatron_let.integrations.versions import rampup_calculator_class
+    from megatron_let.megatron_versions import rampup_calculator_class
 
     return rampup_calculator_class() is not None
 

@@ -61,7 +61,7 @@ def test_bad_flags_are_refused_with_the_flag_named(flags, message):
 def test_cp_shard_matches_megatron_layout(megatron_world1, cp_size, monkeypatch):
     import torch.distributed as dist
 
-    from megatron_let.integrations.versions import batch_on_this_cp_rank
+    from megatron_let.megatron_versions import batch_on_this_cp_rank
 
     class FakeGroup:  # only its size and this rank's index are read
         def __init__(self, rank):

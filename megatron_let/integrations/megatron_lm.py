@@ -74,7 +74,7 @@ import torch
 from megatron_let.config import add_let_args
 from megatron_let.integrations.launch import build_let, let_state, refuse_unsupported_features
 from megatron_let.resume import saved_let_state
-from megatron_let.integrations.versions import batch_predicate_name, call_pretrain, supported_range, tokens_and_loss_mask
+from megatron_let.megatron_versions import batch_predicate_name, call_pretrain, supported_range, tokens_and_loss_mask
 from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
 

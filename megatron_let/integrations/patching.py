@@ -80,7 +80,7 @@ def enable_let(namespace, pretrain: Callable) -> Callable:
     """
     from megatron_let.errors import LETConfigError, LETNonFiniteError
     from megatron_let.integrations.megatron_lm import LETMegatronLM, _on_this_device
-    from megatron_let.integrations.versions import wrap_script_pretrain
+    from megatron_let.megatron_versions import wrap_script_pretrain
 
     module = _on_this_device(_Namespace(namespace) if isinstance(namespace, dict) else namespace)
     integration = LETMegatronLM(module)

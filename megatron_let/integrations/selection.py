@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_let.errors import LETConfigError
-from megatron_let.integrations import versions
+from megatron_let import megatron_versions as versions
 
 
 class TrainerSelectionError(LETConfigError):

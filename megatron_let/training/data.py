@@ -8,7 +8,7 @@ from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 from megatron.core.tokenizers import MegatronTokenizer
 
 from megatron_let.data.datasets import build_gpt_datasets
-from megatron_let.integrations.versions import null_tokenizer
+from megatron_let.megatron_versions import null_tokenizer
 
 
 def build_tokenizer(args):

@@ -10,7 +10,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.errors import LETNonFiniteError
-from megatron_let.integrations.versions import batch_on_this_cp_rank
+from megatron_let.megatron_versions import batch_on_this_cp_rank
 from megatron_let.teachers.token_alignment import pop_alignment
 
 

@@ -140,10 +140,13 @@ def build_calculator(schedule):
 # -- 0.19: get_batch_on_this_cp_rank(batch, is_hybrid_cp, cp_group=...) (before: (batch, cp_group=None)) --------
 def batch_on_this_cp_rank(batch: dict, cp_group=None) -> dict:
     """megatron-core's context-parallel slice of ``batch`` (zigzag over 2 x CP chunks)."""
+    from megatron.core import parallel_state
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
-        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
+        # 0.19 reads the group's size from torch.distributed: None would mean the whole world
+        group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=group)
     return get_batch_on_this_cp_rank(batch, cp_group=cp_group) if cp_group is not None \
         else get_batch_on_this_cp_rank(batch)
 
