@@ -6,14 +6,16 @@ the alignment loss's at unit weight (``g_A``: d(alignment loss)/d h_k with the s
 one ``torch.autograd.grad`` over the small projector + cosine graph in the forward hook). Over one
 iteration (every micro-batch, every rank) their norms give
 
-    r_t = ||g_LM||_t / ||g_A||_t,    R_t = EMA_beta(r_1..r_t)  (R = r_1 at the first measurement),
+    r_t = ||g_LM||_t / ||g_A||_t,    log R_t = beta log R_(t-1) + (1 - beta) log r_t  (R = r_1 at first),
 
 and the weight of the step starting at iteration s is
 
     lambda(s) = fraction * R_(s-1) * decay(s),   decay(s) = the --let-schedule shape with lambda0 = 1,
 
 so the alignment's pull at h_k, ``lambda * ||g_A||``, stays ``fraction * decay(s)`` of the LM's, and reaches
-0 at the stop step exactly as a fixed lambda does. The first LET iteration only measures (weight 0: no
+0 at the stop step exactly as a fixed lambda does. The EMA is taken of log r (a geometric mean): r is a
+ratio, and an LM loss spike that multiplies ||g_LM|| by 10 for one iteration then moves R by 10^(1-beta)
+(x1.26), not by +10% of the spike (x4.6 in the CPU smoke run, docs/auto-lambda.md). The first LET iteration only measures (weight 0: no
 ratio is known before a backward pass, and no extra backward is run to get one). Measuring costs one small
 autograd call per micro-batch and one all-reduce of a few numbers per iteration, riding on the end-of-
 iteration collective both trainers already run (``LateToEarlyTraining.nonfinite_ranks``).
@@ -35,7 +37,7 @@ normalisation), so r_t is free of them, of the layout and of fp16's dynamic loss
 ratio therefore resumes exactly under another layout. An iteration whose ratio is not finite (an fp16
 overflow, no token in the batch) or that some rank flagged non-finite leaves the EMA unchanged.
 
-State: ``state`` (``ema_ratio``, ``updates``) is a plain dict mutated in place; LET's checkpoint state
+State: ``state`` (``ema_log_ratio``, ``updates``) is a plain dict mutated in place; LET's checkpoint state
 holds this very dict (``launch.let_state``), so Megatron-LM, which keeps that state in ``args`` and pickles
 it at every save, saves the current value without a hook of its own.
 """
@@ -59,7 +61,7 @@ class AutoLambda:
     def __init__(self, fraction: float = DEFAULT_LAMBDA_AUTO_FRACTION, beta: float = EMA_BETA):
         self.fraction = float(fraction)
         self.beta = float(beta)
-        self.state: Dict[str, object] = {"ema_ratio": None, "updates": 0}  # mutated in place only
+        self.state: Dict[str, object] = {"ema_log_ratio": None, "updates": 0}  # mutated in place only
         self._local: Optional[torch.Tensor] = None  # this rank's [lm_sq, align_sq] since the iteration began
         self._realised_sum, self._realised_count = 0.0, 0  # logging: "let ratio" since the last report
 
@@ -67,8 +69,8 @@ class AutoLambda:
     @property
     def scale(self) -> Optional[float]:
         """fraction * R, or None before the first measurement (that iteration only measures)."""
-        ratio = self.state["ema_ratio"]
-        return None if ratio is None else self.fraction * ratio
+        log_ratio = self.state["ema_log_ratio"]
+        return None if log_ratio is None else self.fraction * math.exp(log_ratio)
 
     def weight(self, decay: float) -> float:
         """The effective lambda of an iteration whose schedule shape (lambda0 = 1) is ``decay``."""
@@ -101,12 +103,13 @@ class AutoLambda:
         if skip or lm_sq == 0.0 and align_sq == 0.0:
             return None
         ratio = math.sqrt(lm_sq) / math.sqrt(align_sq) if align_sq > 0 else math.inf
-        if not math.isfinite(ratio):
+        if not math.isfinite(ratio) or ratio <= 0:
             return None
-        previous = self.state["ema_ratio"]
-        self.state["ema_ratio"] = ratio if previous is None else self.beta * previous + (1.0 - self.beta) * ratio
+        previous, log_ratio = self.state["ema_log_ratio"], math.log(ratio)
+        self.state["ema_log_ratio"] = log_ratio if previous is None else \
+            self.beta * previous + (1.0 - self.beta) * log_ratio
         self.state["updates"] = int(self.state["updates"]) + 1
-        self._realised_sum += lambda_used / ratio if ratio > 0 else 0.0
+        self._realised_sum += lambda_used / ratio
         self._realised_count += 1
         return ratio
 
@@ -123,4 +126,4 @@ class AutoLambda:
     def load_state_dict(self, saved: Optional[dict]) -> None:
         """Continue a checkpoint's EMA (in place: the checkpoint state holds this dict)."""
         if saved:
-            self.state.update({"ema_ratio": saved.get("ema_ratio"), "updates": int(saved.get("updates", 0))})
+            self.state.update({"ema_log_ratio": saved.get("ema_log_ratio"), "updates": int(saved.get("updates", 0))})

@@ -80,12 +80,12 @@ def test_weight_equals_hand_computation_from_gradient_norms(megatron_world1, tin
             lm_sq += entry["lm"].double().pow(2).sum().item()
             align_sq += align.double().pow(2).sum().item()
         ratios.append(math.sqrt(lm_sq) / math.sqrt(align_sq))
-        ema = ratios[0]
+        log_ema = math.log(ratios[0])  # the EMA of log r: a geometric mean
         for r in ratios[1:]:
-            ema = EMA_BETA * ema + (1 - EMA_BETA) * r
-        assert let.auto_lambda.state["ema_ratio"] == pytest.approx(ema, rel=1e-6)
+            log_ema = EMA_BETA * log_ema + (1 - EMA_BETA) * math.log(r)
+        assert math.exp(let.auto_lambda.state["ema_log_ratio"]) == pytest.approx(math.exp(log_ema), rel=1e-6)
         assert let.report()["let ratio"] == pytest.approx(weight / ratios[-1], rel=1e-6)
-        expected = FRACTION * let.auto_lambda.state["ema_ratio"] * (1 - (iteration + 1) / STOP)
+        expected = FRACTION * math.exp(let.auto_lambda.state["ema_log_ratio"]) * (1 - (iteration + 1) / STOP)
     assert let.begin_iteration(STOP, M) == 0.0 and let.finished
 
 
@@ -127,3 +127,36 @@ def test_flags():
 def test_fixed_lambda_builds_no_measurement(megatron_world1, tiny_teacher):
     let = LateToEarlyTraining(LETConfig(teacher=tiny_teacher, target_layer=1, lambda0=0.3, stop_iter=4))
     assert let.auto_lambda is None and let.begin_iteration(0, 1) == 0.3
+
+
+def test_checkpoint_holds_the_live_ema(megatron_world1, tiny_teacher):
+    """Megatron-LM keeps ``let_state(let)`` in ``args`` from start-up and pickles it at every save: what it saves
+    is the current EMA, and a LET given it back (as build_let does on resume) continues with the same weights."""
+    import pickle
+
+    from megatron_let.integrations.launch import let_state
+
+    def build():
+        return LateToEarlyTraining(LETConfig(teacher=tiny_teacher, target_layer=1, lambda0="auto", stop_iter=10))
+
+    let = build()
+    state = let_state(let)  # taken once, before any iteration, as Megatron-LM does
+    assert let.auto_lambda.update([4.0, 1.0], 0.0) == 2.0 and let.auto_lambda.update([9.0, 1.0], 0.5) == 3.0
+    saved = pickle.loads(pickle.dumps(state))["auto_lambda"]
+    assert saved == {"ema_log_ratio": EMA_BETA * math.log(2.0) + (1 - EMA_BETA) * math.log(3.0), "updates": 2}
+    resumed = build()
+    resumed.auto_lambda.load_state_dict(saved)
+    assert resumed.begin_iteration(5, 1) == let.begin_iteration(5, 1) == \
+        DEFAULT_LAMBDA_AUTO_FRACTION * math.exp(saved["ema_log_ratio"]) * 0.5
+
+
+def test_iterations_without_a_usable_measurement_leave_the_ema_alone():
+    from megatron_let.auto_lambda import AutoLambda
+
+    auto = AutoLambda(0.1)
+    assert auto.update([0.0, 0.0], 0.0) is None  # nothing measured (a second call in the same iteration)
+    assert auto.update([1.0, 0.0], 0.0) is None  # no token: no alignment gradient
+    assert auto.update([float("inf"), 1.0], 0.0) is None  # fp16 overflow
+    assert auto.update([4.0, 1.0], 0.0, skip=True) is None  # a rank's alignment loss was NaN/Inf
+    assert auto.update([0.0, 1.0], 0.0) is None  # no LM gradient at layer k: log 0
+    assert auto.state == {"ema_log_ratio": None, "updates": 0} and auto.weight(1.0) == 0.0
