@@ -39,6 +39,7 @@ SHRINK = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "128"
           "--train-iters": "6", "--lr-decay-iters": "6",
           "--eval-iters": "1", "--eval-interval": "4", "--save-interval": "4", "--log-interval": "1",
           "--num-workers": "1", "--distributed-timeout-minutes": "10"}
+STEP_SCHEDULE = "0:4 128:8"  # thresholds in tokens: 128 = 4 samples of --seq-length 32
 # flag: (number of values, why it cannot run here)
 CPU_IMPOSSIBLE = {
     "--fp8-format": (1, "fp8 needs TransformerEngine on a GPU"),
@@ -95,6 +96,10 @@ def shrink(argv, parallel, tmp_path):
             pass  # replaced by MOCK_DATA below
         elif flag in parallel:
             out += [flag, parallel[flag]]
+        elif flag == "--step-batch-size-schedule":  # 0.19's GPT-3 script: batch 4, then 8 from 4 samples on
+            out += [flag, STEP_SCHEDULE]
+        elif flag == "--global-batch-size" and "--step-batch-size-schedule" in argv:
+            removed[flag] = "Megatron-LM 0.19 itself refuses it with --step-batch-size-schedule (its own script passes both)"
         elif flag in SHRINK:
             if SHRINK[flag] is None:
                 removed[flag] = "Megatron-LM itself refuses --rampup-batch-size with --train-iters"
