@@ -31,7 +31,9 @@ def quiet_cpu_fallback_warnings() -> str:
     return " | no GPU: TransformerEngine/Apex not used (torch fallbacks, as expected on CPU)"
 
 
-def main(argv=None) -> int:
+def main(argv=None, model: str = "gpt") -> int:
+    """``model="hybrid"``: pretrain_hybrid_let.py (a HybridModel from --hybrid-layer-pattern)."""
+    program = "pretrain_hybrid_let.py" if model == "hybrid" else "pretrain_gpt_let.py"
     # Before anything imports megatron: MEGATRON_LM_PATH goes first on sys.path (so megatron.core is the
     # checkout's), and a Megatron-LM that was asked for but cannot run is one line, never a silent fallback.
     cpu_note = quiet_cpu_fallback_warnings()
@@ -41,14 +43,20 @@ def main(argv=None) -> int:
         choice = choose_trainer()
     except TrainerSelectionError as error:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"pretrain_gpt_let.py: error: {error}", file=sys.stderr, flush=True)
+            print(f"{program}: error: {error}", file=sys.stderr, flush=True)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # the start-up line, once
         print(choice.describe() + cpu_note, flush=True)
     if choice.megatron_lm:
         from megatron_let.integrations.megatron_lm import main as megatron_lm_main
 
-        return megatron_lm_main() or 0
+        return megatron_lm_main(model=model) or 0
+    if model == "hybrid":  # the lean trainer builds GPTModels only
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{program}: error: HybridModel runs under Megatron-LM's pretrain() only, which this stack lacks "
+                  "(megatron.training ships with megatron-core 0.17+, Python 3.12): install megatron-core 0.19, or "
+                  "set MEGATRON_LM_PATH to a Megatron-LM 0.19 checkout.", file=sys.stderr, flush=True)
+        return 2
     from megatron_let.training.cli import main as lean_main
 
     return lean_main(argv)

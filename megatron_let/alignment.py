@@ -23,6 +23,46 @@ if TYPE_CHECKING:
     from megatron_let.controller import LateToEarlyTraining
 
 
+def target_layer_of(model, target_layer: int) -> Optional[torch.nn.Module]:
+    """The layer of this model chunk whose output is h_k (``--let-target-layer k``), or None if another chunk
+    holds it. The one place that knows which models LET aligns, and what k counts in each:
+
+    - ``GPTModel`` (``TransformerBlock``): k counts transformer blocks, each attention + MLP; h_k is block k's
+      output (the residual stream after its MLP).
+    - ``HybridModel`` (``HybridStack``): k counts the symbols of ``--hybrid-layer-pattern``, 1-based, over the
+      whole model (``|`` pipeline separators and the ``/`` multi-token-prediction part not counted); h_k is
+      the output of the k-th symbol's layer. Every HybridStack layer (``*``, ``-``, ``E``, ``M``, ``G``,
+      ``D``) adds its result to the residual stream and returns it, so every k names a residual-stream
+      state; as in GPT, the last layer's output is taken before the final norm. On a ``*-`` pattern, "after
+      GPT block k" is hybrid layer 2k (the k-th ``-``); an odd k is the residual stream between a block's
+      attention and its MLP.
+
+    Both stacks number their layers globally (``layer_number``, 1-based, counting the layers of earlier
+    pipeline stages), so one rule serves every pipeline layout.
+    """
+    for layer in model.decoder.layers:
+        if layer.layer_number == target_layer:
+            return layer
+    return None
+
+
+def describe_target_layer(target_layer: int, hybrid_layer_pattern: Optional[str] = None) -> str:
+    """How the start-up line names layer k: ``"layer 3"``, or on a hybrid pattern which symbol it is and,
+    where the pattern has one, the GPT block it ends."""
+    if not hybrid_layer_pattern:
+        return f"layer {target_layer}"
+    symbols = hybrid_layer_pattern.split("/")[0].replace("|", "")
+    if not 1 <= target_layer <= len(symbols):
+        return f"hybrid layer {target_layer} (pattern of {len(symbols)} layers)"
+    symbol = symbols[target_layer - 1]
+    text = f"hybrid layer {target_layer} of '{hybrid_layer_pattern}' ('{symbol}')"
+    if len(symbols) % 2 == 0 and set(symbols[0::2]) == {"*"} and set(symbols[1::2]) <= {"-", "E"}:
+        if target_layer % 2 == 0:
+            return text + f", the output of GPT block {target_layer // 2}"
+        return text + f", between GPT block {target_layer // 2 + 1}'s attention and its MLP"
+    return text
+
+
 class LETAlignment(MegatronModule):
     """Submodule ``let_alignment`` of the chunk owning layer k; its hook adds the LET loss.
 

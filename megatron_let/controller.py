@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_let.alignment import LETAlignment
+from megatron_let.alignment import LETAlignment, target_layer_of
 from megatron_let.auto_lambda import SLOTS as AUTO_SLOTS, AutoLambda
 from megatron_let.config import LAMBDA_AUTO, LETConfig
 from megatron_let.metrics import LETMetrics
@@ -56,15 +56,15 @@ class LateToEarlyTraining:
 
     # -- model ---------------------------------------------------------------------------------
     def attach(self, model) -> bool:
-        """Add the alignment to a GPTModel chunk if it owns the target layer; True if it does."""
+        """Add the alignment to a GPTModel / HybridModel chunk if it owns the target layer; True if it does."""
         self._sequence_parallel = bool(model.config.sequence_parallel)  # every rank: spread needs it
-        for layer in model.decoder.layers:
-            if layer.layer_number == self.config.target_layer:
-                alignment = LETAlignment(model.config, self, layer, self.teacher_hidden_size)
-                model.let_alignment = alignment
-                self.alignments.append(alignment)
-                return True
-        return False
+        layer = target_layer_of(model, self.config.target_layer)  # GPTModel or HybridModel: alignment.py
+        if layer is None:
+            return False
+        alignment = LETAlignment(model.config, self, layer, self.teacher_hidden_size)
+        model.let_alignment = alignment
+        self.alignments.append(alignment)
+        return True
 
     @property
     def teacher_hidden_size(self) -> int:

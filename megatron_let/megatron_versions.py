@@ -41,12 +41,14 @@ def _core_minor() -> Tuple[int, int]:
 
 # -- 0.18: pretrain() takes a PretrainConfigContainer first; the arguments are parsed before it --------------
 def call_pretrain(pretrain: Callable, datasets_provider, model_provider, model_type, forward_step, *,
-                  extra_args_provider, args_defaults: dict, attach: Callable, **kwargs) -> None:
+                  extra_args_provider, args_defaults: dict, attach: Callable,
+                  model_config_from_args: Optional[Callable] = None, **kwargs) -> None:
     """Run Megatron-LM's ``pretrain()`` the way that version's ``pretrain_gpt.py`` does.
 
     ``attach(model_chunks)`` sees every model chunk before Megatron wraps it in DDP: through
     ``model_provider`` where pretrain() builds the model with it, and as a pre-wrap hook of the model
-    config where (0.19) the config container's builder builds it.
+    config where (0.19) the config container's builder builds it. ``model_config_from_args(args)`` (0.18+) builds the
+    model config, GPT's ``gpt_config_from_args`` by default (``pretrain_hybrid.py``: ``hybrid_config_from_args``).
     """
     parameters = inspect.signature(pretrain).parameters
     if "cfg_container" not in parameters:  # up to 0.17
@@ -57,7 +59,7 @@ def call_pretrain(pretrain: Callable, datasets_provider, model_provider, model_t
     from megatron.training.arguments import parse_and_validate_args
 
     args = parse_and_validate_args(extra_args_provider=extra_args_provider, args_defaults=args_defaults)
-    model_config = gpt_config_from_args(args)
+    model_config = (model_config_from_args or gpt_config_from_args)(args)
     model_config.pre_wrap_hooks.append(attach)  # the builder runs it on the chunks, before DDP
     container = pretrain_cfg_container_from_args(args, model_config)
     names = list(parameters)
@@ -98,6 +100,12 @@ def wrap_script_pretrain(pretrain: Callable, script, integration) -> Callable:
         return pretrain(**arguments)
 
     return pretrain_with_let
+
+
+# -- 0.19: HybridModel (megatron.core.models.hybrid, Megatron-LM's pretrain_hybrid.py) ------------------------
+def has_hybrid_model() -> bool:
+    """True where megatron-core has HybridModel (0.19; 0.16's closest is MambaModel, which LET does not drive)."""
+    return _core_minor() >= (0, 19)
 
 
 # -- 0.19: pretrain_gpt.get_batch returns its fields in BATCH_KEYS order ------------------------------------

@@ -19,10 +19,10 @@ Three mechanisms; every target is listed, with its reason, in a table below:
    ``Tensor.type()`` with ``"torch.cuda.*Tensor"`` are wrapped; only while
    they run, ``t.cuda()`` returns ``t`` and a CPU tensor's ``type()`` reads
    ``torch.cuda.<X>Tensor``.
-3. ``_SINGLE_PATCHES``: five small patches whose docstrings say why (RNG
+3. ``_SINGLE_PATCHES``: six small patches whose docstrings say why (RNG
    tracker on the CPU generator, torch norms under sequence parallelism,
    unbatched P2P on gloo, ``ShardedTensor.init_data``, the MoE router's GEMM
-   without TransformerEngine).
+   without TransformerEngine, HybridStack's final norm without TransformerEngine).
 
 Verified by tests/cpu_compat_smoke.py (TP, TP+SP, PP, interleaved PP, DP,
 distributed optimizer, torch_dist and fully parallel save/load reproduce the
@@ -319,6 +319,15 @@ def _patch_sharded_tensor_init(mapping) -> None:
     cls.init_data = init_data
 
 
+def _patch_hybrid_final_norm(hybrid_block) -> None:
+    """``HybridStack`` builds its final norm with ``TENorm`` whatever its spec says (0.19: "Hybrid always
+    uses TransformerEngine"); without TE that raises ImportError. megatron-core's torch norm takes the same
+    arguments (config, hidden_size, eps) and follows ``config.normalization`` as TENorm does."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    hybrid_block.TENorm = WrappedTorchNorm
+
+
 def _patch_moe_gemm_without_te(moe_utils) -> None:
     """The MoE router's gating GEMM tests ``te_general_gemm is not None``, a name bound only when
     TransformerEngine imports: without TE it is a NameError. Bind it to None, so torch.mm runs."""
@@ -335,6 +344,8 @@ _SINGLE_PATCHES = {
     "megatron.core.pipeline_parallel.p2p_communication": (
         ("_batched_p2p_ops", "_p2p_ops"), _patch_batched_p2p),
     "megatron.core.dist_checkpointing.mapping": (("ShardedTensor",), _patch_sharded_tensor_init),
+    # (since 0.19: HybridModel; the third item is the first megatron-core version that has the module)
+    "megatron.core.models.hybrid.hybrid_block": (("TENorm", "HybridStack"), _patch_hybrid_final_norm, (0, 19, 0)),
 }
 
 
@@ -382,7 +393,9 @@ def enable_cpu_megatron() -> bool:
                 raise AttributeError(f"{module.__name__} has no global 'torch'")
         wrap_targets = [_resolve(name, path) for name, path in _CUDA_LOOKING_TENSORS]
         single = []
-        for name, (attrs, patch) in _SINGLE_PATCHES.items():
+        for name, (attrs, patch, *since) in _SINGLE_PATCHES.items():
+            if since and _megatron_version() < since[0]:
+                continue
             module = importlib.import_module(name)
             for attr in attrs:
                 getattr(module, attr)

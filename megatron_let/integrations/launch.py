@@ -118,6 +118,10 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
             raise LETConfigError(f"{error} Or align across tokenizers with --let-token-alignment causal-span."
                                  ) from None
     log(_placement_line(config, args))
+    if getattr(args, "hybrid_layer_pattern", None):  # what k counts on a HybridModel (alignment.target_layer_of)
+        from megatron_let.alignment import describe_target_layer
+
+        log(f" LET target: {describe_target_layer(config.target_layer, args.hybrid_layer_pattern)}")
     for warning in config.warnings(args.num_layers, train_iters, stop.iteration):
         warn(warning)
     if config.projector == "interp" and teacher_config.hidden_size > args.hidden_size:

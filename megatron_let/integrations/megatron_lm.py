@@ -78,7 +78,7 @@ from megatron_let.megatron_versions import batch_predicate_name, call_pretrain, 
 from megatron_let.errors import LETConfigError, LETNonFiniteError
 from megatron_let.controller import LateToEarlyTraining
 
-__all__ = ["LETMegatronLM", "import_pretrain_gpt", "main", "megatron_lm_available"]
+__all__ = ["LETMegatronLM", "import_pretrain_gpt", "import_pretrain_script", "main", "megatron_lm_available"]
 
 _PROGRAM_START_TIME = time.time()
 _LET_KEYS = ("let loss", "let cos", "let lambda")
@@ -130,19 +130,27 @@ def import_pretrain_gpt():
     """The user's ``pretrain_gpt`` module (from the Megatron-LM checkout that holds megatron.training), or,
     for a megatron-core wheel that ships megatron.training without the script (0.17+),
     :mod:`megatron_let.integrations.gpt_script`."""
+    return import_pretrain_script("pretrain_gpt")
+
+
+def import_pretrain_script(name: str = "pretrain_gpt"):
+    """Megatron-LM's ``name`` script module (``pretrain_gpt`` or ``pretrain_hybrid``) from the checkout that
+    holds megatron.training, or :mod:`megatron_let.integrations.gpt_script` for a wheel without the scripts:
+    ``pretrain_hybrid.py`` reads batches, runs the model and reduces the loss as ``pretrain_gpt.py`` does;
+    only its model config differs (:func:`megatron_let.integrations.hybrid.hybrid_model_config`)."""
     _prepare_runtime()
     try:
-        return _on_this_device(importlib.import_module("pretrain_gpt"))
+        return _on_this_device(importlib.import_module(name))
     except ModuleNotFoundError as exc:
-        if exc.name != "pretrain_gpt":
+        if exc.name != name:
             raise
     for root in _checkout_roots():
-        if os.path.isfile(os.path.join(root, "pretrain_gpt.py")):
+        if os.path.isfile(os.path.join(root, f"{name}.py")):
             if root not in sys.path:
                 sys.path.append(root)  # the checkout itself is already first (selection.choose_trainer)
-            return _on_this_device(importlib.import_module("pretrain_gpt"))
+            return _on_this_device(importlib.import_module(name))
     if os.environ.get("MEGATRON_LM_PATH"):
-        raise ImportError(f"MEGATRON_LM_PATH={os.environ['MEGATRON_LM_PATH']} holds no pretrain_gpt.py: point it "
+        raise ImportError(f"MEGATRON_LM_PATH={os.environ['MEGATRON_LM_PATH']} holds no {name}.py: point it "
                           "at the root of a Megatron-LM checkout.")
     return importlib.import_module("megatron_let.integrations.gpt_script")
 
@@ -503,9 +511,19 @@ def _check_supported(args) -> None:
                              "resume with the checkpoint's teacher and --let-projector settings.")
 
 
-def main(extra_args_provider: Optional[Callable] = None) -> int:
-    """``pretrain_gpt.py``'s ``__main__`` with LET; ``extra_args_provider`` adds more flags."""
-    pretrain_gpt = import_pretrain_gpt()
+def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> int:
+    """``pretrain_gpt.py``'s ``__main__`` with LET (``model="hybrid"``: ``pretrain_hybrid.py``'s, a HybridModel
+    from ``--hybrid-layer-pattern``); ``extra_args_provider`` adds more flags."""
+    program = "pretrain_hybrid_let.py" if model == "hybrid" else "pretrain_gpt_let.py"
+    model_config_from_args = None  # GPT: the version's own (megatron_versions.call_pretrain)
+    if model == "hybrid":
+        try:
+            model_config_from_args = _hybrid_model_config()
+        except LETConfigError as error:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+            return 2
+    pretrain_gpt = import_pretrain_script("pretrain_hybrid" if model == "hybrid" else "pretrain_gpt")
     from megatron.core.enums import ModelType
     from megatron.training import training
 
@@ -539,7 +557,7 @@ def main(extra_args_provider: Optional[Callable] = None) -> int:
     inprocess_restart = getattr(importlib.import_module("megatron.training"), "inprocess_restart", None)
     if inprocess_restart is not None:
         pretrain, kwargs["store"] = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
-    if hasattr(pretrain_gpt, "get_embedding_ranks"):
+    if hasattr(pretrain_gpt, "get_embedding_ranks") and model != "hybrid":  # pretrain_hybrid.py passes none
         kwargs["get_embedding_ranks"] = pretrain_gpt.get_embedding_ranks
 
     try:
@@ -548,11 +566,26 @@ def main(extra_args_provider: Optional[Callable] = None) -> int:
                       integration.forward_step(pretrain_gpt.forward_step),
                       args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
                       extra_args_provider=integration.extra_args_provider(base_args), attach=integration.attach,
-                      **kwargs)
+                      model_config_from_args=model_config_from_args, **kwargs)
     except _Exported:
         return 0
     except (LETConfigError, LETNonFiniteError) as error:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"pretrain_gpt_let.py: error: {error}", file=sys.stderr, flush=True)
+            print(f"{program}: error: {error}", file=sys.stderr, flush=True)
         return 2 if isinstance(error, LETConfigError) else 1
     return 0
+
+
+def _hybrid_model_config() -> Callable:
+    """:func:`megatron_let.integrations.hybrid.hybrid_model_config`, where this megatron-core has HybridModel."""
+    from megatron_let.megatron_versions import has_hybrid_model
+
+    if not has_hybrid_model():
+        from megatron.core import package_info
+
+        raise LETConfigError(f"HybridModel (--hybrid-layer-pattern) needs megatron-core 0.19 or newer; this is "
+                             f"{package_info.__version__}: use pretrain_gpt_let.py, or Python 3.12 with "
+                             "megatron-core 0.19.")
+    from megatron_let.integrations.hybrid import hybrid_model_config
+
+    return hybrid_model_config
