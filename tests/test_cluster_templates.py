@@ -26,7 +26,7 @@ import sys
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM, ROOT
+from conftest import NEEDS_MEGATRON_LM, ROOT, megatron_lm_source
 
 CLUSTER = os.path.join(ROOT, "examples", "cluster")
 GPUS_PER_NODE = 8
@@ -262,12 +262,13 @@ print("RESULTS" + json.dumps(results))
 @pytest.fixture(scope="module")
 def megatron_lm_results(rendered):
     checkout = _megatron_lm_checkout()
-    if checkout is None:
+    if checkout is None and megatron_lm_source() != "wheel":
         pytest.skip(NEEDS_MEGATRON_LM)  # the non-LET flags are then checked against the lean trainer's parser only
     jobs = {f"{name}/{kind}": (SLURM_VARIANTS[name][1] * GPUS_PER_NODE, rendered[name, kind][1])
             for name, kind in CASES}
-    env = dict(os.environ, MEGATRON_LM_PATH=checkout, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="",
-               PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    if checkout is not None:  # else the wheel's megatron.training (megatron-core 0.17+)
+        env["MEGATRON_LM_PATH"] = checkout
     proc = subprocess.run([sys.executable, "-c", _MEGATRON_CHECK], input=json.dumps(jobs), capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS")]
