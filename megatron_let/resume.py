@@ -12,6 +12,7 @@ fresh projector instead.
 from __future__ import annotations
 
 from dataclasses import fields
+
 from megatron_let.config import LETConfig
 from megatron_let.errors import LETConfigError
 
@@ -26,6 +27,7 @@ def changed_settings(saved_config: dict, config: LETConfig) -> list:
 
 
 def _saved(saved_config: dict, name: str):
+    """A checkpoint's setting; one it predates counts as that field's default."""
     return saved_config.get(name, next(f.default for f in fields(LETConfig) if f.name == name))
 
 
