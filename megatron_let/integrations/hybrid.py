@@ -8,7 +8,8 @@ TransformerEngine modules only. This module adds what a run without TransformerE
 - :func:`local_hybrid_stack_spec`: a HybridStack spec of megatron-core's own modules for ``*``, ``-`` and
   ``E``, taken from megatron-core's GPT local layer spec (``get_gpt_layer_local_submodules``): the
   attention layer is a GPT layer's attention half, the MLP / MoE layer its MLP half, so a ``*-`` pattern
-  computes what a local-spec GPTModel computes. Symbols it has no local module for (``M``, ``G``, ``D``,
+  computes what a local-spec GPTModel computes, and its checkpoints use the GPT local layer's keys (so
+  megatron's GPT->Hybrid load-time translation reads a local GPT checkpoint into it). Symbols it has no local module for (``M``, ``G``, ``D``,
   ``+``) are refused, never built as identities;
 - :func:`hybrid_model_config`: ``hybrid_config_from_args`` as ``pretrain_hybrid.py`` calls it, with this
   spec where ``--transformer-impl local`` is given without ``--spec`` (GPT's builder honours
@@ -75,13 +76,19 @@ def local_hybrid_stack_spec(normalization: str = "LayerNorm", qk_layernorm: bool
     # 'E' needs a MoE spec whatever the count: 8 stands for "some experts", as in megatron's own hybrid spec
     moe = get_gpt_layer_local_submodules(num_experts=num_experts or 8, moe_grouped_gemm=moe_grouped_gemm,
                                          normalization=normalization, qk_layernorm=qk_layernorm)
+    # checkpoint keys as the GPT local layer writes them (its norms under the TE-fused names), each half its own
+    def keys(submodules, prefix):
+        return {k: v for k, v in submodules.sharded_state_dict_keys_map.items() if k.startswith(prefix)}
+
     attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=dense.input_layernorm, self_attention=dense.self_attention,
-        self_attn_bda=dense.self_attn_bda))
+        self_attn_bda=dense.self_attn_bda, sharded_state_dict_keys_map=keys(dense, "input_layernorm.")))
     mlp = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
-        pre_mlp_layernorm=dense.pre_mlp_layernorm, mlp=dense.mlp, mlp_bda=dense.mlp_bda))
+        pre_mlp_layernorm=dense.pre_mlp_layernorm, mlp=dense.mlp, mlp_bda=dense.mlp_bda,
+        sharded_state_dict_keys_map=keys(dense, "pre_mlp_layernorm.")))
     experts = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
-        pre_mlp_layernorm=moe.pre_mlp_layernorm, mlp=moe.mlp, mlp_bda=moe.mlp_bda))
+        pre_mlp_layernorm=moe.pre_mlp_layernorm, mlp=moe.mlp, mlp_bda=moe.mlp_bda,
+        sharded_state_dict_keys_map=keys(moe, "pre_mlp_layernorm.")))
     return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(
         attention_layer=attention, mlp_layer=mlp, moe_layer=experts,
         mamba_layer=_NoLocalModule, gdn_layer=_NoLocalModule, dsa_layer=_NoLocalModule, mla_layer=_NoLocalModule))
