@@ -111,7 +111,7 @@ def test_gpt_dataset_samples(corpus):
     train, valid, test = build_gpt_datasets(str(out / pc.DATA_PREFIX), SEQ, "98,2,0", 200, 10, 1234,
                                             str(out / "tokenizer"))
     assert test is None and len(train) >= 200 and len(valid) >= 10
-    raw, _ = train._query_document_sample_shuffle_indices(0)
+    raw = train._query_document_sample_shuffle_indices(0)[0]  # (tokens, document ids[, ...]) by version
     assert len(raw) == SEQ + 1  # inputs and shifted labels both SEQ long
     sample = train[3]
     assert sample["tokens"].shape == sample["labels"].shape == (SEQ,)
