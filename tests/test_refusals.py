@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, free_port, make_tiny_llama
+from conftest import NEEDS_LEAN_TRAINER, ROOT, free_port, make_tiny_llama, lean_trainer_selectable
 from test_reliability import BASE, SCRIPT, assert_one_line_error, let, run
 
 RESUMABLE = [*BASE, "--let-stop-iter", 4]  # the teacher is still in use at the resumed iterations
@@ -49,6 +49,8 @@ def run_refused(*args, files=(), fragments=()):
     """Run with MASTER_PORT held by a listening socket: creating a process group (rank 0's TCPStore
     binds that port) would fail differently, so a clean one-line exit 2 also shows none was created.
     Every path in ``files`` hashes the same before and after."""
+    if not lean_trainer_selectable():
+        pytest.skip(NEEDS_LEAN_TRAINER)
     before = tree_hash(*files)
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

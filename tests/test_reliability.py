@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, free_port, make_tiny_llama
+from conftest import NEEDS_LEAN_TRAINER, ROOT, free_port, make_tiny_llama, lean_trainer_selectable
 
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 BASE = ["--num-layers", 4, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
@@ -20,6 +20,8 @@ BASE = ["--num-layers", 4, "--hidden-size", 32, "--num-attention-heads", 4, "--s
 
 def run(*args, timeout=180):
     """pretrain_gpt_let.py as one process (no torchrun wrapper adding its own traceback)."""
+    if not lean_trainer_selectable():
+        pytest.skip(NEEDS_LEAN_TRAINER)
     env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="")
     env.pop("MEGATRON_LM_PATH", None)  # these rows are about the megatron-core trainer

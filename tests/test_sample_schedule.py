@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port, make_tiny_llama
+from conftest import NEEDS_LEAN_TRAINER, ROOT, free_port, make_tiny_llama, lean_trainer_selectable
 
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 MODEL = ["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
@@ -21,6 +21,8 @@ SAMPLE_FLAGS = ["--train-samples", 48, "--rampup-batch-size", 4, 4, 16, "--lr-wa
 
 
 def run(*args, timeout=240):
+    if not lean_trainer_selectable():
+        pytest.skip(NEEDS_LEAN_TRAINER)
     env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
     env.pop("MEGATRON_LM_PATH", None)

@@ -12,7 +12,7 @@ import weakref
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_llama, tiny_transformer_config, torchrun
+from conftest import NEEDS_LEAN_TRAINER, ROOT, make_tiny_llama, tiny_transformer_config, torchrun, lean_trainer_selectable
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError
 from megatron_let.teachers.vocabulary import check_vocabulary
 
@@ -59,6 +59,8 @@ def test_different_tokenizer_is_refused(teacher_with_tokenizer):
 
 
 def test_mismatched_vocab_stops_before_the_first_iteration(tmp_path, teacher_with_tokenizer):
+    if not lean_trainer_selectable():
+        pytest.skip(NEEDS_LEAN_TRAINER)
     path, _ = teacher_with_tokenizer
     other_dir = str(tmp_path / "target_tokenizer")
     _bpe_tokenizer(TEXTS[::-1], 300, "zeta eta theta iota").save_pretrained(other_dir)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_tiny_llama, torchrun
+from conftest import NEEDS_LEAN_TRAINER, ROOT, make_tiny_llama, torchrun, lean_trainer_selectable
 
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 MODEL = ["--num-layers", 4, "--hidden-size", 64, "--num-attention-heads", 4, "--seq-length", 32,
@@ -99,6 +99,8 @@ def test_resume_is_exact(tmp_path, teacher):
 
 
 def test_unknown_flag_is_refused_in_one_line():
+    if not lean_trainer_selectable():
+        pytest.skip(NEEDS_LEAN_TRAINER)
     proc = subprocess.run([sys.executable, SCRIPT, *map(str, MODEL), "--train-iters", "2",
                            "--distribute-saved-activations"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
