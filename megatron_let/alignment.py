@@ -12,9 +12,9 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_let.auto_lambda import AutoLambda
 from megatron_let.autoscaler import LETLossAutoScaler, MeasuredLETLossAutoScaler, aux_loss_scale
 from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
+from megatron_let.probe import GradientProbe
 from megatron_let.projector import build_projector, cosine_alignment_terms
 from megatron_let.teacher_norm import TeacherFeatureNorm, feature_energy_report
 from megatron_let.recompute import RecomputeStash, in_checkpointed_forward
@@ -146,25 +146,27 @@ class LETAlignment(MegatronModule):
         let.record_loss(global_loss_sum)
         scale = aux_loss_scale(self.config, let.num_microbatches,
                                parallel_state.get_context_parallel_world_size(), hidden.device)
-        if let.auto_lambda is None:
+        if let.probe is None:
             injected = LETLossAutoScaler.apply(hidden, aux_loss, scale)
-        else:  # --let-lambda auto: measure both pulls at this output (megatron_let/auto_lambda.py)
-            injected = self._measured(hidden, loss_sum, tokens_in_batch, aux_loss, scale, let.auto_lambda)
+        else:  # --let-lambda auto / --let-stop auto: measure both gradients at this output (megatron_let/probe.py)
+            injected = self._measured(hidden, loss_sum, tokens_in_batch, aux_loss, scale, let.probe)
         # viewless, as megatron-core keeps layer outputs: pipeline stages free them after sending
         hidden = make_viewless_tensor(injected, requires_grad=True, keep_graph=True)
         return (hidden, *rest) if isinstance(output, tuple) else hidden
 
-    def _measured(self, hidden, loss_sum, tokens_in_batch, aux_loss, scale, auto: AutoLambda):
-        """The autoscaler, plus --let-lambda auto's two measurements on this rank's part of h_k: the
-        alignment loss's gradient at unit weight now (autograd over the projector + cosine graph only; the
-        graph is kept for the real backward), and the LM's gradient when the backward reaches h_k."""
+    def _measured(self, hidden, loss_sum, tokens_in_batch, aux_loss, scale, probe: GradientProbe):
+        """The autoscaler, plus the probe's two measurements on this rank's part of h_k: the alignment loss's
+        gradient at unit weight now (autograd over the projector + cosine graph only; the graph is kept for the
+        real backward), and the LM's gradient (and, for --let-stop auto, its dot product with the first) when
+        the backward reaches h_k."""
         unit = loss_sum if self.config.calculate_per_token_loss else loss_sum / tokens_in_batch.clamp(min=1)
         (align_grad,) = torch.autograd.grad(unit, hidden, retain_graph=True)
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        weight = AutoLambda.contribution(self.config.sequence_parallel, tp_size,
-                                         parallel_state.get_tensor_model_parallel_rank())
-        auto.add(1, align_grad * scale, weight)  # the schedule's factors, as the LM gradient carries them
-        return MeasuredLETLossAutoScaler.apply(hidden, aux_loss, scale, lambda grad: auto.add(0, grad, weight))
+        weight = GradientProbe.contribution(self.config.sequence_parallel, tp_size,
+                                            parallel_state.get_tensor_model_parallel_rank())
+        # the schedule's factors on g_A, as the LM gradient carries them
+        on_lm_grad = probe.measure(align_grad * scale, weight)
+        return MeasuredLETLossAutoScaler.apply(hidden, aux_loss, scale, on_lm_grad)
 
     def _report_features(self, teacher: torch.Tensor, mask: torch.Tensor) -> None:
         """Once, at the start: how much of the teacher's energy sits in its top dimensions."""

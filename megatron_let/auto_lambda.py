@@ -20,8 +20,9 @@ ratio is known before a backward pass, and no extra backward is run to get one).
 autograd call per micro-batch and one all-reduce of a few numbers per iteration, riding on the end-of-
 iteration collective both trainers already run (``LateToEarlyTraining.nonfinite_ranks``).
 
-Reduction (``AutoLambda.contribution``): the norms are sums of squares over the whole global batch, as
-the gradient norm is a sum of squares over every parameter shard, then one all-reduce over all ranks:
+Reduction (megatron_let/probe.py measures both gradients: ``GradientProbe.contribution``): the norms are
+sums of squares over the whole global batch, as the gradient norm is a sum of squares over every parameter
+shard, then one all-reduce over all ranks:
 
 - pipeline: only the stage (model chunk) holding layer k has h_k; both gradients live there (the LM's
   arrives there through the pipeline's backward p2p), so other stages contribute 0;
@@ -47,22 +48,18 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
-import torch
-
 from megatron_let.config import DEFAULT_LAMBDA_AUTO_FRACTION
 
 EMA_BETA = 0.9  # weight of the history per iteration (~10 iterations of memory); not a flag
-SLOTS = 2  # [sum ||g_LM||^2, sum ||g_A||^2] per iteration
 
 
 class AutoLambda:
-    """Measures the two pulls at layer k, keeps their smoothed ratio, gives the weight."""
+    """Keeps the smoothed ratio of the two pulls at layer k (measured by megatron_let/probe.py), gives the weight."""
 
     def __init__(self, fraction: float = DEFAULT_LAMBDA_AUTO_FRACTION, beta: float = EMA_BETA):
         self.fraction = float(fraction)
         self.beta = float(beta)
         self.state: Dict[str, object] = {"ema_log_ratio": None, "updates": 0}  # mutated in place only
-        self._local: Optional[torch.Tensor] = None  # this rank's [lm_sq, align_sq] since the iteration began
         self._realised_sum, self._realised_count = 0.0, 0  # logging: "let ratio" since the last report
 
     # -- weight --------------------------------------------------------------------------------
@@ -77,29 +74,11 @@ class AutoLambda:
         scale = self.scale
         return 0.0 if scale is None or decay == 0.0 else scale * decay
 
-    # -- measurement (the stage of layer k, inside the schedule; no device sync) ----------------------
-    def add(self, slot: int, grad: torch.Tensor, weight: float = 1.0) -> None:
-        """Add ``weight * ||grad||^2`` (fp64) to this rank's sums; ``weight`` 0 drops a TP replica's copy."""
-        value = grad.detach().double().pow(2).sum() * weight
-        if self._local is None:
-            self._local = torch.zeros(SLOTS, dtype=torch.float64, device=grad.device)
-        self._local[slot] = self._local[slot] + value
-
-    def take_local(self, device: torch.device) -> torch.Tensor:
-        """This rank's sums since the last call (zeros if it measured nothing), then reset."""
-        local, self._local = self._local, None
-        return torch.zeros(SLOTS, dtype=torch.float64, device=device) if local is None else local.to(device)
-
-    @staticmethod
-    def contribution(sequence_parallel: bool, tp_size: int, tp_rank: int) -> float:
-        """1 where this rank's part of h_k is its own, 0 for a TP replica's duplicate (module docstring)."""
-        return 1.0 if sequence_parallel or tp_size == 1 or tp_rank == 0 else 0.0
-
     # -- end of iteration (every rank, the same reduced numbers) -----------------------------------
     def update(self, sums, lambda_used: float, skip: bool = False) -> Optional[float]:
-        """Fold one iteration's all-reduced ``sums`` [lm_sq, align_sq] into the EMA; returns r_t or None
-        (nothing measured, not finite, or ``skip``). Pure Python floats: identical on every rank."""
-        lm_sq, align_sq = (float(x) for x in sums)
+        """Fold one iteration's all-reduced ``sums`` [lm_sq, align_sq, ...] (the probe's) into the EMA; returns
+        r_t or None (nothing measured, not finite, or ``skip``). Pure Python floats: identical on every rank."""
+        lm_sq, align_sq = (float(x) for x in sums[:2])
         if skip or lm_sq == 0.0 and align_sq == 0.0:
             return None
         ratio = math.sqrt(lm_sq) / math.sqrt(align_sq) if align_sq > 0 else math.inf

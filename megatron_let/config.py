@@ -18,6 +18,9 @@ TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
 TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
 LAMBDA_AUTO = "auto"  # --let-lambda auto: megatron_let/auto_lambda.py
 DEFAULT_LAMBDA_AUTO_FRACTION = 0.1  # provisional until issue 27's convergence sweep (docs/auto-lambda.md)
+STOP_MODES = ("schedule", "auto")  # --let-stop auto: megatron_let/auto_stop.py
+STOP_AUTO = "auto"
+DEFAULT_STOP_AUTO = {"threshold": 0.0, "window": 20, "warmup": 100}  # provisional, as the fraction
 # (each list lives only here, imported where a module checks it: config stays torch-free)
 
 
@@ -50,6 +53,10 @@ class LETConfig:
     teacher_norm_iters: int = 20
     stop_samples: Optional[int] = None
     lambda_auto_fraction: Optional[float] = None  # --let-lambda auto (None: DEFAULT_LAMBDA_AUTO_FRACTION)
+    stop: str = "schedule"  # or "auto": also stop once the alignment no longer helps (megatron_let/auto_stop.py)
+    stop_auto_threshold: Optional[float] = None  # --let-stop auto (None: DEFAULT_STOP_AUTO)
+    stop_auto_window: Optional[int] = None
+    stop_auto_warmup: Optional[int] = None
 
     def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None,
                  train_samples: Optional[int] = None) -> "LETConfig":
@@ -75,6 +82,7 @@ class LETConfig:
                     or not math.isfinite(self.lambda_auto_fraction) or self.lambda_auto_fraction <= 0:
                 raise LETConfigError(f"--let-lambda-auto-fraction must be a finite number > 0; "
                                      f"got {self.lambda_auto_fraction}.")
+        self._validate_stop_auto()
         if self.schedule not in SCHEDULES:
             raise LETConfigError(f"--let-schedule must be one of {SCHEDULES}; got {self.schedule!r}.")
         if self.projector not in PROJECTORS:
@@ -143,6 +151,27 @@ class LETConfig:
         fraction = 0.25 if self.stop_fraction is None else self.stop_fraction
         return max(1, int(round(fraction * train_iters)))
 
+    def _validate_stop_auto(self) -> None:
+        if self.stop not in STOP_MODES:
+            raise LETConfigError(f"--let-stop must be one of {STOP_MODES}; got {self.stop!r}.")
+        given = {name: value for name, value in (("threshold", self.stop_auto_threshold),
+                                                 ("window", self.stop_auto_window),
+                                                 ("warmup", self.stop_auto_warmup)) if value is not None}
+        if given and self.stop != STOP_AUTO:
+            raise LETConfigError(f"--let-stop-auto-{next(iter(given))} is only used with --let-stop auto.")
+        threshold = given.get("threshold", 0.0)
+        if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise LETConfigError(f"--let-stop-auto-threshold must be a finite number; got {threshold}.")
+        if not isinstance(given.get("window", 1), int) or given.get("window", 1) < 1:
+            raise LETConfigError(f"--let-stop-auto-window must be >= 1; got {self.stop_auto_window}.")
+        if not isinstance(given.get("warmup", 0), int) or given.get("warmup", 0) < 0:
+            raise LETConfigError(f"--let-stop-auto-warmup must be >= 0; got {self.stop_auto_warmup}.")
+
+    def stop_auto_setting(self, name: str):
+        """--let-stop auto's ``threshold``, ``window`` or ``warmup``, its default where not given."""
+        value = getattr(self, f"stop_auto_{name}")
+        return DEFAULT_STOP_AUTO[name] if value is None else value
+
     @property
     def auto_fraction(self) -> float:
         """--let-lambda auto's fraction of the LM loss's pull at layer k."""
@@ -170,6 +199,21 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--let-lambda-auto-fraction", type=float, default=None,
                        help=f"--let-lambda auto: the alignment's pull at layer k as a fraction of the LM loss's "
                             f"(default {DEFAULT_LAMBDA_AUTO_FRACTION}; provisional until the convergence sweep).")
+    group.add_argument("--let-stop", choices=STOP_MODES, default="schedule",
+                       help="schedule: LET stops at the stop step. auto: also stop as soon as the alignment no "
+                            "longer helps the LM loss: the cosine between the alignment's and the LM loss's "
+                            "gradients at layer k's output stays below --let-stop-auto-threshold for "
+                            "--let-stop-auto-window iterations; the stop step stays the latest stop "
+                            "(docs/auto-lambda.md).")
+    group.add_argument("--let-stop-auto-threshold", type=float, default=None,
+                       help=f"--let-stop auto: cosine below which an iteration counts as not helping "
+                            f"(default {DEFAULT_STOP_AUTO['threshold']}).")
+    group.add_argument("--let-stop-auto-window", type=int, default=None,
+                       help=f"--let-stop auto: consecutive such iterations that stop LET "
+                            f"(default {DEFAULT_STOP_AUTO['window']}).")
+    group.add_argument("--let-stop-auto-warmup", type=int, default=None,
+                       help=f"--let-stop auto: iterations at the start that never count "
+                            f"(default {DEFAULT_STOP_AUTO['warmup']}).")
     group.add_argument("--let-stop-iter", type=int, default=None,
                        help="Iteration at which lambda reaches 0 and the teacher is released.")
     group.add_argument("--let-stop-samples", type=int, default=None,
@@ -244,6 +288,8 @@ _ARG_NAMES = {
     "teacher_placement": "let_teacher_placement",
     "teacher_norm": "let_teacher_norm", "teacher_norm_iters": "let_teacher_norm_iters",
     "stop_samples": "let_stop_samples", "lambda_auto_fraction": "let_lambda_auto_fraction",
+    "stop": "let_stop", "stop_auto_threshold": "let_stop_auto_threshold",
+    "stop_auto_window": "let_stop_auto_window", "stop_auto_warmup": "let_stop_auto_warmup",
 }
 assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}
 
@@ -254,7 +300,8 @@ def let_config_from_args(args: argparse.Namespace) -> Optional[LETConfig]:
         given = [f"--{name.replace('_', '-')}" for name in ("let_target_layer", "let_teacher_layer",
                                                            "let_stop_iter", "let_stop_fraction", "let_stop_samples",
                                                            "let_projector_hidden_size", "let_teacher_tokenizer",
-                                                           "let_lambda_auto_fraction")
+                                                           "let_lambda_auto_fraction", "let_stop_auto_threshold",
+                                                           "let_stop_auto_window", "let_stop_auto_warmup")
                  if getattr(args, name, None) is not None]
         if given:
             raise LETConfigError(f"{', '.join(given)} given without --let-teacher; add --let-teacher PATH.")

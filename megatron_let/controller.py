@@ -10,10 +10,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_let.alignment import LETAlignment, target_layer_of
-from megatron_let.auto_lambda import SLOTS as AUTO_SLOTS, AutoLambda
-from megatron_let.config import LAMBDA_AUTO, LETConfig
+from megatron_let.auto_lambda import AutoLambda
+from megatron_let.auto_stop import AutoStop
+from megatron_let.config import LAMBDA_AUTO, STOP_AUTO, LETConfig
 from megatron_let.metrics import LETMetrics
 from megatron_let.placement import SpreadPlacement, SpreadStates, TeacherWork
+from megatron_let.probe import SLOTS as PROBE_SLOTS, GradientProbe
 from megatron_let.schedule import let_lambda
 from megatron_let.teachers.huggingface import HFTeacher, resolve_teacher_dtype, teacher_hidden_size
 
@@ -44,6 +46,12 @@ class LateToEarlyTraining:
         # --let-lambda auto: the weight follows the measured pulls at layer k (megatron_let/auto_lambda.py)
         self.auto_lambda: Optional[AutoLambda] = \
             AutoLambda(config.auto_fraction) if config.lambda0 == LAMBDA_AUTO else None
+        # --let-stop auto: also stop once cos(g_A, g_LM) at layer k stays below a threshold (auto_stop.py)
+        self.auto_stop: Optional[AutoStop] = AutoStop.from_config(config) if config.stop == STOP_AUTO else None
+        # both measure the two gradients at layer k's output (megatron_let/probe.py); neither: nothing runs
+        self.probe: Optional[GradientProbe] = GradientProbe(dot=self.auto_stop is not None) \
+            if self.auto_lambda is not None or self.auto_stop is not None else None
+        self._iteration = 0
         self.num_microbatches = 1
         self.finished = False
         self._teacher: Optional[HFTeacher] = None
@@ -81,17 +89,22 @@ class LateToEarlyTraining:
     def begin_iteration(self, iteration: int, num_microbatches: int) -> float:
         """Set lambda for the step starting at ``iteration`` (0-based); release LET once it is 0."""
         self.num_microbatches = num_microbatches
+        self._iteration = iteration
         self._spread = None
         self.work.reset()
         for alignment in self.alignments:
             alignment.recompute_stash.check_drained()
-        if self.auto_lambda is None:
+        stopped = self.auto_stop is not None and self.auto_stop.stopped_at is not None \
+            and iteration >= self.auto_stop.stopped_at  # --let-stop auto decided: as a stop step there
+        if stopped:
+            self.current_lambda = 0.0
+        elif self.auto_lambda is None:
             self.current_lambda = let_lambda(iteration, self.config.lambda0, self.stop_iter,
                                              self.config.schedule)
         else:  # auto: the measured scale times the schedule's shape (0 while nothing is measured yet)
             self.current_lambda = self.auto_lambda.weight(let_lambda(iteration, 1.0, self.stop_iter,
                                                                      self.config.schedule))
-        if self.current_lambda == 0.0 and iteration >= self.stop_iter:
+        if self.current_lambda == 0.0 and (iteration >= self.stop_iter or stopped):
             self.finish()
         if not self.finished:
             for alignment in self.alignments:  # --let-teacher-norm standardize: the statistics this step uses
@@ -215,16 +228,17 @@ class LateToEarlyTraining:
         """Ranks whose alignment loss was NaN/Inf this iteration (a collective over all ranks).
 
         Both trainers call it on every rank after each iteration's backward while LET runs, before any
-        checkpoint: --let-lambda auto's per-iteration sums ride on its all-reduce and its EMA is updated
-        here, identically on every rank (a second call in the same iteration finds nothing to add)."""
+        checkpoint: the probe's per-iteration sums (--let-lambda auto, --let-stop auto) ride on its all-reduce;
+        the EMA and the stop window are updated here, identically on every rank (a second call in the same
+        iteration finds nothing to add)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        auto = self.auto_lambda
-        if auto is None:
+        auto, probe = self.auto_lambda, self.probe
+        if probe is None:
             flags = torch.zeros(world, device=_device())
         else:
-            flags = torch.zeros(world + AUTO_SLOTS, dtype=torch.float64, device=_device())
-            flags[world:] = auto.take_local(flags.device)
+            flags = torch.zeros(world + PROBE_SLOTS, dtype=torch.float64, device=_device())
+            flags[world:] = probe.take_local(flags.device)
         if self._nonfinite is not False:
             flags[rank] = self._nonfinite.to(flags.dtype).to(flags.device)
         self._nonfinite = False
@@ -234,6 +248,11 @@ class LateToEarlyTraining:
         bad = [r for r, flag in enumerate(values[:world]) if flag]
         if auto is not None:
             auto.update(values[world:], self.current_lambda, skip=bool(bad))
+        if self.auto_stop is not None and probe is not None:
+            decided = self.auto_stop.stopped_at
+            self.auto_stop.update(values[world:], self._iteration, self.stop_iter, skip=bool(bad))
+            if decided is None and self.auto_stop.stopped_at is not None:  # logged once, where the log is
+                _print_last_rank(f" {self.auto_stop.describe()}")
         return bad
 
     def finish(self) -> None:
@@ -294,7 +313,15 @@ class LateToEarlyTraining:
         scalars = self.metrics.report(self.current_lambda, _device(), groups)
         if self.auto_lambda is not None:
             scalars.update(self.auto_lambda.report())  # already the same on every rank
+        if self.auto_stop is not None:
+            scalars.update(self.auto_stop.report())  # "let grad cos", the same on every rank
         return scalars
+
+
+def _print_last_rank(message: str) -> None:
+    """Where both trainers print their log lines (Megatron-LM's print_rank_last)."""
+    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+        print(message, flush=True)
 
 
 def _device() -> torch.device:

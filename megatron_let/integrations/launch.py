@@ -18,11 +18,14 @@ from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
 def let_state(let) -> dict:
     """What a checkpoint keeps of LET (both trainers): its settings, the resolved stop step and the
     teacher width, so a resume needs neither the flags that derived them nor the teacher. --let-lambda auto:
-    its EMA state, the live dict itself (Megatron-LM keeps this state in ``args`` and pickles it at each save)."""
+    its EMA state, the live dict itself (Megatron-LM keeps this state in ``args`` and pickles it at each save);
+    --let-stop auto: its window and decision, likewise."""
     state = {"config": let.config.to_dict(), "stop_iter": let.stop_iter,
              "stop_samples": getattr(let, "stop_samples", None), "teacher_hidden_size": let.teacher_hidden_size}
     if getattr(let, "auto_lambda", None) is not None:
         state["auto_lambda"] = let.auto_lambda.state
+    if getattr(let, "auto_stop", None) is not None:
+        state["auto_stop"] = let.auto_stop.state
     return state
 
 
@@ -84,7 +87,9 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
         stop.iteration, stop.source = saved["stop_iter"], "from the checkpoint"
         stop.samples = saved.get("stop_samples", schedule.samples_after(stop.iteration))
     # past the stop step the teacher is never read again (it may be gone): the saved width builds the projector
-    past_stop = resume_iteration is not None and resume_iteration >= stop.iteration and "teacher_hidden_size" in saved
+    auto_stopped = (saved.get("auto_stop") or {}).get("stopped_at")  # --let-stop auto decided (auto_stop.py)
+    past_stop = resume_iteration is not None and "teacher_hidden_size" in saved and (
+        resume_iteration >= stop.iteration or auto_stopped is not None and resume_iteration >= auto_stopped)
     teacher_config, width = None, saved.get("teacher_hidden_size")
     if not past_stop:
         teacher_config = preflight_teacher(config.teacher, config.teacher_layer, getattr(args, "seq_length", None),
@@ -96,6 +101,8 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
     if changed:
         warn(f"LET settings differ from the checkpoint's: {', '.join(changed)}; continuing with the new ones.")
     log(f" {stop.describe()}")
+    if auto_stopped is not None:
+        log(f" LET stopped automatically at iteration {auto_stopped} (--let-stop auto, from the checkpoint)")
     causal_span = config.token_alignment != "exact"
     let = LateToEarlyTraining(config, train_iters, seed=args.seed, teacher_hidden_size=width,
                               target_tokenizer=hf_tokenizer_of(tokenizer) if causal_span else None,
@@ -103,6 +110,12 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
     let.stop_iter, let.stop_samples = stop.iteration, stop.samples
     if let.auto_lambda is not None:  # --let-lambda auto continues the checkpoint's smoothed ratio
         let.auto_lambda.load_state_dict(saved.get("auto_lambda"))
+    if let.auto_stop is None and auto_stopped is not None:  # the decision stands, and goes on into checkpoints
+        from megatron_let.auto_stop import AutoStop
+
+        let.auto_stop = AutoStop.from_config(config)
+    if let.auto_stop is not None:  # --let-stop auto continues the checkpoint's window (or stays stopped)
+        let.auto_stop.load_state_dict(saved.get("auto_stop"))
     if past_stop:
         let.finish()
         return let

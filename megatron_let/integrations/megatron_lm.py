@@ -82,6 +82,7 @@ __all__ = ["LETMegatronLM", "import_pretrain_gpt", "import_pretrain_script", "ma
 
 _PROGRAM_START_TIME = time.time()
 _LET_KEYS = ("let loss", "let cos", "let lambda")
+SIGNED_SCALARS = ("let cos", "let grad cos")  # LET scalars that may be <= 0 (Megatron-LM's log line drops those)
 
 
 def _prepare_runtime() -> None:
@@ -166,7 +167,7 @@ class LETMegatronLM:
         self._last_iteration: Optional[int] = None
         self._training = False  # the model's mode in the current forward step
         self._placement_reported = False
-        self._cos_sum, self._cos_iters = 0.0, 0  # "let cos" over the log interval (see training_log)
+        self._signed = {key: [0.0, 0] for key in SIGNED_SCALARS}  # [sum, iterations] over the log interval
         missing = [name for name in ("get_batch", batch_predicate_name(pretrain_gpt), "forward_step",
                                      "train_valid_test_datasets_provider")
                    if not hasattr(pretrain_gpt, name)]
@@ -365,13 +366,14 @@ class LETMegatronLM:
 
         def print_with_let_cos(message, *args, **kwargs):
             # Megatron-LM prints a loss-dict entry only if its interval average is > 0: a negative
-            # (or zero) "let cos" would vanish from the line; put it where Megatron-LM would have.
-            if isinstance(message, str) and " consumed samples:" in message and self._cos_iters:
-                if " let cos:" not in message:
-                    field = f" let cos: {self._cos_sum / self._cos_iters:.6E} |"
-                    anchor = " let lambda:" if " let lambda:" in message else " loss scale:"
-                    message = message.replace(anchor, field + anchor, 1)
-                self._cos_sum, self._cos_iters = 0.0, 0
+            # (or zero) "let cos" / "let grad cos" would vanish from the line; put it where Megatron-LM would have.
+            if isinstance(message, str) and " consumed samples:" in message:
+                for key, (total, count) in self._signed.items():
+                    if count and f" {key}:" not in message:
+                        field = f" {key}: {total / count:.6E} |"
+                        anchor = " let lambda:" if key == "let cos" and " let lambda:" in message else " loss scale:"
+                        message = message.replace(anchor, field + anchor, 1)
+                    self._signed[key] = [0.0, 0]
             return print_rank_last(message, *args, **kwargs)
 
         training.print_rank_last = print_with_let_cos
@@ -392,9 +394,10 @@ class LETMegatronLM:
                     if torch.cuda.is_available() else torch.device("cpu")
                 for key, value in self.let.report().items():  # collective: all ranks, every iteration
                     loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=device)
-                if "let cos" in loss_dict and not skipped_iter:
-                    self._cos_sum += float(loss_dict["let cos"])
-                    self._cos_iters += 1
+                for key in SIGNED_SCALARS:
+                    if key in loss_dict and not skipped_iter:
+                        self._signed[key][0] += float(loss_dict[key])
+                        self._signed[key][1] += 1
             return training_log(loss_dict, total_loss_dict, *args, **kwargs)
 
         training.training_log = training_log_with_let

@@ -44,7 +44,7 @@ class TrainingLogger:
                  f"consumed samples: {consumed:12d}",
                  f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
                  f"learning rate: {lr:.6E}", f"global batch size: {global_batch_size or a.global_batch_size:5d}"]
-        for key in ("lm loss", "let loss", "let cos", "let lambda", "let ratio"):
+        for key in ("lm loss", "let loss", "let cos", "let lambda", "let ratio", "let grad cos"):
             if metrics.get(key) is not None:
                 parts.append(f"{key}: {metrics[key]:.6E}")
         parts.append(f"loss scale: {loss_scale:.1f}")

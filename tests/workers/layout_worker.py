@@ -50,6 +50,10 @@ def parse(argv=None):
     p.add_argument("--lambda0", type=lambda v: v if v == "auto" else float(v), default=0.5)  # or auto (issue 27)
     p.add_argument("--auto-fraction", type=float, default=None, help="--lambda0 auto: lambda_auto_fraction")
     p.add_argument("--stop-iter", type=int, default=100)
+    p.add_argument("--stop", default="schedule", help="auto: --let-stop auto (issue 27), with the three below")
+    p.add_argument("--stop-threshold", type=float, default=None)
+    p.add_argument("--stop-window", type=int, default=None)
+    p.add_argument("--stop-warmup", type=int, default=None)
     p.add_argument("--projector", default="linear")
     p.add_argument("--per-token-loss", action="store_true")
     p.add_argument("--save-ref", default=None)
@@ -200,7 +204,10 @@ def train(args, variant: str) -> dict:
         let = LateToEarlyTraining(LETConfig(teacher=args.teacher, target_layer=args.target_layer,
                                             lambda0=args.lambda0, stop_iter=args.stop_iter,
                                             projector=args.projector, teacher_placement=args.placement,
-                                            lambda_auto_fraction=args.auto_fraction, **alignment),
+                                            lambda_auto_fraction=args.auto_fraction, stop=args.stop,
+                                            stop_auto_threshold=args.stop_threshold,
+                                            stop_auto_window=args.stop_window,
+                                            stop_auto_warmup=args.stop_warmup, **alignment),
                                   target_tokenizer=target_tokenizer, eod_id=args.eod)
     chunks = build_gpt_chunks(config, vocab, SEQ, let=let, spec=layer_spec(config, "local"))
     if args.save_ref:
