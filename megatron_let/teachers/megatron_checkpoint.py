@@ -109,7 +109,7 @@ def load_common_state(iteration_dir: str, allow_pickle: bool = False) -> dict:
     types Megatron-LM stores, or fully (``allow_pickle``: only for checkpoints you trust)."""
     path = os.path.join(iteration_dir, "common.pt")
     if not os.path.isfile(path):
-        return {}
+        return _common_state_in_shards(iteration_dir)
     if allow_pickle:
         return torch.load(path, map_location="cpu", weights_only=False)
     with torch.serialization.safe_globals(_safe_globals()):
@@ -118,6 +118,22 @@ def load_common_state(iteration_dir: str, allow_pickle: bool = False) -> dict:
         except Exception as exc:  # noqa: BLE001 - UnpicklingError and friends
             warnings.warn(f"could not read {path} safely ({str(exc).splitlines()[0]}); ignoring the saved args. "
                           "Pass --allow-pickle if you trust this checkpoint, or give the architecture flags.")
+            return {}
+
+
+def _common_state_in_shards(iteration_dir: str) -> dict:
+    """megatron-core 0.19 writes the common state as a sharded object inside the torch_dist files (no
+    common.pt): read it with megatron-core's own loader, under the same allow-list of saved types."""
+    if not os.path.isfile(os.path.join(iteration_dir, ".metadata")):
+        return {}
+    from megatron.core import dist_checkpointing
+
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return dist_checkpointing.load_common_state_dict(iteration_dir)
+        except Exception as exc:  # noqa: BLE001 - an older layout, or types outside the allow-list
+            warnings.warn(f"could not read the common state of {iteration_dir} ({str(exc).splitlines()[0]}); "
+                          "ignoring the saved args: give the architecture flags.")
             return {}
 
 
