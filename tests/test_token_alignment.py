@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import ROOT, make_tiny_llama, run_layout
+from conftest import NEEDS_LEAN_TRAINER, ROOT, lean_trainer_selectable, make_tiny_llama, run_layout
 from test_parallel_equivalence import OWNER, assert_same_numbers
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError
 from megatron_let.data.byte_level import bytes_to_unicode
@@ -325,6 +325,8 @@ def test_mismatched_teacher_layouts_match_single_process(tmp_path, mismatched_re
 
 
 def test_trainer_cli_causal_span(tmp_path, mismatched):
+    if not lean_trainer_selectable():
+        pytest.skip(NEEDS_LEAN_TRAINER)  # the Megatron-LM driver's causal-span run: tests/test_megatron_lm.py
     target, teacher, _ = mismatched
     flags = ["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 32,
              "--micro-batch-size", 2, "--global-batch-size", 4, "--train-iters", 2, "--lr", "1e-3", "--mock-data",
