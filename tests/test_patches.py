@@ -208,8 +208,8 @@ _RUNNER = '''\
 (which pretrain_gpt_let.py applies itself; a GPU run needs none of this)."""
 import os, runpy, sys
 os.environ.setdefault("MEGATRON_LM_PATH", {checkout!r})
-from megatron_let.integrations.megatron_lm import megatron_lm_available  # appends $MEGATRON_LM_PATH (gpt_builders, ...)
-assert megatron_lm_available()
+from megatron_let.integrations.selection import choose_trainer  # imports no megatron: the checkout's goes first
+assert choose_trainer().megatron_lm
 script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain_gpt.py")
 sys.argv[0] = script
 runpy.run_path(script, run_name="__main__")
