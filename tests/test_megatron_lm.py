@@ -274,3 +274,27 @@ def test_resume_equals_a_straight_run_and_lambda_reaches_zero(megatron_lm_path, 
     for i in (3, 4):
         for key in ("lm loss", "let loss", "let lambda"):
             assert resumed[i][key] == pytest.approx(expected[i][key], rel=1e-5, abs=1e-7), (i, key)
+
+
+@pytest.mark.skipif(not MEGATRON_LM_PATH or megatron_lm_source() != "checkout",
+                    reason="needs MEGATRON_LM_PATH: a Megatron-LM checkout of the installed megatron-core's minor version "
+                           "(git clone --branch core_v0.19.0 https://github.com/NVIDIA/Megatron-LM DIR) on Python 3.12")
+def test_wheel_and_checkout_drivers_agree(megatron_lm_path, let_args):
+    """On megatron-core 0.17+ the same flags run the checkout's pretrain_gpt.py (MEGATRON_LM_PATH) or, without it,
+    megatron_let's gpt_script on the wheel's megatron.training: the same numbers."""
+    from megatron_let.megatron_versions import parse
+
+    from importlib.metadata import version
+
+    if parse(version("megatron-core")) < (0, 17):
+        pytest.skip("megatron-core 0.16's wheel has no megatron.training: the lean trainer runs without the checkout")
+    args = [*MODEL_ARGS, *let_args, "--train-iters", 3]
+    checkout = run(1, args)
+    env_path = os.environ.pop("MEGATRON_LM_PATH")
+    try:
+        wheel = run(1, args)
+    finally:
+        os.environ["MEGATRON_LM_PATH"] = env_path
+    for i in (1, 2, 3):
+        for key in ("lm loss", "let loss", "let lambda", "grad norm"):
+            assert wheel[i][key] == pytest.approx(checkout[i][key], rel=1e-6), (i, key)
