@@ -52,9 +52,14 @@ def let(teacher, *extra):
 
 
 def test_schedule_matches_megatron_lm_update_train_iters():
+    from megatron_let.megatron_versions import rampup_calculator_class
     from megatron_let.stop import TrainingSchedule
 
-    ramp = TrainingSchedule(None, 48, 8, 2, 1, [4, 4, 16])
+    if rampup_calculator_class() is not None:  # up to 0.18: --rampup-batch-size 4 4 16
+        ramp = TrainingSchedule(None, 48, 8, 2, 1, [4, 4, 16])
+    else:  # 0.19 ignores --rampup-batch-size (so does LET's stop) and ramps with --step-batch-size-schedule
+        assert TrainingSchedule(None, 48, 8, 2, 1, [4, 4, 16]).batch_sizes(3) == [8, 8, 8]
+        ramp = TrainingSchedule(None, 48, 8, 2, 1, step_batch_size_schedule="0:4 16:8")
     assert ramp.batch_sizes(8) == [4, 4, 4, 4, 8, 8, 8, 8]
     assert ramp.total_iterations() == 8  # Megatron-LM's loop, hand-run: 5 ramp-up steps + (48 - 24) // 8
     assert ramp.iteration_reaching(12) == 3 and ramp.iteration_reaching(13) == 4 and ramp.samples_after(5) == 24
