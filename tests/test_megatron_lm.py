@@ -267,13 +267,14 @@ def test_resume_equals_a_straight_run_and_lambda_reaches_zero(megatron_lm_path, 
                     "--exit-interval", 2])
     second = run(1, [*args, "--load", ckpt, "--save", ckpt, "--save-interval", 100])
     assert sorted(first) == [1, 2] and sorted(second) == [3, 4], (sorted(first), sorted(second))
-    lambdas = [straight[i]["let lambda"] for i in (1, 3, 4)]  # single iterations (log interval quirk aside)
+    def value(fields, key):  # Megatron-LM up to 0.18 leaves an entry whose interval average is 0 out of the line
+        return fields.get(key, 0.0)
+
+    lambdas = [value(straight[i], "let lambda") for i in (1, 3, 4)]  # single iterations (log interval quirk aside)
     assert lambdas == pytest.approx([LAMBDA0, LAMBDA0 * (1 - 2 / 3), 0.0], abs=1e-7)
-    resumed = {3: second[3], 4: {k: 2 * v - second[3][k] for k, v in second[4].items()}}
-    expected = {3: straight[3], 4: straight[4]}
-    for i in (3, 4):
-        for key in ("lm loss", "let loss", "let lambda"):
-            assert resumed[i][key] == pytest.approx(expected[i][key], rel=1e-5, abs=1e-7), (i, key)
+    for key in ("lm loss", "let loss", "let lambda"):
+        resumed = [value(second[3], key), 2 * value(second[4], key) - value(second[3], key)]
+        assert resumed == pytest.approx([value(straight[3], key), value(straight[4], key)], rel=1e-5, abs=1e-7), key
 
 
 @pytest.mark.skipif(not MEGATRON_LM_PATH or megatron_lm_source() != "checkout",
