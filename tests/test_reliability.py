@@ -56,7 +56,7 @@ def let(teacher, layer=1, *extra):
     (["--let-target-layer", "5"], ["--let-target-layer 5", "--num-layers 4"]),
     (["--let-target-layer", "1", "--let-lambda", "-0.1"], ["--let-lambda", ">= 0"]),
     (["--let-target-layer", "1", "--let-lambda", "nan"], ["--let-lambda", "finite"]),
-    (["--let-target-layer", "1", "--let-lambda", "abc"], ["--let-lambda", "invalid float"]),
+    (["--let-target-layer", "1", "--let-lambda", "abc"], ["--let-lambda", "expected a number >= 0 or 'auto', got 'abc'"]),
     (["--let-target-layer", "1", "--let-stop-iter", "0"], ["--let-stop-iter", "> 0"]),
     (["--let-target-layer", "1", "--let-teacher-layer", "7"], ["--let-teacher-layer 7", "0 (embeddings) to 2"]),
     (["--let-target-layer", "1", "--let-projector", "conv"], ["--let-projector", "invalid choice"]),
