@@ -49,6 +49,7 @@ import math
 from typing import Dict, Optional
 
 from megatron_let.config import DEFAULT_LAMBDA_AUTO_FRACTION
+from megatron_let.metrics import IntervalMean
 
 EMA_BETA = 0.9  # weight of the history per iteration (~10 iterations of memory); not a flag
 
@@ -60,7 +61,7 @@ class AutoLambda:
         self.fraction = float(fraction)
         self.beta = float(beta)
         self.state: Dict[str, object] = {"ema_log_ratio": None, "updates": 0}  # mutated in place only
-        self._realised_sum, self._realised_count = 0.0, 0  # logging: "let ratio" since the last report
+        self._realised = IntervalMean()  # logging: "let ratio" since the last report
 
     # -- weight --------------------------------------------------------------------------------
     @property
@@ -88,18 +89,14 @@ class AutoLambda:
         self.state["ema_log_ratio"] = log_ratio if previous is None else \
             self.beta * previous + (1.0 - self.beta) * log_ratio
         self.state["updates"] = int(self.state["updates"]) + 1
-        self._realised_sum += lambda_used / ratio
-        self._realised_count += 1
+        self._realised.add(lambda_used / ratio)
         return ratio
 
     def report(self) -> Dict[str, float]:
         """``let ratio``: lambda * ||g_A|| / ||g_LM|| at layer k, averaged over the iterations since the
         last report (the alignment's pull as a fraction of the LM's; ~ fraction * decay once measured)."""
-        if not self._realised_count:
-            return {}
-        value = self._realised_sum / self._realised_count
-        self._realised_sum, self._realised_count = 0.0, 0
-        return {"let ratio": value}
+        value = self._realised.pop()
+        return {} if value is None else {"let ratio": value}
 
     # -- checkpoint ------------------------------------------------------------------------------
     def load_state_dict(self, saved: Optional[dict]) -> None:

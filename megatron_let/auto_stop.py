@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
+from megatron_let.metrics import IntervalMean
 from megatron_let.probe import ALIGN_SQ, DOT, LM_SQ
 
 
@@ -36,7 +37,7 @@ class AutoStop:
     def __init__(self, threshold: float, window: int, warmup: int):
         self.threshold, self.window, self.warmup = float(threshold), int(window), int(warmup)
         self.state: Dict[str, Optional[int]] = {"stopped_at": None, "below": 0}  # mutated in place only
-        self._cos_sum, self._cos_count = 0.0, 0  # logging: "let grad cos" since the last report
+        self._cos = IntervalMean()  # logging: "let grad cos" since the last report
 
     @classmethod
     def from_config(cls, config) -> "AutoStop":
@@ -55,8 +56,7 @@ class AutoStop:
         if skip or not (lm_sq > 0 and align_sq > 0) or not all(map(math.isfinite, (lm_sq, align_sq, dot))):
             return None
         cosine = dot / (math.sqrt(lm_sq) * math.sqrt(align_sq))
-        self._cos_sum += cosine
-        self._cos_count += 1
+        self._cos.add(cosine)
         if self.stopped_at is not None or iteration < self.warmup:
             return cosine
         self.state["below"] = int(self.state["below"]) + 1 if cosine < self.threshold else 0
@@ -70,11 +70,8 @@ class AutoStop:
 
     def report(self) -> Dict[str, float]:
         """``let grad cos``: cos(g_A, g_LM) at layer k, averaged over the iterations since the last report."""
-        if not self._cos_count:
-            return {}
-        value = self._cos_sum / self._cos_count
-        self._cos_sum, self._cos_count = 0.0, 0
-        return {"let grad cos": value}
+        value = self._cos.pop()
+        return {} if value is None else {"let grad cos": value}
 
     def load_state_dict(self, saved: Optional[dict]) -> None:
         """Continue a checkpoint's window and decision (in place: the checkpoint state holds this dict)."""

@@ -6,6 +6,25 @@ import torch
 import torch.distributed as dist
 
 
+class IntervalMean:
+    """Mean of the values added since the last ``pop`` (a log interval's average of a per-iteration scalar)."""
+
+    def __init__(self):
+        self._sum, self._count = 0.0, 0
+
+    def add(self, value: float) -> None:
+        self._sum += value
+        self._count += 1
+
+    def pop(self) -> Optional[float]:
+        """The mean, or None if nothing was added; starts the next interval."""
+        if not self._count:
+            return None
+        mean = self._sum / self._count
+        self._sum, self._count = 0.0, 0
+        return mean
+
+
 class LETMetrics:
     """Token-weighted sums of lambda * (1 - cos) and of cos since the last report.
 
