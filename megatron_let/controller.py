@@ -13,9 +13,9 @@ from megatron_let.alignment import LETAlignment, target_layer_of
 from megatron_let.auto_lambda import AutoLambda
 from megatron_let.auto_stop import AutoStop
 from megatron_let.config import LAMBDA_AUTO, STOP_AUTO, LETConfig
-from megatron_let.metrics import LETMetrics
+from megatron_let.metrics import IntervalMean, LETMetrics
 from megatron_let.placement import SpreadPlacement, SpreadStates, TeacherWork
-from megatron_let.probe import SLOTS as PROBE_SLOTS, GradientProbe
+from megatron_let.probe import SLOTS as PROBE_SLOTS, GradientProbe, pull_ratio
 from megatron_let.schedule import let_lambda
 from megatron_let.teachers.huggingface import HFTeacher, resolve_teacher_dtype, teacher_hidden_size
 
@@ -51,6 +51,9 @@ class LateToEarlyTraining:
         # both measure the two gradients at layer k's output (megatron_let/probe.py); neither: nothing runs
         self.probe: Optional[GradientProbe] = GradientProbe(dot=self.auto_stop is not None) \
             if self.auto_lambda is not None or self.auto_stop is not None else None
+        # logged with the probe, fixed lambda too: "let ratio" = lambda * ||g_A|| / ||g_LM|| at layer k, the
+        # alignment's pull as a fraction of the LM's (~ fraction * decay under auto), an interval's mean
+        self._pull_fraction = IntervalMean()
         self._iteration = 0
         self.num_microbatches = 1
         self.finished = False
@@ -246,8 +249,10 @@ class LateToEarlyTraining:
             dist.all_reduce(flags)
         values = flags.tolist()
         bad = [r for r, flag in enumerate(values[:world]) if flag]
+        if probe is not None and not bad and (ratio := pull_ratio(values[world:])) is not None:
+            self._pull_fraction.add(self.current_lambda / ratio)
         if auto is not None:
-            auto.update(values[world:], self.current_lambda, skip=bool(bad))
+            auto.update(values[world:], skip=bool(bad))
         if self.auto_stop is not None and probe is not None:
             decided = self.auto_stop.stopped_at
             self.auto_stop.update(values[world:], self._iteration, self.stop_iter, skip=bool(bad))
@@ -311,8 +316,8 @@ class LateToEarlyTraining:
             groups = (parallel_state.get_pipeline_model_parallel_group(),
                       parallel_state.get_data_parallel_group())
         scalars = self.metrics.report(self.current_lambda, _device(), groups)
-        if self.auto_lambda is not None:
-            scalars.update(self.auto_lambda.report())  # already the same on every rank
+        if (pull_fraction := self._pull_fraction.pop()) is not None:
+            scalars["let ratio"] = pull_fraction  # already the same on every rank
         if self.auto_stop is not None:
             scalars.update(self.auto_stop.report())  # "let grad cos", the same on every rank
         return scalars

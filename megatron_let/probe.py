@@ -20,6 +20,7 @@ docs/auto-lambda.md, "The reduction".
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -63,3 +64,12 @@ class GradientProbe:
         """This rank's sums since the last call (zeros if it measured nothing), then reset."""
         local, self._local = self._local, None
         return torch.zeros(SLOTS, dtype=torch.float64, device=device) if local is None else local.to(device)
+
+
+def pull_ratio(sums) -> Optional[float]:
+    """r = ||g_LM|| / ||g_A|| from all-reduced ``sums``, or None (nothing measured, not finite, or 0)."""
+    lm_sq, align_sq = float(sums[LM_SQ]), float(sums[ALIGN_SQ])
+    if not (lm_sq > 0 and align_sq > 0):
+        return None
+    ratio = math.sqrt(lm_sq) / math.sqrt(align_sq)
+    return ratio if math.isfinite(ratio) else None

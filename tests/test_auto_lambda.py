@@ -141,7 +141,7 @@ def test_checkpoint_holds_the_live_ema(megatron_world1, tiny_teacher):
 
     let = build()
     state = let_state(let)  # taken once, before any iteration, as Megatron-LM does
-    assert let.auto_lambda.update([4.0, 1.0], 0.0) == 2.0 and let.auto_lambda.update([9.0, 1.0], 0.5) == 3.0
+    assert let.auto_lambda.update([4.0, 1.0]) == 2.0 and let.auto_lambda.update([9.0, 1.0]) == 3.0
     saved = pickle.loads(pickle.dumps(state))["auto_lambda"]
     assert saved == {"ema_log_ratio": EMA_BETA * math.log(2.0) + (1 - EMA_BETA) * math.log(3.0), "updates": 2}
     resumed = build()
@@ -154,9 +154,9 @@ def test_iterations_without_a_usable_measurement_leave_the_ema_alone():
     from megatron_let.auto_lambda import AutoLambda
 
     auto = AutoLambda(0.1)
-    assert auto.update([0.0, 0.0], 0.0) is None  # nothing measured (a second call in the same iteration)
-    assert auto.update([1.0, 0.0], 0.0) is None  # no token: no alignment gradient
-    assert auto.update([float("inf"), 1.0], 0.0) is None  # fp16 overflow
-    assert auto.update([4.0, 1.0], 0.0, skip=True) is None  # a rank's alignment loss was NaN/Inf
-    assert auto.update([0.0, 1.0], 0.0) is None  # no LM gradient at layer k: log 0
+    assert auto.update([0.0, 0.0]) is None  # nothing measured (a second call in the same iteration)
+    assert auto.update([1.0, 0.0]) is None  # no token: no alignment gradient
+    assert auto.update([float("inf"), 1.0]) is None  # fp16 overflow
+    assert auto.update([4.0, 1.0], skip=True) is None  # a rank's alignment loss was NaN/Inf
+    assert auto.update([0.0, 1.0]) is None  # no LM gradient at layer k: log 0
     assert auto.state == {"ema_log_ratio": None, "updates": 0} and auto.weight(1.0) == 0.0

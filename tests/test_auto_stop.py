@@ -50,8 +50,8 @@ def _iteration(let, model, iteration, batches=None):
 def test_cosine_equals_hand_computation(megatron_world1, tiny_teacher, lambda0):
     """let grad cos = sum <g_A, g_LM> / sqrt(sum ||g_A||^2 sum ||g_LM||^2) over the iteration's micro-batches,
     with g_LM the gradient arriving at layer k from above and g_A the alignment loss's at unit weight (with the
-    schedule's factors), both written out here from hooks on layer k and a cosine by hand. Measured with a
-    fixed lambda as with auto (iteration 0 of auto: at weight 0)."""
+    schedule's factors), both written out here from hooks on layer k and a cosine by hand; and let ratio = lambda
+    ||g_A|| / ||g_LM||. Measured with a fixed lambda as with auto (iteration 0 of auto: at weight 0)."""
     let, model = _build(tiny_teacher, lambda0=lambda0, stop_iter=10, stop_auto_threshold=-1.1,
                         stop_auto_window=1, stop_auto_warmup=0)
     layer = model.decoder.layers[0]
@@ -80,6 +80,8 @@ def test_cosine_equals_hand_computation(megatron_world1, tiny_teacher, lambda0):
             align_sq += align.pow(2).sum().item()
         expected = dot / math.sqrt(lm_sq * align_sq)
         assert report["let grad cos"] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+        # the realised pull fraction, logged whenever the probe measures (fixed lambda too)
+        assert report["let ratio"] == pytest.approx(report["let lambda"] * math.sqrt(align_sq / lm_sq), rel=1e-6)
         cosines.append(report["let grad cos"])
     assert len(set(cosines)) == 3 and all(-1 <= c <= 1 for c in cosines)
     assert let.auto_stop.state == {"stopped_at": None, "below": 0} and not let.finished  # never below -1.1
