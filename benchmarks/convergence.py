@@ -336,7 +336,7 @@ def main(argv=None):
     extra_teachers = {}
     if args.plan == "full":
         extra_teachers["gpt2_tok"] = other_tokenizer_teacher(a, trained)
-    if args.plan != "core":
+    if args.plan not in ("core", "auto"):
         extra_teachers["smollm2"] = smollm2_teacher(a, args.smollm2)
     if args.plan == "smollm2-tokenizer":
         data = smollm2_tokenizer_data(a, extra_teachers["smollm2"])
