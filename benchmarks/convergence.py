@@ -131,6 +131,8 @@ def teacher_lines(a, trained, extra, smollm2_alignment="causal-span") -> list:
 def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
     """name -> (extra flags, upstream key, seeds); each name is run for every seed in its list."""
     let = lambda teacher, **o: [str(x) for x in qs.let_flags(argparse.Namespace(**{**vars(a), **o}), teacher)]  # noqa: E731
+    if plan == "auto":  # issue 27: --let-lambda auto against a hand sweep of lambda0, + the automatic stop
+        return auto_arms(a, trained, random, let)
     span = ["--let-token-alignment", "causal-span"]
     matched = ["--let-token-alignment", "causal-span-matched"]
     # an earlier SmolLM2 layer: its blocks after it are never run (layer 10 of 30: a third of the teacher)
@@ -167,8 +169,6 @@ def arms(a, trained, random, plan, gpt2_tok=None, smollm2=None):
                 "let-random-teacher": (let(random), random["key"], (1, 2)),
                 "let-smollm2-center": (let(smollm2) + span + norm("center"), smollm2["key"], (1, 2)),
                 "let-center": (let(trained) + norm("center"), trained["key"], (1, 2))}
-    if plan == "auto":  # issue 27: --let-lambda auto against a hand sweep of lambda0, + the automatic stop
-        return auto_arms(a, trained, random, let)
     if plan == "teacher-norm":  # issue 14: normalised teacher features, both teachers, paired on seeds 1-2
         linear = lambda teacher: let(teacher, let_projector="linear")  # noqa: E731
         return {
@@ -219,11 +219,11 @@ def auto_arms(a, trained, random, let) -> dict:
         "--let-lambda-auto-fraction", f"{fraction:g}"]
     first = a.auto_fractions[0]
     arms_ = {"baseline": ([], "", seeds)}
-    arms_.update({f"let-auto{f:g}": (auto(trained, f), trained["key"], seeds) for f in a.auto_fractions})
-    arms_.update({f"let-lambda{lam:g}": (let(trained, let_lambda=lam) + OBSERVE, trained["key"], seeds)
+    arms_.update({f"let-auto{f}": (auto(trained, f), trained["key"], seeds) for f in a.auto_fractions})
+    arms_.update({f"let-lambda{lam}": (let(trained, let_lambda=lam) + OBSERVE, trained["key"], seeds)
                   for lam in a.hand_lambdas})
-    arms_[f"let-auto{first:g}-stop"] = (auto(trained, first) + AUTO_STOP, trained["key"], seeds)
-    arms_[f"let-random-auto{first:g}"] = (auto(random, first), random["key"], seeds)
+    arms_[f"let-auto{first}-stop"] = (auto(trained, first) + AUTO_STOP, trained["key"], seeds)
+    arms_[f"let-random-auto{first}"] = (auto(random, first), random["key"], seeds)
     return arms_
 
 
