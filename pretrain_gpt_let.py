@@ -37,13 +37,13 @@ def main(argv=None, model: str = "gpt") -> int:
     # Before anything imports megatron: MEGATRON_LM_PATH goes first on sys.path (so megatron.core is the
     # checkout's), and a Megatron-LM that was asked for but cannot run is one line, never a silent fallback.
     cpu_note = quiet_cpu_fallback_warnings()
+    from megatron_let.errors import print_error
     from megatron_let.integrations.selection import TrainerSelectionError, choose_trainer
 
     try:
         choice = choose_trainer()
     except TrainerSelectionError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+        print_error(program, error)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # the start-up line, once
         print(choice.describe() + cpu_note, flush=True)
@@ -52,10 +52,9 @@ def main(argv=None, model: str = "gpt") -> int:
 
         return megatron_lm_main(model=model) or 0
     if model == "hybrid":  # the lean trainer builds GPTModels only
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{program}: error: HybridModel runs under Megatron-LM's pretrain() only, which this stack lacks "
-                  "(megatron.training ships with megatron-core 0.17+, Python 3.12): install megatron-core 0.19, or "
-                  "set MEGATRON_LM_PATH to a Megatron-LM 0.19 checkout.", file=sys.stderr, flush=True)
+        print_error(program, "HybridModel runs under Megatron-LM's pretrain() only, which this stack lacks "
+                    "(megatron.training ships with megatron-core 0.17+, Python 3.12): install megatron-core 0.19, or "
+                    "set MEGATRON_LM_PATH to a Megatron-LM 0.19 checkout.")
         return 2
     from megatron_let.training.cli import main as lean_main
 

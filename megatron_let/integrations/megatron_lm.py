@@ -75,7 +75,7 @@ from megatron_let.config import add_let_args
 from megatron_let.integrations.launch import build_let, let_state, refuse_unsupported_features
 from megatron_let.resume import saved_let_state
 from megatron_let.megatron_versions import batch_predicate_name, call_pretrain, supported_range, tokens_and_loss_mask
-from megatron_let.errors import LETConfigError, LETNonFiniteError
+from megatron_let.errors import LETConfigError, LETNonFiniteError, print_error
 from megatron_let.controller import LateToEarlyTraining
 
 __all__ = ["LETMegatronLM", "import_pretrain_gpt", "import_pretrain_script", "main", "megatron_lm_available"]
@@ -523,8 +523,7 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
         try:
             model_config_from_args = _hybrid_model_config()
         except LETConfigError as error:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+            print_error(program, error)
             return 2
     pretrain_gpt = import_pretrain_script("pretrain_hybrid" if model == "hybrid" else "pretrain_gpt")
     from megatron.core.enums import ModelType
@@ -573,8 +572,7 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
     except _Exported:
         return 0
     except (LETConfigError, LETNonFiniteError) as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+        print_error(program, error)
         return 2 if isinstance(error, LETConfigError) else 1
     return 0
 
