@@ -227,6 +227,34 @@ def auto_arms(a, trained, random, let) -> dict:
     return arms_
 
 
+def pull_table(a, runs) -> list:
+    """(plan auto) What each LET arm did at layer k, from its logged intervals: the weight, the realised pull
+    fraction ("let ratio" = lambda ||g_A|| / ||g_LM||), that pull without the schedule's decay (the fraction
+    --let-lambda auto would have to be given to pull as hard), and cos(g_A, g_LM), each a mean over the seeds'
+    intervals in the first and second half of the LET phase."""
+    stop = a.let_stop_iter
+    halves = ((0, stop // 2), (stop // 2, stop))
+
+    def mean(group, key, lo, hi, per_decay=False):
+        values = [m[key] / (1 - (it - a.log_interval / 2) / stop if per_decay else 1.0)
+                  for run in group for it, m in run["log"]["train"].items() if lo < it <= hi and key in m]
+        return f"{statistics.mean(values):.3g}" if values else "-"
+
+    lines = ["", f"At layer {a.let_target_layer} during the LET phase (iterations 1-{stop // 2} / {stop // 2 + 1}-{stop}, "
+                 "mean of the logged intervals over seeds): the weight, the realised pull fraction (let ratio = lambda "
+                 "||g_A|| / ||g_LM||), the same divided by the schedule's decay (the --let-lambda-auto-fraction that "
+                 "pulls as hard), and cos(g_A, g_LM):", "",
+             "| arm | let lambda | let ratio | let ratio / decay | let grad cos |", "|---|---|---|---|---|"]
+    for name, group in runs.items():
+        if name == "baseline":
+            continue
+        cells = [" / ".join(mean(group, key, lo, hi, per_decay=decay) for lo, hi in halves)
+                 for key, decay in (("let lambda", False), ("let ratio", False), ("let ratio", True),
+                                    ("let grad cos", False))]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return lines
+
+
 def evaluated(model_dir: Path, tokenizer: str, limit: int, report: Path) -> dict:
     """{task: acc_per_char} of one model, zero-shot, cached in ``report`` per limit."""
     from megatron_let.evaluation import downstream
@@ -387,6 +415,8 @@ def main(argv=None):
         lines.append(f"| {name} | {len(group)} | {' / '.join(f'{f:.4f}' for f in finals)} | "
                      f"{statistics.mean(deltas):+.4f}; {' / '.join(f'{d:+.3f}' for d in deltas)} | "
                      f"{'-' if spread is None else f'{spread:.4f}'} | {' / '.join(fmt_speedup(ups[f]) for f in LEVELS)} |")
+    if args.plan == "auto":
+        lines += pull_table(a, runs)
     if args.downstream:
         lines += downstream_table(a, data, plan, trained, args.downstream_limit)
     md = "\n".join(lines) + "\n"

@@ -1,13 +1,16 @@
 """LET's step-time and memory cost against the same run without LET, measured side by side.
 
     python benchmarks/overhead.py                      # CPU preset (a few minutes on 2 cores)
+    python benchmarks/overhead.py --auto               # + a third arm with --let-lambda auto (issue 27)
     torchrun --nproc-per-node 1 benchmarks/overhead.py --preset gpu-1.4b   # H100/H200, bf16
 
 Two identical targets (same seed, data, optimizer) are trained in one process,
 steps alternating: A carries LET, B does not. Reported per phase (while lambda
 > 0, and after the stop step when A's hooks are gone and its teacher released):
 median step time, tokens/s, memory, and the ratio A/B; plus the physical floor,
-teacher forward FLOPs over target forward+backward FLOPs.
+teacher forward FLOPs over target forward+backward FLOPs. With --auto a third
+target, C, carries LET with --let-lambda auto (the probe's extra autograd call
+and sums), in the same rotation: C/B beside A/B, and C/A.
 """
 
 import argparse
@@ -44,7 +47,8 @@ def forward_flops_per_token(layers, hidden, ffn, seq, vocab, kv_ratio=1.0, gated
     return layers * (attention_proj + mlp + attention_scores) + head
 
 
-def build_arm(p, teacher_dir, with_let, seed, fp8=None):
+def build_arm(p, teacher_dir, lambda0, seed, fp8=None):
+    """A target and its optimizer; with LET at ``lambda0`` (0.1, or "auto") unless it is None."""
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import Float16Module
@@ -66,8 +70,8 @@ def build_arm(p, teacher_dir, with_let, seed, fp8=None):
         apply_rope_fusion=False, fp8=fp8)
     torch.manual_seed(seed)
     let = None
-    if with_let:
-        let = LateToEarlyTraining(LETConfig(teacher=teacher_dir, target_layer=p["target_layer"], lambda0=0.1,
+    if lambda0 is not None:
+        let = LateToEarlyTraining(LETConfig(teacher=teacher_dir, target_layer=p["target_layer"], lambda0=lambda0,
                                             stop_iter=p["stop"], projector="linear"), seed=seed)
     chunks = build_gpt_chunks(config, p["vocab"], p["seq"], let=let)
     if bf16:
@@ -104,6 +108,8 @@ def main():
     parser.add_argument("--teacher", default=None, help="HF teacher dir (default: random, preset shape)")
     parser.add_argument("--fp8", choices=["hybrid", "e4m3"], default=None,
                         help="target in fp8 (TransformerEngine layers on a GPU); the teacher stays in --preset dtype")
+    parser.add_argument("--auto", action="store_true",
+                        help="a third arm with --let-lambda auto: its cost against the fixed lambda 0.1 arm")
     args = parser.parse_args()
     from megatron_let.training.arguments import has_transformer_engine
 
@@ -123,8 +129,10 @@ def main():
     initialize_parallel(seed=1234)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     teacher_dir = args.teacher or make_teacher(p, tempfile.mkdtemp(prefix="let-teacher-"))
-    arms = {"baseline": build_arm(p, teacher_dir, False, 1, args.fp8),
-            "let": build_arm(p, teacher_dir, True, 1, args.fp8)}
+    arms = {"baseline": build_arm(p, teacher_dir, None, 1, args.fp8),
+            "let": build_arm(p, teacher_dir, 0.1, 1, args.fp8)}
+    if args.auto:
+        arms["let auto"] = build_arm(p, teacher_dir, "auto", 1, args.fp8)
     gen = torch.Generator().manual_seed(0)
     batch = {"tokens": torch.randint(0, p["vocab"], (p["mbs"], p["seq"]), generator=gen)}
     batch["labels"] = torch.roll(batch["tokens"], -1, 1)
@@ -148,13 +156,14 @@ def main():
 
     times = {(arm, phase): [] for arm in arms for phase in ("align", "after")}
     memory = {key: [] for key in times}
-    for warm in range(2):  # warm-up both arms (allocator, teacher load), not timed
-        step("baseline", 0)
-        step("let", 0)
+    for warm in range(2):  # warm-up every arm (allocator, teacher load), not timed
+        for name in arms:
+            step(name, 0)
+    names = list(arms)
     for i in range(2 * p["steps"]):
         iteration = i if i < p["stop"] else p["stop"] + i  # second half: past the stop step
         phase = "align" if iteration < p["stop"] else "after"
-        for name in (("let", "baseline") if i % 2 else ("baseline", "let")):
+        for name in names[i % len(names):] + names[:i % len(names)]:  # each arm first in turn
             seconds, mem = step(name, iteration)
             times[(name, phase)].append(seconds)
             memory[(name, phase)].append(mem)
@@ -171,14 +180,20 @@ def main():
     print(f"\nLET overhead, preset {args.preset} ({precision}) on {device_name}, torch {torch.__version__}, "
           f"{p['steps']} alternating steps per phase and arm, {tokens_per_step} tokens/step")
     print(f"FLOP floor (teacher fwd / target fwd+bwd): {100 * teacher_flops / target_flops:.1f}%")
-    print("| phase | baseline s/step | LET s/step | ratio | baseline tok/s | LET tok/s | memory LET/baseline |")
-    print("|---|---|---|---|---|---|---|")
+    print("| phase | arm | baseline s/step | LET s/step | ratio | baseline tok/s | LET tok/s | memory LET/baseline |")
+    print("|---|---|---|---|---|---|---|---|")
     for phase in ("align", "after"):
-        b, l = statistics.median(times[("baseline", phase)]), statistics.median(times[("let", phase)])
-        mb, ml = max(memory[("baseline", phase)]), max(memory[("let", phase)])
+        b, mb = statistics.median(times[("baseline", phase)]), max(memory[("baseline", phase)])
         label = "alignment (lambda > 0)" if phase == "align" else "after the stop step"
-        print(f"| {label} | {b:.4f} | {l:.4f} | {l / b:.3f} | {tokens_per_step / b:,.0f} | "
-              f"{tokens_per_step / l:,.0f} | {ml / mb:.3f} ({ml / 2**30:.2f} / {mb / 2**30:.2f} GiB) |")
+        for name in names[1:]:
+            l, ml = statistics.median(times[(name, phase)]), max(memory[(name, phase)])
+            arm = "lambda 0.1" if name == "let" else "lambda auto"
+            print(f"| {label} | {arm} | {b:.4f} | {l:.4f} | {l / b:.3f} | {tokens_per_step / b:,.0f} | "
+                  f"{tokens_per_step / l:,.0f} | {ml / mb:.3f} ({ml / 2**30:.2f} / {mb / 2**30:.2f} GiB) |")
+    if args.auto:
+        for phase in ("align", "after"):
+            fixed, auto = (statistics.median(times[(name, phase)]) for name in ("let", "let auto"))
+            print(f"auto / fixed lambda, {phase}: {auto / fixed:.3f} ({100 * (auto / fixed - 1):+.1f} points)")
     if not torch.cuda.is_available():
         print("(CPU memory is the process RSS high-water mark, shared by both arms; on GPU it is each arm's "
               "peak allocated memory per step)")

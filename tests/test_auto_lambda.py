@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from conftest import tiny_transformer_config
+from conftest import padded_microbatches, tiny_transformer_config
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError, add_let_args, let_config_from_args
 from megatron_let.auto_lambda import EMA_BETA
 from megatron_let.config import DEFAULT_LAMBDA_AUTO_FRACTION
@@ -22,13 +22,7 @@ VOCAB, SEQ, MBS, M, LOSS_SCALE, FRACTION, STOP = 128, 16, 2, 2, 4.0, 0.2, 4
 
 
 def _microbatches(iteration):
-    gen = torch.Generator().manual_seed(100 + iteration)
-    for _ in range(M):
-        data = torch.randint(1, VOCAB, (MBS, SEQ + 1), generator=gen)
-        data[torch.rand(MBS, SEQ + 1, generator=gen) < 0.2] = 0
-        tokens, labels = data[:, :-1], data[:, 1:]
-        yield {"tokens": tokens, "labels": labels, "loss_mask": (tokens != 0).float(),
-               "position_ids": torch.arange(SEQ).expand(MBS, SEQ), "attention_mask": None}
+    return padded_microbatches(M, 100 + iteration, VOCAB, SEQ, MBS)
 
 
 @pytest.mark.parametrize("projector", ["linear", "interp"])

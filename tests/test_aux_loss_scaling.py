@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from conftest import tiny_transformer_config
+from conftest import padded_microbatches, tiny_transformer_config
 from megatron_let import LateToEarlyTraining, LETConfig
 from megatron_let.training.model import build_gpt_chunks
 from megatron_let.training.step import forward_step
@@ -15,13 +15,7 @@ VOCAB, SEQ, MBS, M, LAMBDA, LOSS_SCALE = 128, 16, 2, 3, 0.7, 4.0
 
 
 def _microbatches():
-    gen = torch.Generator().manual_seed(7)
-    for _ in range(M):
-        data = torch.randint(1, VOCAB, (MBS, SEQ + 1), generator=gen)
-        data[torch.rand(MBS, SEQ + 1, generator=gen) < 0.2] = 0
-        tokens, labels = data[:, :-1], data[:, 1:]
-        yield {"tokens": tokens, "labels": labels, "loss_mask": (tokens != 0).float(),
-               "position_ids": torch.arange(SEQ).expand(MBS, SEQ), "attention_mask": None}
+    return padded_microbatches(M, 7, VOCAB, SEQ, MBS)
 
 
 def _grads(model):

@@ -81,6 +81,31 @@ def test_rerun_reuses_finished_stages(quickstart):
     assert "| step | baseline val loss |" in proc.stdout
 
 
+def test_hybrid_target(tmp_path):
+    """--target-pattern: the same experiment on a HybridModel target through pretrain_hybrid_let.py (megatron-core
+    0.19), LET at pattern layer 2 = after GPT block 1; on an older megatron-core one line before any stage."""
+    import importlib.util
+
+    pattern = ["--target-pattern", "*-*-", "--let-target-layer", "2"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+               MEGATRON_LET_CACHE=os.environ.get("MEGATRON_LET_CACHE") or str(tmp_path / "downloads"))
+    proc = subprocess.run([sys.executable, QUICKSTART, "--work-dir", str(tmp_path / "run"), *TINY, *pattern],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    if importlib.util.find_spec("megatron.core.models.hybrid") is None:
+        assert proc.returncode == 2 and "--target-pattern: HybridModel needs megatron-core 0.19" in proc.stderr
+        assert "[1/5 data]" not in proc.stdout
+        return
+    if proc.returncode == DOWNLOAD_ERROR_EXIT:
+        pytest.skip(f"pip cannot reach the package index: {proc.stdout[-400:]}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "HybridModel '*-*-' x 64" in proc.stdout and "[let     ] iter" in proc.stdout
+    let_log = (tmp_path / "run" / "let" / "train.log").read_text()
+    assert "pretrain_hybrid_let.py" in (tmp_path / "run" / "let" / "command.txt").read_text()
+    assert "LET target: hybrid layer 2 of '*-*-' ('-'), the output of GPT block 1" in let_log
+    assert "let lambda" in let_log and "let loss" not in (tmp_path / "run" / "baseline" / "train.log").read_text()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["rows"][-1]["step"] == 6
+
+
 def test_steps_to_reach():
     import importlib.util
 

@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "pretrain_gpt_let.py"
+HYBRID_SCRIPT = ROOT / "pretrain_hybrid_let.py"  # a HybridModel target (--hybrid-layer-pattern; megatron-core 0.19)
 # what Megatron-LM's own loop needs on a CPU (megatron_let.compat.cpu_megatron_lm); the lean trainer accepts them too
 CPU_FLAGS = ["--transformer-impl", "local", "--distributed-backend", "gloo", "--use-cpu-initialization",
              "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
@@ -56,19 +57,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pretrain_command(flags: List[str], nproc: int = 1) -> List[str]:
+def pretrain_command(flags: List[str], nproc: int = 1, script: Path = SCRIPT) -> List[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            f"--master-port={free_port()}", str(SCRIPT), *map(str, flags)]
+            f"--master-port={free_port()}", str(script), *map(str, flags)]
 
 
 def run_pretrain(flags: List[str], log_path: Path, on_line: Callable[[str, int, dict], None] = lambda *_: None,
-                 gpu: bool = False, nproc: int = 1) -> Tuple[int, dict, List[str]]:
-    """Run ``pretrain_gpt_let.py flags`` to completion, writing its output to ``log_path``.
+                 gpu: bool = False, nproc: int = 1, script: Path = SCRIPT) -> Tuple[int, dict, List[str]]:
+    """Run ``pretrain_gpt_let.py flags`` (or ``script``) to completion, writing its output to ``log_path``.
 
     ``on_line(kind, iteration, log)`` is called for every parsed log line (progress output). Without
     ``gpu`` the GPUs are hidden. Returns (exit code, parsed log, the last 30 lines).
     """
-    cmd = pretrain_command(flags, nproc)
+    cmd = pretrain_command(flags, nproc, script)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 2)),
                PYTHONWARNINGS="ignore",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
