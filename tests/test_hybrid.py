@@ -7,8 +7,11 @@
   and optimizer (in this process, both models side by side).
 - pretrain_hybrid_let.py (Megatron-LM's pretrain() with the wheel's megatron.training) loads a
   pretrain_gpt_let.py checkpoint through that translation (``--load --finetune``) and logs, with LET at
-  hybrid layer 6, what the GPT run logs with LET at block 3; TP2 and PP2 (pattern '*-*-|*-*-') of the
-  hybrid target log what one process logs.
+  hybrid layer 6, what the GPT run logs with LET at block 3; every layout of the hybrid target (TP2, TP2 + SP,
+  DP2, PP2 with layer 6 on either stage, PP2 with the owner placement, PP2 with 2 virtual stages per rank)
+  logs what one process logs (lm loss, let loss, let lambda to 1e-5).
+- '*E*E*E*E' (MoE) with EP2 logs what it logs on one process; a hybrid run saved and resumed logs what a
+  straight run logs, across the stop step (lambda 0 from there on); --let-export-dir works on hybrid.
 - Layer k counts pattern symbols; M/G/D layers are refused without TransformerEngine in one line.
 
 HybridModel exists from megatron-core 0.19 (Python 3.12): on the 3.11 / megatron-core 0.16 stack these tests
@@ -162,7 +165,23 @@ MODEL_ARGS = [
     "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
     "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
 ]
-HYBRID_PATTERN = "*-*-*-*-"
+HYBRID_PATTERN, TARGET = "*-*-*-*-", 6  # 4 GPT blocks; LET after block 3
+LET_SCALARS = ("lm loss", "let loss", "let lambda")
+PP2 = ["--pipeline-model-parallel-size", 2]
+LAYOUTS = {  # name: (processes, pattern, flags, the pipeline segment holding layer 6 as Megatron-LM logs it)
+    "tp2": (2, HYBRID_PATTERN, ["--tensor-model-parallel-size", 2], None),
+    "tp2_sp": (2, HYBRID_PATTERN, ["--tensor-model-parallel-size", 2, "--sequence-parallel"], None),
+    "dp2": (2, HYBRID_PATTERN, [], None),
+    "pp2": (2, "*-*-|*-*-", PP2, "pp_rank=1/2, vp_stage=0, segment_index=1/2, layers='*-*-'"),
+    "pp2_k_first": (2, "*-*-*-|*-", PP2,  # uneven segments
+                    "pp_rank=0/2, vp_stage=0, segment_index=0/2, layers='*-*-*-'"),
+    "pp2_owner": (2, "*-*-|*-*-", [*PP2, "--let-teacher-placement", "owner"],  # the teacher on stage 1 only
+                  "pp_rank=1/2, vp_stage=0, segment_index=1/2, layers='*-*-'"),
+    # 4 segments on 2 ranks: Megatron-LM derives 2 virtual stages per rank (and refuses
+    # --num-virtual-stages-per-pipeline-rank / --num-layers-per-virtual-pipeline-stage with a pattern)
+    "pp2_vpp2": (2, "*-|*-|*-|*-", PP2, "pp_rank=0/2, vp_stage=1, segment_index=2/4, layers='*-' (2 layers), "
+                                        "layer_offset=4"),
+}
 
 
 def _log(script, nproc, args):
@@ -170,19 +189,28 @@ def _log(script, nproc, args):
 
     proc = torchrun(script, nproc, [*MODEL_ARGS, *args], timeout=600, megatron_lm=True)
     logged = parse_log(proc.stdout)
-    assert "lm loss" in logged.get(1, {}), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert logged and "lm loss" in logged[min(logged)], proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, logged
 
 
-def _values(logged, key):
-    values = [logged[i][key] for i in range(1, LM_ITERS + 1)]
-    values[1] = 2 * values[1] - values[0]  # Megatron-LM's first logged interval is not reset (test_megatron_lm)
+def _values(logged, key, first=1, last=LM_ITERS):
+    """Per-iteration values of ``key`` for iterations first..last of one run (0 where Megatron-LM leaves a zero
+    average out of the line): its first logged interval is not reset (test_megatron_lm.per_iteration)."""
+    values = [logged[i].get(key, 0.0) for i in range(first, last + 1)]
+    values[1] = 2 * values[1] - values[0]
     return values
+
+
+def _assert_logs_equal(got, reference, what, keys=LET_SCALARS):
+    for key in keys:
+        assert key in reference[1], f"{key} not logged"
+        assert _values(got, key) == pytest.approx(_values(reference, key), rel=1e-5), f"{what}: {key}"
 
 
 @pytest.fixture(scope="module")
 def megatron_lm_runs(tiny_teacher, tmp_path_factory):
-    """A pretrain_gpt_let.py checkpoint (4 GPT blocks, one step), and the GPT and hybrid runs from it."""
+    """A pretrain_gpt_let.py checkpoint (4 GPT blocks, one step), the GPT and the one-process hybrid run from it
+    (the reference of every layout), and the flags that start a hybrid run from it."""
     if megatron_lm_source() is None:
         pytest.skip("needs Megatron-LM's megatron.training (the megatron-core 0.19 wheel, or MEGATRON_LM_PATH)")
     let_args = ["--let-teacher", tiny_teacher, "--let-lambda", 0.5, "--let-stop-iter", 100,
@@ -193,29 +221,79 @@ def megatron_lm_runs(tiny_teacher, tmp_path_factory):
     # --no-load-optim: with --finetune, megatron's GPT->Hybrid load still reads the optimizer state, GPT's does not
     start = ["--load", ckpt, "--finetune", "--no-load-optim", "--train-iters", LM_ITERS]
     _, gpt = _log(GPT_SCRIPT, 1, ["--num-layers", 4, *let_args, "--let-target-layer", 3, *start])
-    hybrid_args = [*let_args, "--let-target-layer", 6, *start]
+    hybrid_args = [*let_args, "--let-target-layer", TARGET, *start]
     proc, hybrid = _log(HYBRID_SCRIPT, 1, ["--hybrid-layer-pattern", HYBRID_PATTERN, *hybrid_args])
     assert "LET target: hybrid layer 6 of '*-*-*-*-' ('-'), the output of GPT block 3" in proc.stdout
-    return gpt, hybrid, hybrid_args
+    assert all(v > 0 for v in _values(hybrid, "let loss"))
+    return dict(gpt=gpt, hybrid=hybrid, hybrid_args=hybrid_args, let_args=let_args, gpt_checkpoint=ckpt)
 
 
 def test_pretrain_hybrid_let_equals_pretrain_gpt_let(megatron_lm_runs):
-    gpt, hybrid, _ = megatron_lm_runs
-    for key in ("lm loss", "let loss", "let lambda"):  # printed to 7 significant digits
-        assert _values(hybrid, key) == pytest.approx(_values(gpt, key), rel=1e-5), key
+    gpt, hybrid = megatron_lm_runs["gpt"], megatron_lm_runs["hybrid"]
+    _assert_logs_equal(hybrid, gpt, "hybrid vs GPT")  # printed to 7 significant digits
     # grad norm is printed to 3 decimals (the in-process test compares it to 1e-5)
     assert [hybrid[i]["grad norm"] for i in range(1, LM_ITERS + 1)] == \
         pytest.approx([gpt[i]["grad norm"] for i in range(1, LM_ITERS + 1)], abs=1.5e-3)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_hybrid_layouts_equal_one_process(layout, megatron_lm_runs):
-    _, reference, hybrid_args = megatron_lm_runs
-    pattern, parallel = {"tp2": (HYBRID_PATTERN, ["--tensor-model-parallel-size", 2]),
-                         "pp2": ("*-*-|*-*-", ["--pipeline-model-parallel-size", 2])}[layout]
-    _, logged = _log(HYBRID_SCRIPT, 2, ["--hybrid-layer-pattern", pattern, *hybrid_args, *parallel])
-    for key in ("lm loss", "let loss", "let lambda"):
-        assert _values(logged, key) == pytest.approx(_values(reference, key), rel=1e-5), f"{layout}: {key}"
+    nproc, pattern, parallel, segment_of_k = LAYOUTS[layout]
+    proc, logged = _log(HYBRID_SCRIPT, nproc, ["--hybrid-layer-pattern", pattern, *megatron_lm_runs["hybrid_args"],
+                                               *parallel])
+    placement = "owner" if "owner" in parallel else "spread"
+    assert f"LET teacher placement {placement}" in proc.stdout, proc.stdout[-3000:]
+    if segment_of_k:  # the layout is what it claims: layer 6 on that stage / virtual stage
+        assert f"HybridModel: {segment_of_k}" in proc.stdout, proc.stdout[-3000:]
+    _assert_logs_equal(logged, megatron_lm_runs["hybrid"], layout)
+
+
+# ------------------------------------------------------------------ 'E' (MoE) layers with expert parallelism
+def test_moe_pattern_expert_parallel_equals_one_process(megatron_lm_runs, tmp_path):
+    """'*E*E*E*E' (4 experts, top 2, load-balancing loss), LET at layer 6 (an 'E'): EP2 logs what one process
+    logs from the same initial weights (a one-step run of its own: a GPT checkpoint has no experts)."""
+    from test_megatron_lm import MOE_ARGS
+
+    moe = ["--hybrid-layer-pattern", "*E*E*E*E", *MOE_ARGS, *megatron_lm_runs["let_args"], "--let-target-layer", TARGET]
+    ckpt = tmp_path / "moe_init"
+    _log(HYBRID_SCRIPT, 1, [*moe, "--train-iters", 1, "--save", ckpt, "--save-interval", 1])
+    start = ["--load", ckpt, "--finetune", "--no-load-optim", "--train-iters", LM_ITERS]
+    proc, reference = _log(HYBRID_SCRIPT, 1, [*moe, *start])
+    assert "LET target: hybrid layer 6 of '*E*E*E*E' ('E'), the output of GPT block 3" in proc.stdout
+    _, ep2 = _log(HYBRID_SCRIPT, 2, [*moe, *start, "--expert-model-parallel-size", 2])
+    _assert_logs_equal(ep2, reference, "EP2", keys=(*LET_SCALARS, "load_balancing_loss"))
+
+
+# ------------------------------------------------------------------ resume, stop step, export
+def test_resume_stop_and_export_on_hybrid(megatron_lm_runs, tmp_path):
+    """--let-stop-iter 2: lambda 0.5, 0.25, then 0. Saved after iteration 1 and resumed to 4 (across the stop),
+    the run logs what the straight run logs; --let-export-dir writes the model without the projector, which a
+    plain pretrain_hybrid_let.py run loads."""
+    args = ["--hybrid-layer-pattern", HYBRID_PATTERN, *megatron_lm_runs["let_args"], "--let-target-layer", TARGET,
+            "--let-stop-iter", 2, "--train-iters", LM_ITERS]  # the later --let-stop-iter wins
+    from_gpt = ["--load", megatron_lm_runs["gpt_checkpoint"], "--finetune", "--no-load-optim"]
+    proc, straight = _log(HYBRID_SCRIPT, 1, [*args, *from_gpt])
+    assert "LET stops at iteration 2 = sample 16 (--let-stop-iter 2)" in proc.stdout, proc.stdout[-3000:]
+    assert _values(straight, "let lambda") == pytest.approx([0.5, 0.25, 0.0, 0.0], abs=1e-7)
+    assert [straight[i].get("let loss", 0.0) for i in (3, 4)] == [0.0, 0.0] and straight[1]["let loss"] > 0
+
+    ckpt, export = tmp_path / "ckpt", tmp_path / "export"
+    _, first = _log(HYBRID_SCRIPT, 1, [*args, *from_gpt, "--save", ckpt, "--save-interval", 1, "--exit-interval", 1])
+    _, resumed = _log(HYBRID_SCRIPT, 1, [*args, "--load", ckpt, "--save", ckpt, "--save-interval", 100])
+    assert sorted(first) == [1] and sorted(resumed) == [2, 3, 4], (sorted(first), sorted(resumed))
+    assert resumed[2]["let loss"] > 0  # resumed before the stop step: the teacher runs again
+    for key in LET_SCALARS:
+        assert _values(resumed, key, first=2) == pytest.approx(_values(straight, key)[1:], rel=1e-5, abs=1e-7), key
+
+    proc = torchrun(HYBRID_SCRIPT, 1, [*MODEL_ARGS, *args, "--load", ckpt, "--no-load-rng", "--let-export-dir", export],
+                    megatron_lm=True)
+    assert f"without LET state to {export}" in proc.stdout and "consumed samples" not in proc.stdout  # no training
+    assert b"let_alignment" in (ckpt / "iter_0000004" / ".metadata").read_bytes()  # the projector was saved
+    keys = (export / "iter_0000004" / ".metadata").read_bytes()
+    assert b"decoder.layers." in keys and b"let_alignment" not in keys
+    plain, logged = _log(HYBRID_SCRIPT, 1, ["--hybrid-layer-pattern", HYBRID_PATTERN, "--load", export,
+                                            "--train-iters", LM_ITERS + 1, "--no-load-optim", "--no-load-rng"])
+    assert "loaded checkpoint" in plain.stdout and sorted(logged) == [LM_ITERS + 1] and "let loss" not in logged[5]
 
 
 def test_mamba_pattern_refused_before_any_process_group(tiny_teacher):
