@@ -1,4 +1,4 @@
-"""Megatron-LM's own GPT/Llama example launch scripts, shrunk to CPU, with LET added (issue 15).
+"""Megatron-LM's own GPT/Llama/Mamba example launch scripts, shrunk to CPU, with LET added (issues 15, 28).
 
 The flag set is the real one: the test runs the example script itself with bash, with a `torchrun`
 stand-in first on PATH that records the arguments the script passes (so every variable, array and
@@ -6,11 +6,13 @@ condition of the script is expanded by bash, exactly as on a cluster). It then
 - shrinks sizes (layers, widths, batch, samples/iterations, parallel sizes to 2 processes),
 - removes only flags that cannot run on CPU (each with the reason below),
 - substitutes mock data where the script reads the user's files (the llama script's own MOCK mode;
-  the GPT-3 script takes data/vocab paths as arguments),
+  the GPT-3 and Mamba scripts take data/vocab/tokenizer paths as arguments),
 - adds the CPU switches (local transformer, gloo, no fused kernels) and `--let-*` flags with LET's
   default stop (0.25 of training),
-and runs it through pretrain_gpt_let.py on Megatron-LM (skipped without MEGATRON_LM_PATH) and, for the
-flags it implements, on the lean megatron-core trainer.
+and runs it with only the training script's name changed (pretrain_gpt.py -> pretrain_gpt_let.py,
+pretrain_hybrid.py -> pretrain_hybrid_let.py) on Megatron-LM (skipped without MEGATRON_LM_PATH) and, for
+the GPT scripts' flags it implements, on the lean megatron-core trainer. The Mamba script's pattern of
+Mamba-2 layers becomes a '*-' pattern: 'M' needs TransformerEngine / GPU kernels (docs/hybrid.md).
 """
 
 import os
@@ -24,14 +26,22 @@ from test_sample_schedule import parse
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
+LET_SCRIPTS = {"pretrain_gpt.py": SCRIPT, "pretrain_hybrid.py": os.path.join(ROOT, "pretrain_hybrid_let.py")}
 pytestmark = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM)
 
-EXAMPLES = {  # name: (script, its positional arguments after checkpoint and tensorboard dirs, processes, parallel)
-    "llama3_8b": ("examples/llama/train_llama3_8b_h100_fp8.sh", ["MOCK", "MOCK"], 2,
+EXAMPLES = {  # name: (script, its arguments ({ckpt}, {tb}: directories of the test), processes, flags set)
+    "llama3_8b": ("examples/llama/train_llama3_8b_h100_fp8.sh", ["{ckpt}", "{tb}", "MOCK", "MOCK"], 2,
                   {"--tensor-model-parallel-size": "2", "--context-parallel-size": "1"}),
-    "gpt3_175b": ("examples/gpt3/train_gpt3_175b_distributed.sh", ["vocab.json", "merges.txt", "data_prefix"], 2,
+    "gpt3_175b": ("examples/gpt3/train_gpt3_175b_distributed.sh",
+                  ["{ckpt}", "{tb}", "vocab.json", "merges.txt", "data_prefix"], 2,
                   {"--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "2"}),
+    # its own --sequence-parallel on TP2; 'M' layers cannot run on CPU: attention and MLP layers instead
+    "mamba": ("examples/mamba/train.sh", ["data_prefix", "tokenizer.model"], 2,
+              {"--tensor-model-parallel-size": "2", "--hybrid-layer-pattern": "*-*-"}),
 }
+LEAN_TRAINER_EXAMPLES = ["gpt3_175b", "llama3_8b"]  # the lean trainer builds GPTModels only
+NEEDS_HYBRID = ("the Mamba example runs pretrain_hybrid.py, a HybridModel: megatron-core 0.19 (Python 3.12) with "
+                "MEGATRON_LM_PATH a core_v0.19.0 checkout (tests/test_hybrid.py)")
 SHRINK = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "128", "--num-attention-heads": "4",
           "--num-query-groups": "2", "--kv-channels": "16", "--seq-length": "32", "--max-position-embeddings": "32",
           "--micro-batch-size": "2", "--global-batch-size": "8", "--rampup-batch-size": None,
@@ -50,9 +60,11 @@ CPU_IMPOSSIBLE = {
     "--profile": (0, "nsys/CUDA profiler"), "--profile-step-start": (1, "profiler"),
     "--profile-step-end": (1, "profiler"),
     "--fp16": (0, "fp16's dynamic loss scaler allocates on CUDA (megatron/core/optimizer/grad_scaler.py)"),
+    "--spec": (2, "megatron's hybrid_stack_spec is TransformerEngine's; with --transformer-impl local "
+                  "pretrain_hybrid_let.py builds the pattern from megatron-core's own modules"),
 }
 DATA_FLAGS = {"--data-path": 1, "--vocab-file": 1, "--merge-file": 1, "--tokenizer-type": 1, "--tiktoken-pattern": 1,
-              "--data-cache-path": 1, "--split": 1, "--vocab-size": 1}
+              "--tokenizer-model": 1, "--data-cache-path": 1, "--split": 1, "--vocab-size": 1}
 MOCK_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127", "--make-vocab-size-divisible-by", "64",
              "--split", "99,1,0"]
 CPU_FLAGS = ["--transformer-impl", "local", "--distributed-backend", "gloo", "--use-cpu-initialization",
@@ -60,8 +72,8 @@ CPU_FLAGS = ["--transformer-impl", "local", "--distributed-backend", "gloo", "--
              "--no-bias-swiglu-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion"]
 
 
-def script_argv(script: str, positional, tmp_path) -> list:
-    """The arguments the example script hands to torchrun's training script, as bash expands them."""
+def script_argv(script: str, positional, tmp_path):
+    """(the training script the example launches, the arguments it hands to it), as bash expands them."""
     shim = tmp_path / "bin"
     shim.mkdir()
     record = tmp_path / "argv"
@@ -71,10 +83,12 @@ def script_argv(script: str, positional, tmp_path) -> list:
     work.mkdir()
     (work / "pretrain_gpt.py").write_text("")
     env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
-    subprocess.run(["bash", os.path.join(MEGATRON_LM_PATH, script), str(tmp_path / "ckpt"), str(tmp_path / "tb"),
-                    *positional], check=True, cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    dirs = {"ckpt": str(tmp_path / "ckpt"), "tb": str(tmp_path / "tb")}
+    subprocess.run(["bash", os.path.join(MEGATRON_LM_PATH, script), *(a.format(**dirs) for a in positional)],
+                   check=True, cwd=work, env=env, capture_output=True, text=True, timeout=60)
     argv = record.read_bytes().decode().split("\0")[:-1]
-    return argv[argv.index("pretrain_gpt.py") + 1:]
+    at = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+    return os.path.basename(argv[at]), argv[at + 1:]
 
 
 def values(argv, at):
@@ -85,8 +99,8 @@ def values(argv, at):
     return n
 
 
-def shrink(argv, parallel, tmp_path):
-    """(flags for CPU, removed flags with reasons)."""
+def shrink(argv, overrides, tmp_path):
+    """(flags for CPU, removed flags with reasons); ``overrides``: flags set to these values (added if absent)."""
     out, removed, i = [], {}, 0
     while i < len(argv):
         flag, n = argv[i], values(argv, i)
@@ -94,8 +108,8 @@ def shrink(argv, parallel, tmp_path):
             removed[flag] = CPU_IMPOSSIBLE[flag][1]
         elif flag in DATA_FLAGS or flag == "--mock-data":
             pass  # replaced by MOCK_DATA below
-        elif flag in parallel:
-            out += [flag, parallel[flag]]
+        elif flag in overrides:
+            out += [flag, overrides[flag]]
         elif flag == "--step-batch-size-schedule":  # 0.19's GPT-3 script: batch 4, then 8 from 4 samples on
             out += [flag, STEP_SCHEDULE]
         elif flag == "--global-batch-size" and "--step-batch-size-schedule" in argv:
@@ -112,7 +126,7 @@ def shrink(argv, parallel, tmp_path):
         else:
             out += argv[i:i + 1 + n]
         i += 1 + n
-    for flag, value in parallel.items():
+    for flag, value in overrides.items():
         if flag not in out:
             out += [flag, value]
     return out + MOCK_DATA + ["--data-cache-path", str(tmp_path / "cache")] + CPU_FLAGS, removed
@@ -125,13 +139,17 @@ def teacher(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_example_script_with_let_on_megatron_lm(name, teacher, tmp_path):
-    script, positional, nproc, parallel = EXAMPLES[name]
-    argv = script_argv(script, positional, tmp_path)
-    flags, removed = shrink(argv, parallel, tmp_path)
-    print(name, "removed:", removed)
+    from megatron_let.megatron_versions import has_hybrid_model
+
+    script, positional, nproc, overrides = EXAMPLES[name]
+    if name == "mamba" and not has_hybrid_model():
+        pytest.skip(NEEDS_HYBRID)
+    training_script, argv = script_argv(script, positional, tmp_path)
+    flags, removed = shrink(argv, overrides, tmp_path)
+    print(name, training_script, "removed:", removed)
     assert "--let-teacher" not in argv and len(argv) > 40, argv
     let = ["--let-teacher", teacher, "--let-target-layer", "1", "--let-lambda", "0.5", "--let-projector", "linear"]
-    proc = torchrun(SCRIPT, nproc, [*flags, *let], timeout=600, megatron_lm=True)
+    proc = torchrun(LET_SCRIPTS[training_script], nproc, [*flags, *let], timeout=600, megatron_lm=True)
     logged = parse(proc.stdout)
     assert "megatron-let: trainer: Megatron-LM pretrain()" in proc.stdout
     total = max(logged)
@@ -145,14 +163,14 @@ def test_example_script_with_let_on_megatron_lm(name, teacher, tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", LEAN_TRAINER_EXAMPLES)
 def test_example_script_flags_on_the_lean_trainer(name, teacher, tmp_path):
     """The same flag set through the lean trainer: it names the first Megatron-LM flag it lacks in one line;
     the flags it implements run."""
     from megatron_let.training.arguments import build_parser
 
-    script, positional, nproc, parallel = EXAMPLES[name]
-    flags, _ = shrink(script_argv(script, positional, tmp_path), parallel, tmp_path)
+    script, positional, nproc, overrides = EXAMPLES[name]
+    flags, _ = shrink(script_argv(script, positional, tmp_path)[1], overrides, tmp_path)
     let = ["--let-teacher", teacher, "--let-target-layer", "1", "--let-lambda", "0.5", "--let-projector", "linear"]
     _, unknown = build_parser().parse_known_args(flags)
     unsupported = [u for u in unknown if u.startswith("--")]
