@@ -7,6 +7,9 @@
 #      tokens of real text, bf16
 #   4. the teacher's cost on one rank of the 7B template's layout (TP4 x PP2, micro-batch 1, Llama-3.2-1B
 #      shape), spread vs owner placement (benchmarks/placement.py --preset gpu-7b-layout; about 1 minute)
+#   5. HybridModel with Mamba (docs/hybrid.md): pattern 'M*-M-' on TransformerEngine's hybrid spec, bf16,
+#      pretrain_hybrid_let.py (Megatron-LM's pretrain() from the megatron-core 0.19 wheel) 30 iterations
+#      with LET at layer 3 (SmolLM2-135M-shaped random teacher) and without: the step-time ratio (about 2 minutes)
 #
 # The device machine has torch + transformers but no registry and at most 64 MiB of files per call, so
 # prepare on a CPU machine first (repo root; .gpu/ is git-ignored via .git/info/exclude):
@@ -22,6 +25,12 @@
 # part aa on the warm machine (ignored paths stay there between calls), then
 # `run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"])` brings the rest; the script joins the parts.
 # Without them, step 3 is skipped.
+# Step 5 needs megatron-core 0.19 (Python 3.12; the 0.16.1 wheel above stays for steps 1-4) and, on the device,
+# TransformerEngine and mamba_ssm (the 'M' layer's Triton kernels; not on PyPI as a wheel: a prebuilt one from
+# the state-spaces/mamba releases for the device's torch/CUDA goes into .gpu/wheels19 too):
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .gpu/wheels19 megatron-core==0.19.2
+# Without them, step 5 is skipped and says what is missing.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -57,3 +66,55 @@ fi
 
 echo "== 4. teacher placement at the 7B layout (one TP4 x PP2 rank's share)"
 timeout 150 python3 benchmarks/placement.py --preset gpu-7b-layout 2>&1 | tee "$OUT/placement_7b.txt"
+
+echo "== 5. HybridModel 'M*-M-' (Mamba) with TransformerEngine's spec: LET vs no LET step time, bf16"
+hybrid_site=/tmp/site19
+if ls .gpu/wheels19/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$hybrid_site" .gpu/wheels19/*.whl || exit 1
+fi
+HYBRID_PATH=$PWD:$hybrid_site  # megatron-core 0.19, not the 0.16.1 of steps 1-4
+found=$(PYTHONPATH=$HYBRID_PATH python3 -c "
+import importlib.util as u
+def found(m):
+    try:
+        return u.find_spec(m) is not None
+    except Exception:
+        return False
+print('missing:', *[m for m in ('megatron.core.models.hybrid', 'megatron.training', 'transformer_engine', 'mamba_ssm')
+                    if not found(m)])" 2>/dev/null | grep '^missing:' | tail -1)
+missing=${found#missing:}
+[ -z "$found" ] && missing=" (python3 could not check)"
+if [ -n "${missing// /}" ]; then
+    echo "skipped: not importable here:$missing (see the header)" | tee "$OUT/hybrid_mamba.txt"
+else
+    PYTHONPATH=$HYBRID_PATH python3 -c "import sys; sys.path.insert(0, 'benchmarks')
+from overhead import PRESETS, make_teacher; make_teacher(PRESETS['gpu-1.4b'], '/tmp/hybrid_teacher')"
+    HYBRID_FLAGS=(--hybrid-layer-pattern 'M*-M-' --transformer-impl transformer_engine --bf16
+        --hidden-size 2048 --num-attention-heads 16 --group-query-attention --num-query-groups 8
+        --seq-length 2048 --max-position-embeddings 2048 --position-embedding-type none --normalization RMSNorm
+        --disable-bias-linear --untie-embeddings-and-output-weights --attention-dropout 0 --hidden-dropout 0
+        --micro-batch-size 4 --global-batch-size 8 --train-iters 30 --lr 1e-4 --lr-decay-style constant
+        --mock-data --tokenizer-type NullTokenizer --vocab-size 49151 --eval-iters 0 --eval-interval 1000
+        --log-interval 10 --distributed-backend nccl --no-create-attention-mask-in-dataloader)
+    for arm in baseline let; do
+        let_flags=()
+        [ "$arm" = let ] && let_flags=(--let-teacher /tmp/hybrid_teacher --let-target-layer 3 --let-lambda 0.1
+            --let-stop-iter 100 --let-projector linear)
+        PYTHONPATH=$HYBRID_PATH timeout 240 python3 -m torch.distributed.run --nproc-per-node 1 pretrain_hybrid_let.py "${HYBRID_FLAGS[@]}" \
+            "${let_flags[@]}" 2>&1 | tee "$OUT/hybrid_mamba_$arm.txt" | grep -E "LET target|iteration +(10|20|30)/|rror"
+    done
+    # Megatron-LM's 'elapsed time per iteration (ms)' over iterations 11-30 (the first 10 warm up)
+    python3 - "$OUT" <<'PY' | tee "$OUT/hybrid_mamba.txt"
+import re, sys
+def ms(arm):
+    text = open(f"{sys.argv[1]}/hybrid_mamba_{arm}.txt").read()
+    times = [float(t) for i, t in re.findall(r"iteration\s+(\d+)/.*?elapsed time per iteration \(ms\): ([0-9.]+)", text)
+             if int(i) > 10]
+    return sum(times) / len(times) if times else None
+base, let = ms("baseline"), ms("let")
+if base is None or let is None:
+    print(f"hybrid 'M*-M-': no step times (baseline {base}, LET {let}): see hybrid_mamba_*.txt")
+else:
+    print(f"hybrid 'M*-M-' bf16 TE: step time baseline {base:.1f} ms, LET {let:.1f} ms, LET / baseline {let / base:.3f}")
+PY
+fi
