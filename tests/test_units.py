@@ -129,3 +129,30 @@ def test_teacher_hidden_states_match_hf_output(tiny_teacher):
     middle = HFTeacher(tiny_teacher, layer=1).hidden_states(tokens)
     torch.testing.assert_close(middle, reference.hidden_states[1].transpose(0, 1))
     assert math.isfinite(states.sum().item())
+
+
+def test_resume_reads_the_let_state_of_the_checkpoint_megatron_lm_loads(megatron_world1, tmp_path):
+    """Megatron-LM resumes from the tracker's latest iteration, or from ``--ckpt-step N``: LET's saved state (stop
+    step, settings, auto-lambda EMA) must come from that same checkpoint, not from the newest one."""
+    import argparse
+
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megatron_let.integrations.megatron_lm import _saved_let_state
+
+    for iteration in (2, 4):
+        directory = tmp_path / f"iter_{iteration:07d}"
+        directory.mkdir()
+        dist_checkpointing.save({"args": argparse.Namespace(let_state={"stop_iter": iteration}),
+                                 "weight": ShardedTensor.from_rank_offsets("weight", torch.zeros(2))}, str(directory))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
+
+    def saved(**overrides):
+        return _saved_let_state(argparse.Namespace(**{"load": str(tmp_path), "finetune": False, "ckpt_step": None,
+                                                      **overrides}))
+
+    assert saved() == ({"stop_iter": 4}, 4)
+    assert saved(ckpt_step=2) == ({"stop_iter": 2}, 2)
+    assert saved(finetune=True) == ({}, None)

@@ -485,6 +485,7 @@ class _Exported(Exception):
 def _saved_let_state(args):
     """(LET state, iteration) of the checkpoint --load resumes from, as the lean trainer reads it:
     the settings, the resolved stop step and the teacher width saved in Megatron-LM's checkpoint args.
+    That checkpoint is the tracker's latest, or ``--ckpt-step N``'s (Megatron-LM then loads iteration N).
     ({}, None) for a fresh start, --finetune, or a checkpoint without LET state."""
     load = getattr(args, "load", None)
     tracker = os.path.join(load, "latest_checkpointed_iteration.txt") if load else None
@@ -493,7 +494,8 @@ def _saved_let_state(args):
     text = open(tracker).read().strip()
     if not text.isdigit():
         return {}, None  # a release checkpoint: no training state to resume
-    iteration = int(text)
+    step = getattr(args, "ckpt_step", None)
+    iteration = int(text) if step is None else int(step)
     directory = os.path.join(load, f"iter_{iteration:07d}")
     try:
         from megatron.core import dist_checkpointing
