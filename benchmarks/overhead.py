@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                      # CPU preset (a few minutes on 2 cores)
     python benchmarks/overhead.py --auto               # + a third arm with --let-lambda auto (issue 27)
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --clock process   # on shared cores: CPU seconds per step
     torchrun --nproc-per-node 1 benchmarks/overhead.py --preset gpu-1.4b   # H100/H200, bf16
 
 Two identical targets (same seed, data, optimizer) are trained in one process,
@@ -108,6 +109,9 @@ def main():
     parser.add_argument("--teacher", default=None, help="HF teacher dir (default: random, preset shape)")
     parser.add_argument("--fp8", choices=["hybrid", "e4m3"], default=None,
                         help="target in fp8 (TransformerEngine layers on a GPU); the teacher stays in --preset dtype")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: this process's CPU seconds per step (time.process_time; with OMP_NUM_THREADS=1 "
+                             "a CPU cost that other jobs on the cores do not inflate); wall: elapsed time (GPU)")
     parser.add_argument("--auto", action="store_true",
                         help="a third arm with --let-lambda auto: its cost against the fixed lambda 0.1 arm")
     args = parser.parse_args()
@@ -141,18 +145,19 @@ def main():
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["attention_mask"] = None
     tokens_per_step = p["mbs"] * p["seq"] * p["microbatches"]
+    clock = time.process_time if args.clock == "process" else time.perf_counter
 
     def step(name, iteration):
         model, optimizer, let = arms[name]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start = clock()
         train_step(iter([batch] * p["microbatches"]), model, optimizer, let, iteration, p["microbatches"],
                    p["seq"], p["mbs"])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return time.perf_counter() - start, memory_now()
+        return clock() - start, memory_now()
 
     times = {(arm, phase): [] for arm in arms for phase in ("align", "after")}
     memory = {key: [] for key in times}
@@ -178,7 +183,8 @@ def main():
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     precision = f"fp8 {args.fp8} (TransformerEngine)" if args.fp8 else p["dtype"]
     print(f"\nLET overhead, preset {args.preset} ({precision}) on {device_name}, torch {torch.__version__}, "
-          f"{p['steps']} alternating steps per phase and arm, {tokens_per_step} tokens/step")
+          f"{p['steps']} alternating steps per phase and arm, {tokens_per_step} tokens/step, "
+          f"{'CPU seconds of this process' if args.clock == 'process' else 'wall-clock seconds'} per step")
     print(f"FLOP floor (teacher fwd / target fwd+bwd): {100 * teacher_flops / target_flops:.1f}%")
     print("| phase | arm | baseline s/step | LET s/step | ratio | baseline tok/s | LET tok/s | memory LET/baseline |")
     print("|---|---|---|---|---|---|---|---|")
