@@ -349,7 +349,8 @@ def main(argv=None):
     parser.add_argument("--prepare-only", action="store_true",
                         help="only build WORK/data (for a machine without PyPI, e.g. benchmarks/gpu_check.sh)")
     args, rest = parser.parse_known_args(argv)
-    a = qs.parse_args(["--work-dir", args.work_dir, *rest])
+    # the plans before issue 27 were measured at lambda0 0.3 (the quickstart's default then): kept, unless given
+    a = qs.parse_args(["--work-dir", args.work_dir, "--let-lambda", "0.3", *rest])
     a.auto_fractions = [float(x) for x in args.auto_fractions.split(",")]
     a.hand_lambdas = [float(x) for x in args.hand_lambdas.split(",")]
     a.work_dir.mkdir(parents=True, exist_ok=True)
@@ -394,7 +395,7 @@ def main(argv=None):
              f"{(time.time() - started) / 60:.0f} min, finished runs reused)", "",
              f"Target {a.target_layers}x{a.target_hidden} ({a.target_iters} iters x {a.batch_size} x "
              f"{a.seq_length}, {data['tokens']:,}-token corpus); LET default: layer {a.let_target_layer}, lambda0 "
-             f"{a.let_lambda:g}, stop {a.let_stop_iter}, projector {a.let_projector}. Teachers:", "",
+             f"{a.let_lambda}, stop {a.let_stop_iter}, projector {a.let_projector}. Teachers:", "",
              *teacher_lines(a, trained, extra_teachers, "exact (the target on SmolLM2's tokenizer)"
                             if args.plan == "smollm2-tokenizer" else "causal-span"), "",
              "Every arm is compared with the baseline over ITS seeds (paired: a seed fixes init and data order).", "",

@@ -91,7 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gpu", action="store_true", help="train the target on a GPU in bf16 (default: CPU, GPUs hidden)")
     g = p.add_argument_group("LET")
     g.add_argument("--let-target-layer", type=int, default=2)
-    g.add_argument("--let-lambda", type=float, default=0.3)
+    g.add_argument("--let-lambda", type=lambda v: v if v == "auto" else float(v), default="auto",
+                   help="auto (the default of --let-lambda: the weight set from the run, docs/auto-lambda.md) or a "
+                        "fixed lambda0")
     g.add_argument("--let-stop-iter", type=int, default=None, help="default: half of --target-iters")
     g.add_argument("--let-projector", choices=["interp", "linear", "mlp"], default="interp")
     a = p.parse_args(argv)
@@ -257,7 +259,7 @@ def results_markdown(a, data, teacher, res) -> str:
         f"- Target: {target_shape(a)}, {a.target_iters} iterations x "
         f"{a.batch_size} x {a.seq_length} = {target_tokens:,} tokens, lr {a.lr:g} cosine to {a.min_lr:g}; "
         f"validation every {a.eval_interval} iterations on {a.eval_iters} x {a.batch_size} sequences.",
-        f"- LET: --let-target-layer {a.let_target_layer} --let-lambda {a.let_lambda:g} (linear decay to 0 at "
+        f"- LET: --let-target-layer {a.let_target_layer} --let-lambda {a.let_lambda} (linear decay to 0 at "
         f"--let-stop-iter {a.let_stop_iter}) --let-projector {a.let_projector}.",
         "",
         "| step | baseline val loss | LET val loss | LET - baseline | LET steps to baseline's loss | speed-up |",
@@ -295,7 +297,7 @@ def results_markdown(a, data, teacher, res) -> str:
 def plot(a, base, let, teacher, res, path: Path) -> None:
     plot_loss_curves(base["log"], let["log"], res["rows"], path,
                      title=f"LET quickstart: target {a.target_layers}x{a.target_hidden}, teacher "
-                           f"{a.teacher_layers}x{a.teacher_hidden}, lambda {a.let_lambda:g} at layer {a.let_target_layer}",
+                           f"{a.teacher_layers}x{a.teacher_hidden}, lambda {a.let_lambda} at layer {a.let_target_layer}",
                      stop_iter=a.let_stop_iter, total_iters=a.target_iters, teacher_val_loss=teacher["val_loss"])
 
 

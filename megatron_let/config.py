@@ -17,10 +17,10 @@ TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")  # megatron_l
 TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
 TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
 LAMBDA_AUTO = "auto"  # --let-lambda auto: megatron_let/auto_lambda.py
-DEFAULT_LAMBDA_AUTO_FRACTION = 0.1  # provisional until issue 27's convergence sweep (docs/auto-lambda.md)
+DEFAULT_LAMBDA_AUTO_FRACTION = 1.0  # from issue 27's convergence sweep (docs/convergence.md, docs/auto-lambda.md)
 STOP_MODES = ("schedule", "auto")  # --let-stop auto: megatron_let/auto_stop.py
 STOP_AUTO = "auto"
-DEFAULT_STOP_AUTO = {"threshold": 0.0, "window": 20, "warmup": 100}  # provisional, as the fraction
+DEFAULT_STOP_AUTO = {"threshold": 0.0, "window": 20, "warmup": 100}  # provisional: never fired in the sweep
 # (each list lives only here, imported where a module checks it: config stays torch-free)
 
 
@@ -38,7 +38,7 @@ class LETConfig:
     teacher: str
     target_layer: int
     teacher_layer: Optional[int] = None
-    lambda0: Union[float, str] = 0.1  # or "auto"
+    lambda0: Union[float, str] = LAMBDA_AUTO  # or a fixed lambda0 (the paper: 0.1 at 1.4B)
     stop_iter: Optional[int] = None
     stop_fraction: Optional[float] = None
     schedule: str = "linear"
@@ -190,15 +190,16 @@ def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="1-based global layer number of the target whose output is aligned.")
     group.add_argument("--let-teacher-layer", type=int, default=None,
                        help="Index into the teacher's hidden_states (default: final layer).")
-    group.add_argument("--let-lambda", type=_lambda_value, default=0.1,
-                       help="Initial alignment-loss weight lambda0 (paper: 0.1 at 1.4B), or 'auto': the weight "
-                            "that keeps the alignment's gradient at layer k's output a fixed fraction "
-                            "(--let-lambda-auto-fraction) of the LM loss's gradient there, measured every "
-                            "iteration, smoothed, and decayed to 0 at the stop step by --let-schedule "
-                            "(docs/auto-lambda.md).")
+    group.add_argument("--let-lambda", type=_lambda_value, default=LAMBDA_AUTO,
+                       help="'auto' (default): the alignment-loss weight that keeps the alignment's gradient at "
+                            "layer k's output a fixed fraction (--let-lambda-auto-fraction) of the LM loss's "
+                            "gradient there, measured every iteration, smoothed, and decayed to 0 at the stop step "
+                            "by --let-schedule (docs/auto-lambda.md); or a fixed initial weight lambda0 (the "
+                            "paper: 0.1 at 1.4B), decayed the same way.")
     group.add_argument("--let-lambda-auto-fraction", type=float, default=None,
                        help=f"--let-lambda auto: the alignment's pull at layer k as a fraction of the LM loss's "
-                            f"(default {DEFAULT_LAMBDA_AUTO_FRACTION}; provisional until the convergence sweep).")
+                            f"at the start, decayed by the schedule (default {DEFAULT_LAMBDA_AUTO_FRACTION:g}: "
+                            f"docs/convergence.md).")
     group.add_argument("--let-stop", choices=STOP_MODES, default="schedule",
                        help="schedule: LET stops at the stop step. auto: also stop as soon as the alignment no "
                             "longer helps the LM loss: the cosine between the alignment's and the LM loss's "
