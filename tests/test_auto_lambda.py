@@ -110,7 +110,7 @@ def test_flags():
     fixed = let_config_from_args(_parse("--let-lambda", "0.3"))
     assert fixed.lambda0 == 0.3 and isinstance(fixed.lambda0, float)
     default = let_config_from_args(_parse())  # the default since the convergence sweep (docs/convergence.md)
-    assert default.lambda0 == "auto" and default.auto_fraction == DEFAULT_LAMBDA_AUTO_FRACTION == 1.0
+    assert default.lambda0 == "auto" and default.auto_fraction == DEFAULT_LAMBDA_AUTO_FRACTION == 3.0
     with pytest.raises(LETConfigError, match="--let-lambda-auto-fraction is only used with --let-lambda auto"):
         let_config_from_args(_parse("--let-lambda", "0.3", "--let-lambda-auto-fraction", 0.1))
     with pytest.raises(LETConfigError, match="> 0"):
