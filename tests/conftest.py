@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny real Hugging Face teacher on disk and a torchrun launcher."""
 
+import hashlib
 import json
 import os
 import shlex
@@ -164,3 +165,65 @@ def tiny_transformer_config(num_layers: int = 2, **overrides):
         batch_p2p_sync=False, batch_p2p_comm=False)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+# ------------------------------------------------------------------ launches that must be refused
+def tree_hash(*paths) -> str:
+    """One digest of every file (name and bytes) under ``paths``: "unchanged on disk"."""
+    digest = hashlib.sha256()
+    for top in paths:
+        if os.path.isfile(top):
+            with open(top, "rb") as handle:
+                digest.update(handle.read())
+        for directory, dirs, files in sorted(os.walk(top)):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(directory, name)
+                digest.update(os.path.relpath(path, top).encode())
+                if os.path.isfile(path):
+                    with open(path, "rb") as handle:
+                        digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def launch(args, script: str = "pretrain_gpt_let.py", hold_port: bool = False, env_extra: dict = None,
+           timeout: int = 300) -> subprocess.CompletedProcess:
+    """``script`` as one plain process with torchrun's environment, on whichever trainer this stack selects
+    (Megatron-LM's loop where megatron.training imports, else the lean trainer). ``hold_port``: MASTER_PORT is
+    held by a listening socket, so a run that created a process group (rank 0's store binds that port) cannot
+    end with a clean one-line refusal: the refusal came before any process group."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+    env.update(env_extra or {})
+    command = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    if not hold_port:
+        env["MASTER_PORT"] = str(free_port())
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        env["MASTER_PORT"] = str(held.getsockname()[1])
+        return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+
+
+def one_line_error(proc, *fragments, code: int = 2) -> str:
+    """The run ended with ``code`` and exactly one error line, last, holding every fragment; no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def refused(args, files=(), fragments=(), script: str = "pretrain_gpt_let.py") -> str:
+    """A launch refused before any process group (the port is held) and before any write: one line holding
+    ``fragments``, exit 2, no training, every path in ``files`` byte-identical after. Returns the line."""
+    before = tree_hash(*files)
+    proc = launch(args, script=script, hold_port=True)
+    line = one_line_error(proc, *fragments)
+    assert "consumed samples" not in proc.stdout
+    assert tree_hash(*files) == before, f"{files} changed on disk"
+    return line

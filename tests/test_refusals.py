@@ -2,7 +2,6 @@
 (exit 2) before any process group exists, with every file it was given unchanged, or runs with a
 documented opt-in or warning (docs/reliability.md)."""
 
-import hashlib
 import os
 import resource
 import shutil
@@ -14,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import NEEDS_LEAN_TRAINER, ROOT, free_port, make_tiny_llama, lean_trainer_selectable
+from conftest import NEEDS_LEAN_TRAINER, ROOT, free_port, make_tiny_llama, lean_trainer_selectable, tree_hash
 from test_reliability import BASE, SCRIPT, assert_one_line_error, let, run
 
 RESUMABLE = [*BASE, "--let-stop-iter", 4]  # the teacher is still in use at the resumed iterations
@@ -25,24 +24,6 @@ def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     return {"narrow": make_tiny_llama(str(root / "llama48"), vocab_size=256),
             "wide": make_tiny_llama(str(root / "llama96"), vocab_size=256, hidden_size=96)}
-
-
-def tree_hash(*paths) -> str:
-    """One digest of every file (name and bytes) under ``paths``: "unchanged on disk"."""
-    digest = hashlib.sha256()
-    for top in paths:
-        if os.path.isfile(top):
-            with open(top, "rb") as handle:
-                digest.update(handle.read())
-        for directory, dirs, files in sorted(os.walk(top)):
-            dirs.sort()
-            for name in sorted(files):
-                path = os.path.join(directory, name)
-                digest.update(os.path.relpath(path, top).encode())
-                if os.path.isfile(path):
-                    with open(path, "rb") as handle:
-                        digest.update(handle.read())
-    return digest.hexdigest()
 
 
 def run_refused(*args, files=(), fragments=()):

@@ -565,6 +565,11 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
         kwargs["get_embedding_ranks"] = pretrain_gpt.get_embedding_ranks
 
     try:
+        _check_before_start(integration.extra_args_provider(base_args))
+    except LETConfigError as error:
+        print_error(program, error)
+        return 2
+    try:
         call_pretrain(pretrain, provider, model_provider and integration.model_provider(model_provider),
                       ModelType.encoder_or_decoder,
                       integration.forward_step(pretrain_gpt.forward_step),
@@ -577,6 +582,16 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
         print_error(program, error)
         return 2 if isinstance(error, LETConfigError) else 1
     return 0
+
+
+def _check_before_start(extra_args_provider: Callable) -> None:
+    """The command line through Megatron-LM's own parser, then the launch checks (:mod:`megatron_let.preflight`),
+    before ``pretrain()`` creates any process group or writes anything."""
+    from megatron.training.arguments import parse_args
+
+    from megatron_let.preflight import check_launch
+
+    check_launch(parse_args(extra_args_provider=extra_args_provider), megatron_lm=True)
 
 
 def _hybrid_model_config() -> Callable:

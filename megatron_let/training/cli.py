@@ -11,6 +11,9 @@ def main(argv=None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         args = parse_args(argv, world_size=world_size)
+        from megatron_let.preflight import check_launch
+
+        check_launch(args, megatron_lm=False)  # before any process group or write
         from megatron_let.compat.cpu import enable_cpu_megatron  # heavy imports only for valid input
         from megatron_let.training.trainer import pretrain
 
