@@ -1,8 +1,8 @@
 """What changed in megatron-core / Megatron-LM between the versions LET supports: one entry per difference,
 with the version it appeared in. Nothing else in megatron_let compares versions.
 
-Supported: 0.16 to 0.19 (0.13-0.15 were dropped: their ``pretrain_gpt.py`` lacks the batch predicate and
-builder split the integration relies on). Tested in CI: 0.16.1 (Python 3.11) and 0.19.x (Python 3.12).
+Supported: 0.16 and newer; a version newer than the newest tested minor runs with one warning line. Tested
+in CI: 0.16.1 (Python 3.11) and 0.19.x (Python 3.12).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import inspect
 import re
 from typing import Callable, Optional, Tuple
 
-SUPPORTED = ((0, 16), (0, 19))  # minor versions, inclusive
-TESTED = ("0.16.1", "0.19")  # a tested entry matches the version or its prefix
+OLDEST_SUPPORTED = (0, 16)  # 0.13-0.15 lack the batch predicate and builder split the integration relies on
+TESTED = ("0.16.1", "0.19")  # a tested entry matches the version or its prefix; the newest is the wiring's model
 
 
 def parse(version: Optional[str]) -> Optional[Tuple[int, int]]:
@@ -20,17 +20,33 @@ def parse(version: Optional[str]) -> Optional[Tuple[int, int]]:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
+def newest_tested() -> Tuple[int, int]:
+    return max(parse(tested) for tested in TESTED)
+
+
 def is_supported(version: Optional[str]) -> bool:
+    """Not older than the oldest supported minor. Newer than tested counts as supported: it runs with one
+    warning (:func:`newer_than_tested`), since each Megatron release changes little of what LET touches."""
     minor = parse(version)
-    return minor is not None and SUPPORTED[0] <= minor <= SUPPORTED[1]
+    return minor is not None and minor >= OLDEST_SUPPORTED
+
+
+def newer_than_tested(version: Optional[str]) -> bool:
+    minor = parse(version)
+    return minor is not None and minor > newest_tested()
 
 
 def is_tested(version: Optional[str]) -> bool:
     return any(version == tested or (version or "").startswith(tested + ".") for tested in TESTED)
 
 
+def tested_versions() -> str:
+    """'0.16.1, 0.19.x': for messages."""
+    return ", ".join(tested if tested.count(".") == 2 else f"{tested}.x" for tested in TESTED)
+
+
 def supported_range() -> str:
-    return f"{SUPPORTED[0][0]}.{SUPPORTED[0][1]} to {SUPPORTED[1][0]}.{SUPPORTED[1][1]}"
+    return f"{OLDEST_SUPPORTED[0]}.{OLDEST_SUPPORTED[1]} or newer (tested: {tested_versions()})"
 
 
 def _core_minor() -> Tuple[int, int]:

@@ -142,21 +142,48 @@ def test_wheel_runs_megatron_lm_pretrain_and_says_so(teacher):
     assert "lm loss" in parse_log(proc.stdout)[1] and "let loss" in parse_log(proc.stdout)[1]
 
 
-def test_unsupported_megatron_core_is_one_line(tmp_path):
-    """A megatron-core outside 0.16-0.19 (here a copy of the installed one that says 0.15.0): refused before
-    any process group, naming the found and the supported versions."""
-    import megatron.core
-
-    fake = tmp_path / "megatron"
-    shutil.copytree(os.path.dirname(megatron.core.__file__), fake / "core",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    info = (fake / "core" / "package_info.py").read_text()
+def _megatron_of_version(tmp_path, minor: int) -> str:
+    """A copy of the installed megatron (core, and training where the wheel ships it) that says 0.<minor>.0;
+    returns a PYTHONPATH that finds it first."""
     import re
 
-    info = re.sub(r"^MINOR = .*$", "MINOR = 15", info, flags=re.M)
-    (fake / "core" / "package_info.py").write_text(re.sub(r"^PATCH = .*$", "PATCH = 0", info, flags=re.M))
-    line = one_error_line(run_script(["--help"], {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, drop_path=True))
-    assert "megatron-core 0.15.0 is not supported: megatron-let supports 0.16 to 0.19" in line, line
+    import megatron.core
+
+    installed = os.path.dirname(os.path.dirname(megatron.core.__file__))
+    for package in ("core", "training"):
+        if os.path.isdir(os.path.join(installed, package)):
+            shutil.copytree(os.path.join(installed, package), tmp_path / "megatron" / package,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+    info_path = tmp_path / "megatron" / "core" / "package_info.py"
+    info = re.sub(r"^MINOR = .*$", f"MINOR = {minor}", info_path.read_text(), flags=re.M)
+    info_path.write_text(re.sub(r"^PATCH = .*$", "PATCH = 0", info, flags=re.M))
+    return f"{tmp_path}{os.pathsep}{ROOT}"
+
+
+def test_unsupported_megatron_core_is_one_line(tmp_path):
+    """A megatron-core older than 0.16 (here a copy of the installed one that says 0.15.0): refused before
+    any process group, naming the found and the supported versions, with the fix for where it came from."""
+    path = {"PYTHONPATH": _megatron_of_version(tmp_path, 15)}
+    line = one_error_line(run_script(["--help"], path, drop_path=True))
+    assert "megatron-core 0.15.0 is not supported: megatron-let supports 0.16 or newer (tested: 0.16.1, 0.19.x)" \
+        in line, line
+    assert "pip install 'megatron-core>=0.16'" in line, line
+    (tmp_path / "pretrain_gpt.py").write_text("")  # now it looks like a Megatron-LM checkout: git's fix
+    line = one_error_line(run_script(["--help"], path, drop_path=True))
+    assert f"check out a supported release in it (git -C {tmp_path} checkout core_v0.19.0" in line, line
+
+
+def test_newer_megatron_core_runs_with_one_warning(tmp_path):
+    """A megatron-core newer than the newest tested minor (a copy that says 0.99.0) is not refused: the start-up
+    line says "newer than tested" and one warning line follows (the run then stops at a bad LET flag)."""
+    proc = run_script(["--let-lambda", "abc"], {"PYTHONPATH": _megatron_of_version(tmp_path, 99)}, drop_path=True)
+    one_error_line(proc)  # the bad flag, not the version
+    assert "not supported" not in proc.stderr
+    first = [line for line in proc.stdout.splitlines() if line.startswith("megatron-let: trainer:")]
+    assert len(first) == 1 and "megatron 0.99.0: newer than tested (0.16.1, 0.19.x)" in first[0], proc.stdout[-2000:]
+    warnings = [line for line in proc.stdout.splitlines() if "newer than tested" in line and "WARNING" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("megatron-let: WARNING: megatron-core 0.99.0 is newer "
+                                                         "than tested"), proc.stdout[-2000:]
 
 
 def test_checkout_without_megatron_training_is_refused(tmp_path):

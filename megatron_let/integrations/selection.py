@@ -51,21 +51,44 @@ class TrainerChoice:
         parts.append(version_status(self.core_version))
         return " | ".join(parts)
 
+    def warning(self) -> Optional[str]:
+        """A line to print after the start-up line (a megatron-core newer than tested), or None."""
+        return newer_than_tested_warning(self.core_version)
+
 
 def version_status(version: Optional[str]) -> str:
-    """'tested' or 'supported, not tested in CI' (an unsupported version never gets this far)."""
+    """'tested', 'newer than tested' or 'supported, not tested in CI' (an older one never gets this far)."""
     if versions.is_tested(version):
         return f"megatron {version}: tested"
-    return (f"megatron {version}: supported ({versions.supported_range()}), not tested in CI "
-            f"(tested: 0.16.1, 0.19.x)")
+    if versions.newer_than_tested(version):
+        return f"megatron {version}: newer than tested ({versions.tested_versions()})"
+    return f"megatron {version}: supported, not tested in CI (tested: {versions.tested_versions()})"
 
 
-def check_supported_version(version: Optional[str]) -> None:
-    """One line, before any process group, for a megatron-core outside the supported range."""
-    if version is not None and not versions.is_supported(version):
-        raise TrainerSelectionError(
-            f"megatron-core {version} is not supported: megatron-let supports {versions.supported_range()} "
-            f"(tested: 0.16.1 on Python 3.11, 0.19.x on Python 3.12); pip install 'megatron-core>=0.16,<0.20'.")
+def newer_than_tested_warning(version: Optional[str]) -> Optional[str]:
+    """The one warning line for a megatron-core newer than the newest tested minor, or None."""
+    if not versions.newer_than_tested(version):
+        return None
+    return (f"megatron-let: WARNING: megatron-core {version} is newer than tested (tested: "
+            f"{versions.tested_versions()}); LET runs with the newest tested version's wiring. If the run fails or "
+            "its numbers differ from a run without --let-* flags in ways LET does not explain, use a tested version "
+            "and report it.")
+
+
+def check_supported_version(version: Optional[str], checkout: Optional[str] = None) -> None:
+    """One line, before any process group, for a megatron-core older than supported, with the fix that fits
+    where it came from: a Megatron-LM checkout (``checkout``) or a pip wheel."""
+    if version is None or versions.is_supported(version):
+        return
+    oldest = ".".join(map(str, versions.OLDEST_SUPPORTED))
+    if checkout:
+        fix = (f"check out a supported release in it (git -C {checkout} checkout core_v0.19.0; any core_v{oldest}+ "
+               "tag works)")
+    else:
+        fix = (f"pip install 'megatron-core>={oldest}' (0.17+ need Python 3.12; on Python 3.11 megatron-core "
+               "0.16.1 is the newest)")
+    raise TrainerSelectionError(
+        f"megatron-core {version} is not supported: megatron-let supports {versions.supported_range()}; {fix}.")
 
 
 def package_info_version(core_dir: Optional[str]) -> Optional[str]:
@@ -149,7 +172,7 @@ def choose_trainer(environ=None) -> TrainerChoice:
     training_version = package_info_version(os.path.join(os.path.dirname(training_dir), "core")) \
         if training_dir else None
     core_version = package_info_version(core_dir)
-    check_supported_version(core_version)
+    check_supported_version(core_version, path or _checkout_root(core_dir))
     if training_version and core_version and training_version != core_version:
         raise TrainerSelectionError(
             f"version mismatch: megatron.training is Megatron-LM {training_version} ({training_dir}) but "
@@ -167,6 +190,15 @@ def choose_trainer(environ=None) -> TrainerChoice:
         raise TrainerSelectionError(_import_failure(asked, error)) from None
     return TrainerChoice(True, core_version=core_version or _imported_version(), core_path=_package_dir("megatron.core"),
                          training_path=_package_dir("megatron.training"))
+
+
+def _checkout_root(core_dir: Optional[str]) -> Optional[str]:
+    """The Megatron-LM checkout ``megatron/core`` belongs to (a git work tree or a directory with
+    pretrain_gpt.py), or None for a pip-installed megatron-core."""
+    root = os.path.dirname(os.path.dirname(core_dir)) if core_dir else None
+    if root and any(os.path.exists(os.path.join(root, name)) for name in (".git", "pretrain_gpt.py")):
+        return root
+    return None
 
 
 def _imported_version() -> Optional[str]:
@@ -189,7 +221,7 @@ def _import_failure(asked: str, error: Exception) -> str:
 
 def _lean(reason: str) -> TrainerChoice:
     core_dir = _package_dir("megatron.core")
-    check_supported_version(package_info_version(core_dir))
+    check_supported_version(package_info_version(core_dir), _checkout_root(core_dir))
     return TrainerChoice(False, reason, core_version=package_info_version(core_dir), core_path=core_dir)
 
 
