@@ -47,11 +47,20 @@ def main(argv=None, model: str = "gpt") -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # the start-up line, once
         print(choice.describe() + cpu_note, flush=True)
+        if choice.warning():
+            print(choice.warning(), flush=True)
     if choice.megatron_lm:
         from megatron_let.integrations.megatron_lm import main as megatron_lm_main
 
         return megatron_lm_main(model=model) or 0
     if model == "hybrid":  # the lean trainer builds GPTModels only
+        from megatron_let.integrations.megatron_lm import LETMegatronLM, help_requested, print_let_help
+
+        if help_requested():  # the flags it adds under Megatron-LM (the provider uses no instance state)
+            print_let_help(LETMegatronLM.extra_args_provider(None), "this stack has no Megatron-LM pretrain(), which "
+                           "pretrain_hybrid_let.py runs under, so its flags are not listed: install megatron-core 0.19 "
+                           "(Python 3.12), or set MEGATRON_LM_PATH to a Megatron-LM 0.19 checkout.")
+            return 0
         print_error(program, "HybridModel runs under Megatron-LM's pretrain() only, which this stack lacks "
                     "(megatron.training ships with megatron-core 0.17+, Python 3.12): install megatron-core 0.19, or "
                     "set MEGATRON_LM_PATH to a Megatron-LM 0.19 checkout.")
