@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import weakref
 
@@ -18,9 +18,6 @@ from megatron_let.probe import GradientProbe
 from megatron_let.projector import build_projector, cosine_alignment_terms
 from megatron_let.teacher_norm import TeacherFeatureNorm, feature_energy_report
 from megatron_let.recompute import RecomputeStash, in_checkpointed_forward
-
-if TYPE_CHECKING:
-    from megatron_let.controller import LateToEarlyTraining
 
 
 def target_layer_of(model, target_layer: int) -> Optional[torch.nn.Module]:
@@ -73,7 +70,7 @@ class LETAlignment(MegatronModule):
     gradients are all-reduced over TP like LayerNorm weights.
     """
 
-    def __init__(self, config, let: "LateToEarlyTraining", layer: torch.nn.Module, teacher_size: int):
+    def __init__(self, config, let, layer: torch.nn.Module, teacher_size: int):
         super().__init__(config)
         cfg = let.config
         self.projector = build_projector(cfg.projector, config.hidden_size, teacher_size,

@@ -197,8 +197,8 @@ class LateToEarlyTraining:
         if self.config.token_alignment == "exact":
             return None
         if self._aligner is None:
-            from megatron_let.teachers.huggingface import resolve_teacher
-            from megatron_let.teachers.token_alignment import build_aligner, teacher_max_positions
+            from megatron_let.teachers.huggingface import resolve_teacher, teacher_max_positions
+            from megatron_let.teachers.token_alignment import build_aligner
 
             if self.eod_id is None:
                 raise RuntimeError("LET causal-span alignment needs the target's EOD id (LateToEarlyTraining("

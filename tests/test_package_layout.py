@@ -23,8 +23,9 @@ ALLOWED = {
     CORE: {"teachers"},
     "teachers": {"errors", "data"},
     "data": set(),
-    "integrations": {CORE, "teachers"},
-    "training": {CORE, "teachers", "data", "integrations"},
+    "preflight": {CORE, "teachers"},
+    "integrations": {CORE, "teachers", "preflight"},
+    "training": {CORE, "teachers", "data", "integrations", "preflight"},
     "evaluation": {"errors", "teachers"},
     "compat": set(),
     "experiments": {"data"},
@@ -85,6 +86,8 @@ def test_dependencies_point_one_way():
             allowed = ALLOWED[own] | {own, "errors"}
             if own == "teachers" and imported == "megatron_let.config":
                 continue  # the flag names of LETConfigError messages
+            if own == "compat" and imported == "megatron_let.megatron_versions":
+                continue  # the version facts its redirections apply to
             if other not in allowed:
                 violations.append(f"{module} ({own}) imports {imported} ({other})")
     assert not violations, "\n".join(violations)
@@ -98,6 +101,61 @@ def test_layout_checker_catches_a_reverse_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from megatron_let.integrations.launch import build_let\n")
     assert list(imports_of(str(bad))) == ["megatron_let.integrations.launch"]
+
+
+def import_graph() -> dict:
+    """module -> the megatron_let modules it imports (function-level imports included)."""
+    modules = {module_name(path): path for path in package_files()}
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for imported in imports_of(path):
+            while imported not in modules and "." in imported:  # a name inside a module or package
+                imported = imported.rsplit(".", 1)[0]
+            if imported in modules and imported != module and not module.startswith(imported + "."):
+                targets.add(imported)  # (a package's own __init__ runs first anyway)
+        graph[module] = targets
+    return graph
+
+
+def import_circles(graph: dict) -> list:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in graph.get(node, ()):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                other = stack.pop()
+                on_stack.discard(other)
+                component.append(other)
+                if other == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_no_import_circles():
+    """Each module can be read after the ones it imports: no two modules import each other, even lazily."""
+    assert import_circles(import_graph()) == []
+
+
+def test_circle_finder_finds_a_circle():
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def documentation_sources():

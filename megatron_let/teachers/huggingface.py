@@ -76,6 +76,15 @@ def resolve_teacher(path: str) -> TeacherSource:
         "point it at a directory written by save_pretrained.")
 
 
+def teacher_max_positions(config) -> Optional[int]:
+    """How many positions the teacher was trained for (None: its config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def preflight_teacher(path: str, teacher_layer: Optional[int] = None, seq_length: Optional[int] = None,
                       token_alignment: str = "exact", warn=None, allow_bidirectional: bool = False) -> "object":
     """Everything about the teacher that can be checked without loading it; returns its config.
@@ -141,8 +150,6 @@ def uses_rotary_positions(config) -> bool:
 def check_context_length(config, seq_length: int, token_alignment: str, path: str) -> Optional[str]:
     """Raise for a teacher with learned positions shorter than ``--seq-length`` (it would fail with an
     IndexError at the first step); return a warning for a rotary one used beyond its trained length."""
-    from megatron_let.teachers.token_alignment import teacher_max_positions
-
     limit = teacher_max_positions(config)
     if limit is None or seq_length <= limit:
         return None

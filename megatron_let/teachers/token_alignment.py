@@ -379,14 +379,6 @@ def build_aligner(target_tokenizer, teacher_tokenizer_dir: str, eod_id: int,
     return CausalSpanAligner(target_tokenizer, teacher_tokenizer, eod_id, max_teacher_len, matched_only)
 
 
-def teacher_max_positions(config) -> Optional[int]:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def alignment_to_batch(alignment: TokenAlignment) -> dict:
     return dict(zip(BATCH_KEYS, alignment))
 
