@@ -18,6 +18,7 @@ TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
 TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
 LAMBDA_AUTO = "auto"  # --let-lambda auto: megatron_let/auto_lambda.py
 DEFAULT_LAMBDA_AUTO_FRACTION = 3.0  # from issue 27's convergence sweep (docs/convergence.md, docs/auto-lambda.md)
+TEACHER_NONE = "none"  # --let-teacher none: LET off on purpose for this run (ends a resumed LET: preflight/resume_state.py)
 STOP_MODES = ("schedule", "auto")  # --let-stop auto: megatron_let/auto_stop.py
 STOP_AUTO = "auto"
 DEFAULT_STOP_AUTO = {"threshold": 0.0, "window": 20, "warmup": 100}  # provisional: never fired in the sweep
@@ -181,11 +182,41 @@ class LETConfig:
         return asdict(self)
 
 
+def resolved_settings(settings: dict, hidden_size: Optional[int] = None, teacher_layers: Optional[int] = None) -> dict:
+    """A LETConfig dict (a checkpoint's, possibly older and missing fields) with every default that None stands
+    for written out, so that a setting typed out at its default compares equal to one left out.
+
+    ``hidden_size``: the target's (the mlp projector's default width); ``teacher_layers``: the teacher's
+    ``num_hidden_layers`` where known (its final layer may be named by index)."""
+    out = {**{f.name: f.default for f in fields(LETConfig)}, **settings}
+    if out["teacher_layer"] is not None and teacher_layers is not None and out["teacher_layer"] == teacher_layers:
+        out["teacher_layer"] = -1
+    if out["teacher_layer"] is None:
+        out["teacher_layer"] = -1  # hidden_states[-1]: the final layer
+    if out["stop_iter"] is None and out["stop_samples"] is None and out["stop_fraction"] is None:
+        out["stop_fraction"] = 0.25
+    if out["projector_hidden_size"] is None and out["projector"] == "mlp":
+        out["projector_hidden_size"] = hidden_size
+    if out["teacher_tokenizer"] is None and out["token_alignment"] != "exact":
+        out["teacher_tokenizer"] = out["teacher"]
+    if out["lambda_auto_fraction"] is None and out["lambda0"] == LAMBDA_AUTO:
+        out["lambda_auto_fraction"] = DEFAULT_LAMBDA_AUTO_FRACTION
+    for name, default in DEFAULT_STOP_AUTO.items():
+        if out[f"stop_auto_{name}"] is None and out["stop"] == STOP_AUTO:
+            out[f"stop_auto_{name}"] = default
+    for name in ("lambda0", "stop_fraction", "lambda_auto_fraction", "stop_auto_threshold"):
+        if isinstance(out[name], int) and not isinstance(out[name], bool):
+            out[name] = float(out[name])  # --let-lambda 1 and 1.0 are one setting
+    return out
+
+
 def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM ``extra_args_provider``: adds the ``--let-*`` flags in their own group."""
     group = parser.add_argument_group(title="late-to-early training (LET)")
     group.add_argument("--let-teacher", type=str, default=None,
-                       help="Frozen teacher: a Hugging Face model directory. Enables LET.")
+                       help="Frozen teacher: a Hugging Face model directory. Enables LET. 'none': LET off for this "
+                            "run on purpose, e.g. to end a resumed checkpoint's LET before its stop step (a "
+                            "directory named none: ./none).")
     group.add_argument("--let-target-layer", type=int, default=None,
                        help="1-based global layer number of the target whose output is aligned.")
     group.add_argument("--let-teacher-layer", type=int, default=None,
@@ -295,15 +326,39 @@ _ARG_NAMES = {
 assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}
 
 
+def let_requested(args) -> bool:
+    """--let-teacher names a teacher (not absent, not ``none``)."""
+    return getattr(args, "let_teacher", None) not in (None, TEACHER_NONE)
+
+
+def let_flags(settings: dict) -> str:
+    """The --let-* flags that give a LETConfig dict (a checkpoint's) back: the teacher, the target layer and
+    every setting away from its default, as a user would paste them."""
+    import shlex
+
+    defaults = {f.name: f.default for f in fields(LETConfig)}
+    parts = []
+    for field, arg in _ARG_NAMES.items():
+        value = settings.get(field, defaults[field])
+        if value is None or (value == defaults[field] and field not in ("teacher", "target_layer")):
+            continue
+        parts.append(f"--{arg.replace('_', '-')} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
 def let_config_from_args(args: argparse.Namespace) -> Optional[LETConfig]:
-    """Build and validate the LETConfig from parsed args; None when LET is off."""
-    if getattr(args, "let_teacher", None) is None:
+    """Build and validate the LETConfig from parsed args; None when LET is off (no --let-teacher, or
+    ``--let-teacher none``)."""
+    if not let_requested(args):
         given = [f"--{name.replace('_', '-')}" for name in ("let_target_layer", "let_teacher_layer",
                                                            "let_stop_iter", "let_stop_fraction", "let_stop_samples",
                                                            "let_projector_hidden_size", "let_teacher_tokenizer",
                                                            "let_lambda_auto_fraction", "let_stop_auto_threshold",
                                                            "let_stop_auto_window", "let_stop_auto_warmup")
                  if getattr(args, name, None) is not None]
+        if given and getattr(args, "let_teacher", None) == TEACHER_NONE:
+            raise LETConfigError(f"{', '.join(given)} given with --let-teacher none, which turns LET off; drop "
+                                 f"them, or name the teacher with --let-teacher PATH.")
         if given:
             raise LETConfigError(f"{', '.join(given)} given without --let-teacher; add --let-teacher PATH.")
         return None

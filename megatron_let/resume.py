@@ -11,19 +11,24 @@ fresh projector instead.
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
+from typing import Optional, Tuple
 
-from megatron_let.config import LETConfig
+from megatron_let.config import LETConfig, resolved_settings
 from megatron_let.errors import LETConfigError
 
 ESTIMATED_NORMS = ("center", "standardize")  # megatron_let/teacher_norm.py: width-shaped, checkpointed
 
 
-def changed_settings(saved_config: dict, config: LETConfig) -> list:
-    """Names of LET settings that differ from a checkpoint's (fields it predates count as defaults)."""
-    defaults = {f.name: f.default for f in fields(LETConfig)}
-    current = config.to_dict()
-    return sorted(k for k in current if {**defaults, **saved_config}.get(k) != current[k])
+def changed_settings(saved_config: dict, config: LETConfig, hidden_size: Optional[int] = None,
+                     teacher_layers: Optional[int] = None) -> list:
+    """Names of LET settings whose resolved values differ from a checkpoint's: a default typed out
+    (``--let-lambda-auto-fraction 3.0``) equals the None a checkpoint stores for it, and fields a checkpoint
+    predates count as defaults (config.resolved_settings)."""
+    saved = resolved_settings(saved_config, hidden_size, teacher_layers)
+    current = resolved_settings(config.to_dict(), hidden_size, teacher_layers)
+    return sorted(k for k in current if saved[k] != current[k])
 
 
 def _saved(saved_config: dict, name: str):
@@ -31,17 +36,21 @@ def _saved(saved_config: dict, name: str):
     return saved_config.get(name, next(f.default for f in fields(LETConfig) if f.name == name))
 
 
-def refuse_unusable_projector(saved: dict, config: LETConfig, reset_projector: bool = False) -> None:
+def refuse_unusable_projector(saved: dict, config: LETConfig, reset_projector: bool = False,
+                              hidden_size: Optional[int] = None) -> None:
     """Refuse --let-projector / --let-projector-hidden-size changes the saved projector cannot serve
-    (checked before the teacher is read: it holds even past the stop step)."""
+    (checked before the teacher is read: it holds even past the stop step). ``hidden_size``: the target's,
+    the mlp's default width (a width typed out at that default is no change)."""
     old = saved.get("config")
     if not old or reset_projector:
         return
     kind = _saved(old, "projector")
     if kind != config.projector:
         _refuse("--let-projector", kind, config.projector)
-    if kind == "mlp" and _saved(old, "projector_hidden_size") != config.projector_hidden_size:
-        _refuse("--let-projector-hidden-size", _saved(old, "projector_hidden_size"), config.projector_hidden_size)
+    old_width = resolved_settings(old, hidden_size)["projector_hidden_size"]
+    new_width = resolved_settings(config.to_dict(), hidden_size)["projector_hidden_size"]
+    if kind == "mlp" and old_width != new_width:
+        _refuse("--let-projector-hidden-size", old_width, new_width)
 
 
 def refuse_unusable_width(saved: dict, config: LETConfig, width: int, reset_projector: bool = False) -> None:
@@ -76,3 +85,39 @@ def saved_let_state(common) -> dict:
         return {}
     state = common.get("let") or getattr(common.get("args"), "let_state", None)
     return dict(state) if state else {}
+
+
+def read_saved_let_state(args) -> Tuple[dict, Optional[int]]:
+    """(LET state, iteration) of the checkpoint ``--load`` resumes from, for both trainers (they share Megatron-LM's
+    layout): the tracker's latest iteration, or ``--ckpt-step N``'s (Megatron-LM then loads iteration N).
+    ({}, None) for a fresh start, ``--finetune`` (training restarts at iteration 0: the old LET state does not
+    apply), a release checkpoint, or one without LET state; ({}, N) where the common state cannot be read.
+    ``--no-load-optim`` / ``--no-load-rng`` change neither: the iteration and LET state still resume."""
+    load = getattr(args, "load", None)
+    tracker = os.path.join(load, "latest_checkpointed_iteration.txt") if load else None
+    if not tracker or not os.path.isfile(tracker) or getattr(args, "finetune", False):
+        return {}, None
+    with open(tracker) as handle:
+        text = handle.read().strip()
+    if not text.isdigit():
+        return {}, None  # a release checkpoint: no training state to resume
+    step = getattr(args, "ckpt_step", None)
+    iteration = int(text) if step is None else int(step)
+    directory = os.path.join(load, f"iter_{iteration:07d}")
+    try:
+        from megatron.core import dist_checkpointing
+
+        common = dist_checkpointing.load_common_state_dict(directory)
+    except Exception:  # noqa: BLE001 - not a torch_dist checkpoint: nothing LET can read from it
+        return {}, iteration
+    return saved_let_state(common), iteration
+
+
+def aligning_at(saved: dict, iteration: Optional[int]) -> bool:
+    """Was LET still aligning at ``iteration`` in this checkpoint: before its stop step and not stopped by
+    ``--let-stop auto``? (Past either, LET is over and a resume needs no --let-* flag.)"""
+    if not saved.get("config") or iteration is None:
+        return False
+    stop = saved.get("stop_iter")
+    auto_stopped = (saved.get("auto_stop") or {}).get("stopped_at")
+    return not (stop is not None and iteration >= stop) and not (auto_stopped is not None and iteration >= auto_stopped)

@@ -141,7 +141,7 @@ def test_resume_reads_the_let_state_of_the_checkpoint_megatron_lm_loads(tmp_path
 
     from megatron.core import dist_checkpointing
 
-    from megatron_let.integrations.megatron_lm import _saved_let_state
+    from megatron_let.resume import read_saved_let_state as _saved_let_state
 
     for iteration in (2, 4):
         (tmp_path / f"iter_{iteration:07d}").mkdir()

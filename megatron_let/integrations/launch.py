@@ -7,9 +7,9 @@ line, never hours into a job on some rank.
 
 from typing import Callable, Optional
 
-from megatron_let.config import LETConfig, let_config_from_args
+from megatron_let.config import TEACHER_NONE, LETConfig, let_config_from_args
 from megatron_let.errors import LETConfigError
-from megatron_let.resume import changed_settings, refuse_unusable_projector, refuse_unusable_width
+from megatron_let.resume import aligning_at, changed_settings, refuse_unusable_projector, refuse_unusable_width
 from megatron_let.stop import TrainingSchedule, resolve_stop
 from megatron_let.teachers.huggingface import output_width, preflight_teacher
 from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
@@ -69,13 +69,18 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
     from megatron_let.controller import LateToEarlyTraining
 
     config = let_config_from_args(args)
+    saved = saved or {}
     if config is None:
+        if getattr(args, "let_teacher", None) == TEACHER_NONE and aligning_at(saved, resume_iteration):
+            log(f" LET ended at iteration {resume_iteration} by --let-teacher none (the checkpoint's stop step was "
+                f"{saved.get('stop_iter')})")
         return None
     refuse_unsupported_features(args)
-    saved = saved or {}
     reset_projector = bool(getattr(args, "let_reset_projector", False))
-    refuse_unusable_projector(saved, config, reset_projector)  # megatron_let/resume.py: what a resume may change
-    changed = changed_settings(saved["config"], config) if saved.get("config") else []
+    hidden_size = getattr(args, "hidden_size", None)
+    refuse_unusable_projector(saved, config, reset_projector, hidden_size)  # megatron_let/resume.py
+    changed = changed_settings(saved["config"], config, hidden_size, _teacher_layers(config, saved["config"])) \
+        if saved.get("config") else []
     schedule = TrainingSchedule.from_args(args)
     train_iters = schedule.total_iterations()
     stop = resolve_stop(config, schedule)
@@ -142,6 +147,19 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
              f"--hidden-size {args.hidden_size} by interpolation, dropping detail; --let-projector linear or "
              "mlp learns the map instead.")
     return let
+
+
+def _teacher_layers(config: LETConfig, saved_config: dict) -> Optional[int]:
+    """The teacher's layer count, to tell --let-teacher-layer N (its final layer) from the default; None where
+    no layer is named or its config cannot be read (past the stop step the teacher may be gone)."""
+    if config.teacher_layer is None and saved_config.get("teacher_layer") is None:
+        return None
+    try:
+        from megatron_let.teachers.huggingface import resolve_teacher
+
+        return resolve_teacher(config.teacher).config().num_hidden_layers
+    except Exception:  # noqa: BLE001 - an unreadable teacher is refused later, with its own message
+        return None
 
 
 def _placement_line(config: LETConfig, args) -> str:

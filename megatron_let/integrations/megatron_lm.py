@@ -71,9 +71,9 @@ from typing import Callable, Optional, Set
 
 import torch
 
-from megatron_let.config import add_let_args
+from megatron_let.config import add_let_args, let_requested
 from megatron_let.integrations.launch import build_let, let_state, refuse_unsupported_features
-from megatron_let.resume import saved_let_state
+from megatron_let.resume import read_saved_let_state
 from megatron_let.megatron_versions import batch_predicate_name, call_pretrain, supported_range, tokens_and_loss_mask
 from megatron_let.errors import LETConfigError, LETNonFiniteError, print_error
 from megatron_let.controller import LateToEarlyTraining
@@ -82,7 +82,12 @@ __all__ = ["LETMegatronLM", "import_pretrain_gpt", "import_pretrain_script", "ma
 
 _PROGRAM_START_TIME = time.time()
 _LET_KEYS = ("let loss", "let cos", "let lambda")
-SIGNED_SCALARS = ("let cos", "let grad cos")  # LET scalars that may be <= 0 (Megatron-LM's log line drops those)
+# LET scalars that may be <= 0, which Megatron-LM's log line drops up to 0.18 (it prints an entry only when its
+# interval average is > 0; 0.19 prints >= 0): "let lambda" and so "let loss" are 0 in --let-lambda auto's first
+# iteration (it only measures), the cosines may be negative. print_with_let_cos puts them back while LET runs, in
+# LateToEarlyTraining.report's order.
+SIGNED_SCALARS = ("let loss", "let cos", "let lambda", "let grad cos")
+_REPORT_ORDER = ("let loss", "let cos", "let lambda", "let ratio", "let grad cos")
 
 
 def _prepare_runtime() -> None:
@@ -200,13 +205,11 @@ class LETMegatronLM:
             from megatron.training import get_tokenizer, print_rank_last
 
             args = get_args()
-            if getattr(args, "let_teacher", None) is not None:
+            if let_requested(args):  # not for --let-teacher none
                 _check_supported(args)
             name = f"--tokenizer-model {args.tokenizer_model}" if getattr(args, "tokenizer_model", None) \
                 else f"--tokenizer-type {args.tokenizer_type}"
-            if getattr(args, "let_export_dir", None) and not args.load:
-                raise LETConfigError("--let-export-dir needs --load CHECKPOINT_DIR.")
-            saved, resume_iteration = _saved_let_state(args)
+            saved, resume_iteration = read_saved_let_state(args)  # megatron_let/resume.py: shared with the lean trainer
             self.let = build_let(args, get_tokenizer(), name, print_rank_last, saved, resume_iteration)
             if self.let is not None:
                 args.let_state = let_state(self.let)  # Megatron-LM saves args in every checkpoint
@@ -365,13 +368,15 @@ class LETMegatronLM:
         print_rank_last = training.print_rank_last
 
         def print_with_let_cos(message, *args, **kwargs):
-            # Megatron-LM prints a loss-dict entry only if its interval average is > 0: a negative
-            # (or zero) "let cos" / "let grad cos" would vanish from the line; put it where Megatron-LM would have.
+            # Megatron-LM (up to 0.18) prints a loss-dict entry only if its interval average is > 0: a negative
+            # "let cos" / "let grad cos" or a zero "let lambda" / "let loss" would vanish from the line; put it
+            # where Megatron-LM would have: before the next LET scalar it printed, else before "loss scale".
             if isinstance(message, str) and " consumed samples:" in message:
                 for key, (total, count) in self._signed.items():
                     if count and f" {key}:" not in message:
                         field = f" {key}: {total / count:.6E} |"
-                        anchor = " let lambda:" if key == "let cos" and " let lambda:" in message else " loss scale:"
+                        later = _REPORT_ORDER[_REPORT_ORDER.index(key) + 1:]
+                        anchor = next((f" {k}:" for k in later if f" {k}:" in message), " loss scale:")
                         message = message.replace(anchor, field + anchor, 1)
                     self._signed[key] = [0.0, 0]
             return print_rank_last(message, *args, **kwargs)
@@ -440,8 +445,12 @@ class LETMegatronLM:
 
     def _export(self, model, args) -> None:
         """--let-export-dir: the loaded model without LET's projector, saved with Megatron-LM's own
-        save_checkpoint (no optimizer, no RNG), then the run ends (_Exported)."""
+        save_checkpoint (no optimizer, no RNG), then the run ends (_Exported). Written under a sibling
+        temporary name (synchronously) and renamed once every rank has finished, so an export killed midway
+        never looks finished (preflight/paths.py refuses to start over its leftover and says to remove it)."""
         from megatron.training import checkpointing, print_rank_last
+
+        from megatron_let.preflight.paths import export_partial_dir
 
         if self.let is not None:
             self.let.finish()
@@ -450,8 +459,9 @@ class LETMegatronLM:
                 chunk = chunk.module
             if hasattr(chunk, "let_alignment"):
                 del chunk.let_alignment
-        saved = {name: getattr(args, name, None) for name in ("save", "no_save_optim", "no_save_rng")}
-        args.save, args.no_save_optim, args.no_save_rng = args.let_export_dir, True, True
+        partial = export_partial_dir(args.let_export_dir)
+        saved = {name: getattr(args, name, None) for name in ("save", "no_save_optim", "no_save_rng", "async_save")}
+        args.save, args.no_save_optim, args.no_save_rng, args.async_save = partial, True, True, False
         let_state_saved = getattr(args, "let_state", None)
         if hasattr(args, "let_state"):
             del args.let_state
@@ -463,6 +473,10 @@ class LETMegatronLM:
                 setattr(args, name, value)
             if let_state_saved is not None:
                 args.let_state = let_state_saved
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            os.replace(partial, os.path.normpath(os.path.abspath(args.let_export_dir)))  # over an empty one too
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         print_rank_last(f" exported iteration {args.iteration} without LET state to {args.let_export_dir}")
@@ -480,30 +494,6 @@ class LETMegatronLM:
 
 class _Exported(Exception):
     """--let-export-dir is done: leave pretrain() before training."""
-
-
-def _saved_let_state(args):
-    """(LET state, iteration) of the checkpoint --load resumes from, as the lean trainer reads it:
-    the settings, the resolved stop step and the teacher width saved in Megatron-LM's checkpoint args.
-    That checkpoint is the tracker's latest, or ``--ckpt-step N``'s (Megatron-LM then loads iteration N).
-    ({}, None) for a fresh start, --finetune, or a checkpoint without LET state."""
-    load = getattr(args, "load", None)
-    tracker = os.path.join(load, "latest_checkpointed_iteration.txt") if load else None
-    if not tracker or not os.path.isfile(tracker) or getattr(args, "finetune", False):
-        return {}, None
-    text = open(tracker).read().strip()
-    if not text.isdigit():
-        return {}, None  # a release checkpoint: no training state to resume
-    step = getattr(args, "ckpt_step", None)
-    iteration = int(text) if step is None else int(step)
-    directory = os.path.join(load, f"iter_{iteration:07d}")
-    try:
-        from megatron.core import dist_checkpointing
-
-        common = dist_checkpointing.load_common_state_dict(directory)
-    except Exception:  # noqa: BLE001 - not a torch_dist checkpoint: nothing LET can read from it
-        return {}, iteration
-    return saved_let_state(common), iteration  # megatron_let/resume.py: either trainer's checkpoint
 
 
 def _check_supported(args) -> None:
@@ -557,6 +547,12 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
     if model_provider is not None and hasattr(pretrain_gpt, "gpt_builder"):
         model_provider = functools.partial(model_provider, pretrain_gpt.gpt_builder)
 
+    try:  # before maybe_wrap_for_inprocess_restart, which parses the flags (--help) and may open a TCPStore
+        _check_before_start(integration.extra_args_provider(base_args))
+    except LETConfigError as error:
+        print_error(program, error)
+        return 2
+
     pretrain, kwargs = training.pretrain, {}
     inprocess_restart = getattr(importlib.import_module("megatron.training"), "inprocess_restart", None)
     if inprocess_restart is not None:
@@ -564,11 +560,6 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
     if hasattr(pretrain_gpt, "get_embedding_ranks") and model != "hybrid":  # pretrain_hybrid.py passes none
         kwargs["get_embedding_ranks"] = pretrain_gpt.get_embedding_ranks
 
-    try:
-        _check_before_start(integration.extra_args_provider(base_args))
-    except LETConfigError as error:
-        print_error(program, error)
-        return 2
     try:
         call_pretrain(pretrain, provider, model_provider and integration.model_provider(model_provider),
                       ModelType.encoder_or_decoder,
@@ -591,7 +582,35 @@ def _check_before_start(extra_args_provider: Callable) -> None:
 
     from megatron_let.preflight import check_launch
 
+    if help_requested():
+        try:
+            parse_args(extra_args_provider=extra_args_provider)  # argparse prints the help and exits 0
+        except Exception as error:  # noqa: BLE001 - a help string Megatron-LM's parser cannot format
+            from megatron.core import package_info
+
+            version = package_info.__version__.split("+")[0]  # 0.19 appends the git hash of the cwd's repository
+            print_let_help(extra_args_provider, f"Megatron-LM {version}'s own --help fails ({type(error).__name__}: "
+                           f"{error}: a help string of its parser), so only LET's flags are listed; Megatron-LM's "
+                           "are those of its megatron/training/arguments.py.")
+        raise SystemExit(0)
     check_launch(parse_args(extra_args_provider=extra_args_provider), megatron_lm=True)
+
+
+def help_requested() -> bool:
+    return any(flag in ("-h", "--help") for flag in sys.argv[1:])
+
+
+def print_let_help(extra_args_provider: Callable, why: str) -> None:
+    """--help where Megatron-LM's flags cannot be listed: LET's flags (``extra_args_provider``'s), then ``why``
+    on one line."""
+    import argparse
+
+    program = os.path.basename(sys.argv[0])
+    parser = argparse.ArgumentParser(prog=program, usage=f"torchrun {program} <Megatron-LM flags> --let-teacher DIR "
+                                     "--let-target-layer K [LET flags]", allow_abbrev=False)
+    extra_args_provider(parser)
+    print(parser.format_help(), flush=True)
+    print(f"{program}: {why}", flush=True)
 
 
 def _hybrid_model_config() -> Callable:

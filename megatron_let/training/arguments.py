@@ -178,7 +178,7 @@ def _add_recompute_and_moe_args(p):
 
 
 def _validate_recompute_and_moe(args):
-    if args.let_teacher:
+    if args.let_teacher and args.let_teacher != "none":  # --let-teacher none: LET off (config.TEACHER_NONE)
         from megatron_let.integrations.launch import refuse_unsupported_features
 
         refuse_unsupported_features(args)
@@ -313,8 +313,6 @@ def _validate(args, world_size):
         raise ArgumentError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR.")
     if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
         raise ArgumentError("--tokenizer-type NullTokenizer needs --vocab-size N.")
-    if args.let_export_dir and not args.load:
-        raise ArgumentError("--let-export-dir needs --load CHECKPOINT_DIR.")
     _validate_recompute_and_moe(args)
 
 

@@ -13,7 +13,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.errors import LETConfigError
 from megatron_let.integrations.launch import build_let, let_state
-from megatron_let.resume import saved_let_state
+from megatron_let.resume import read_saved_let_state
 from megatron_let.stop import TrainingSchedule
 from megatron_let.training import checkpoint as ckpt
 from megatron_let.training.arguments import vocab_size_with_padding
@@ -98,7 +98,7 @@ def pretrain(args) -> dict:
     """Train (or export) per ``args``; returns the last logged metrics."""
     # Everything that can be wrong with the input is checked before process groups exist.
     resume_iteration = ckpt.latest_iteration(args.load)
-    resume_common = ckpt.load_common(args.load, resume_iteration) if resume_iteration is not None else {}
+    saved_let, let_iteration = read_saved_let_state(args)  # megatron_let/resume.py: shared with Megatron-LM's loop
     try:
         tokenizer = build_tokenizer(args)
     except (OSError, ValueError) as error:  # e.g. a directory without tokenizer.json / tokenizer_config.json
@@ -106,7 +106,7 @@ def pretrain(args) -> dict:
                              f"from it ({error}); point it at a directory written by save_pretrained.") from None
     tokenizer_name = f"--tokenizer-model {args.tokenizer_model}" if args.tokenizer_model \
         else "the target's vocabulary"
-    let = build_let(args, tokenizer, tokenizer_name, print_rank_last, saved_let_state(resume_common), resume_iteration)
+    let = build_let(args, tokenizer, tokenizer_name, print_rank_last, saved_let, let_iteration)
     initialize_parallel(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, cp=args.context_parallel_size,
                         ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
@@ -148,8 +148,8 @@ def pretrain(args) -> dict:
     elif args.load:
         print_rank_last(f"WARNING: no checkpoint found in --load {args.load}; training from scratch.")
     if args.let_export_dir:
-        ckpt.save_checkpoint(args.let_export_dir, iteration, model, None, {"iteration": iteration,
-                             "consumed_train_samples": consumed}, save_optimizer=False, include_let=False)
+        ckpt.save_export(args.let_export_dir, iteration, model, {"iteration": iteration,
+                         "consumed_train_samples": consumed})
         print_rank_last(f" exported iteration {iteration} without LET state to {args.let_export_dir}")
         return {}
 
