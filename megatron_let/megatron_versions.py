@@ -124,6 +124,11 @@ def has_hybrid_model() -> bool:
     return _core_minor() >= (0, 19)
 
 
+# -- 0.19: the config container's model builder moves the chunks to the GPU unless --use-cpu-initialization
+# (megatron_let/preflight/cpu.py refuses such a run on a machine without one) -------------------------------
+CPU_INITIALIZATION_NEEDED_SINCE = (0, 19)
+
+
 # -- 0.19: pretrain_gpt.get_batch returns its fields in BATCH_KEYS order ------------------------------------
 def tokens_and_loss_mask(script, batch) -> tuple:
     """(tokens, loss_mask) of what ``script.get_batch`` returned."""

@@ -56,10 +56,9 @@ import torch
 
 __all__ = ["enable_cpu_megatron"]
 
-# megatron-core versions this was verified with (the smoke test
-# tests/cpu_compat_smoke.py passes on them); older than _MIN_VERSION is refused.
-_VERIFIED_RANGE = ((0, 16, 0), (0, 17, 0))  # [low, high)
-_MIN_VERSION = (0, 13, 0)
+# Which megatron-core versions this was verified with (tests/cpu_compat_smoke.py passes on them) is
+# megatron_let.megatron_versions' TESTED: a tested version runs without a warning; older than supported
+# is refused.
 
 # 1. Modules whose global ``torch`` becomes ``_TorchOnCpu``: why each one.
 _TORCH_ON_CPU_MODULES = {
@@ -357,21 +356,20 @@ def _megatron_version() -> tuple:
 
 
 def _check_version() -> None:
-    version = _megatron_version()
-    shown = ".".join(map(str, version))
-    if version < _MIN_VERSION:
-        raise RuntimeError(
-            f"megatron_let.compat.cpu supports megatron-core >= "
-            f"{'.'.join(map(str, _MIN_VERSION))}; found {shown}."
-        )
-    low, high = _VERIFIED_RANGE
-    if not low <= version < high:
-        warnings.warn(
-            f"megatron_let.compat.cpu was verified with megatron-core "
-            f"[{'.'.join(map(str, low))}, {'.'.join(map(str, high))}); found {shown}. "
-            "Run tests/cpu_compat_smoke.py before trusting CPU results.",
-            stacklevel=3,
-        )
+    """Refuse a megatron-core LET does not support; warn once for one the CPU redirections were not tested
+    with (the versions are megatron_let.megatron_versions', so a tested version never warns)."""
+    from megatron.core import package_info
+
+    from megatron_let import megatron_versions
+
+    found = package_info.__version__.split("+")[0]  # 0.19 appends the git hash of the cwd's repository
+    if not megatron_versions.is_supported(found):
+        raise RuntimeError(f"megatron_let.compat.cpu supports megatron-core {megatron_versions.supported_range()}; "
+                           f"found {found}.")
+    if not megatron_versions.is_tested(found):
+        warnings.warn(f"megatron_let.compat.cpu was verified with megatron-core "
+                      f"{', '.join(megatron_versions.TESTED)}; found {found}. Run tests/cpu_compat_smoke.py "
+                      "before trusting CPU results.", stacklevel=3)
 
 
 def enable_cpu_megatron() -> bool:

@@ -64,7 +64,9 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import logging
 import os
+import re
 import sys
 import time
 from typing import Callable, Optional, Set
@@ -75,7 +77,7 @@ from megatron_let.config import add_let_args, let_requested
 from megatron_let.integrations.launch import build_let, let_state, refuse_unsupported_features
 from megatron_let.resume import read_saved_let_state
 from megatron_let.megatron_versions import batch_predicate_name, call_pretrain, supported_range, tokens_and_loss_mask
-from megatron_let.errors import LETConfigError, LETNonFiniteError, print_error
+from megatron_let.errors import CheckpointWriteError, LETConfigError, LETNonFiniteError, print_error
 from megatron_let.controller import LateToEarlyTraining
 
 __all__ = ["LETMegatronLM", "import_pretrain_gpt", "import_pretrain_script", "main", "megatron_lm_available"]
@@ -482,6 +484,37 @@ class LETMegatronLM:
         print_rank_last(f" exported iteration {args.iteration} without LET state to {args.let_export_dir}")
         raise _Exported()
 
+    # -- checkpoint saves ------------------------------------------------------------------------
+    def _patch_save_checkpoint(self, training) -> None:
+        """A save into --save that fails (disk full, file-size limit, read-only directory) ends the run with the
+        one line both trainers print (CheckpointWriteError; main() exits 1), not torch's "Worker failure"
+        traceback; the partial iter_N Megatron-LM leaves is removed unless the tracker names it. Active with
+        or without LET: it protects every run. Every rank raises: torch.distributed.checkpoint gathers the
+        write results of all ranks before it fails, and Megatron-LM writes the tracker only after that."""
+        save_checkpoint = training.save_checkpoint  # what save_checkpoint_and_time and train() call
+
+        @functools.wraps(save_checkpoint)
+        def save_or_one_line(iteration, *args, **kwargs):
+            from megatron.training import get_args
+
+            root = get_args().save
+            if kwargs.get("non_persistent_ckpt") or not root:  # not --save's directory: as Megatron-LM reports it
+                return save_checkpoint(iteration, *args, **kwargs)
+            logged = _LoggedOSError()  # torch's writer threads log the errno, then raise without it
+            logger = logging.getLogger("megatron.core.dist_checkpointing")
+            logger.addHandler(logged)
+            try:
+                return save_checkpoint(iteration, *args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - any failed save: the tracker still names the last good one
+                from megatron_let.training.checkpoint import iteration_dir, write_failure
+
+                raise CheckpointWriteError(write_failure(root, iteration, error, iteration_dir(root, iteration),
+                                                         logged.error)) from error
+            finally:
+                logger.removeHandler(logged)
+
+        training.save_checkpoint = save_or_one_line
+
     # -- run -----------------------------------------------------------------------------------
     def install(self) -> None:
         from megatron.training import training
@@ -490,10 +523,24 @@ class LETMegatronLM:
         self._patch_train_step(training)
         self._patch_training_log(training)
         self._patch_setup_model_and_optimizer(training)
+        self._patch_save_checkpoint(training)
 
 
 class _Exported(Exception):
     """--let-export-dir is done: leave pretrain() before training."""
+
+
+class _LoggedOSError(logging.Handler):
+    """The first "[Errno N] text" megatron-core's checkpoint writer logs, as an OSError (it raises without it)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.error: Optional[OSError] = None
+
+    def emit(self, record) -> None:
+        found = re.search(r"\[Errno (\d+)\] ([^\n]*)", record.getMessage())
+        if found and self.error is None:
+            self.error = OSError(int(found.group(1)), found.group(2))
 
 
 def _check_supported(args) -> None:
@@ -569,7 +616,7 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
                       model_config_from_args=model_config_from_args, **kwargs)
     except _Exported:
         return 0
-    except (LETConfigError, LETNonFiniteError) as error:
+    except (LETConfigError, LETNonFiniteError, CheckpointWriteError) as error:
         print_error(program, error)
         return 2 if isinstance(error, LETConfigError) else 1
     return 0
