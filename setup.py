@@ -17,8 +17,8 @@ setup(
     data_files=[("share/megatron-let/patches", ["patches/pretrain_gpt.core_v0.16.1.patch",
                                                 "patches/pretrain_gpt.core_v0.19.0.patch"])],
     install_requires=[
-        # torch is not pinned here: on CPU machines install torch==2.13.0 first (.ci/run does),
-        # so pip never pulls a multi-GB CUDA build.
+        # torch is not pinned here: on CPU machines install torch==2.13.0 first (.ci/run does), so pip
+        # keeps that build (Python 3.11: the CPU wheel; 3.12: the index has only the CUDA build, which runs on CPU).
         "torch>=2.4",
         # supported 0.16-0.19 (tested: 0.16.1 on Python 3.11, 0.19.x on 3.12). No upper pin: pip must not
         # downgrade an NGC container's megatron-core; pretrain_gpt_let.py refuses an unsupported one in one line

@@ -4,8 +4,9 @@
 #     bash examples/quickstart.sh [options of examples/quickstart.py, e.g. --target-iters 400]
 #
 # 1. creates (or reuses) the virtual environment .venv in the repository,
-# 2. installs torch==2.13.0 first (the CPU wheel where one is offered locally: any other torch
-#    install can pull several GB of CUDA libraries), then megatron-let with its test extras (the
+# 2. installs torch==2.13.0 first (pinned, so nothing later picks another build: on Python 3.11 that
+#    is the CPU wheel; for 3.12 the index offers only the CUDA build, ~4.8 GB, which runs on CPU),
+#    then megatron-let with its test extras (the
 #    quickstart's matplotlib/tensorboard plus pytest & co., so README command 2 runs right after),
 #    naming every package as pip collects it,
 # 3. runs examples/quickstart.py: corpus -> teacher -> baseline and LET runs -> results and plot
@@ -32,7 +33,7 @@ pip_progress() { grep --line-buffered -E '^(Collecting|Processing|Installing col
 if python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '${TORCH_SPEC#torch==}')" 2>/dev/null; then
     echo "[quickstart.sh] $(python -c 'import torch; print("torch", torch.__version__)') already installed"
 else
-    echo "[quickstart.sh] installing $TORCH_SPEC (before anything else, so pip never picks a CUDA build)"
+    echo "[quickstart.sh] installing $TORCH_SPEC (before anything else; on Python 3.12 the CUDA build, ~4.8 GB, which runs on CPU)"
     python -m pip install -q --upgrade pip
     python -m pip install "$TORCH_SPEC" 2>&1 | pip_progress
 fi
