@@ -503,11 +503,11 @@ class LETMegatronLM:
             logged = _LoggedOSError()  # torch's writer threads log the errno, then raise without it
             logger = logging.getLogger("megatron.core.dist_checkpointing")
             logger.addHandler(logged)
+            from megatron_let.training.checkpoint import SAVE_ERRORS, iteration_dir, write_failure
+
             try:
                 return save_checkpoint(iteration, *args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - any failed save: the tracker still names the last good one
-                from megatron_let.training.checkpoint import iteration_dir, write_failure
-
+            except SAVE_ERRORS as error:  # any failed save: the tracker still names the last good checkpoint
                 raise CheckpointWriteError(write_failure(root, iteration, error, iteration_dir(root, iteration),
                                                          logged.error)) from error
             finally:
