@@ -13,10 +13,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = os.path.join(ROOT, "tests", "workers")
 
-# Skip reasons say what to do (docs/testing.md lists them all). Megatron-LM is not on PyPI.
-NEEDS_MEGATRON_LM = ("needs megatron.training: Python 3.12 with megatron-core 0.19 (its wheel ships it; .ci/run's "
-                     "second stack), or a Megatron-LM checkout of the installed version: git clone --branch "
-                     "core_v0.16.1 https://github.com/NVIDIA/Megatron-LM DIR && export MEGATRON_LM_PATH=DIR (pip install six)")
+# Skip reasons say what to do, and name what this stack lacks (docs/testing.md lists them all). Megatron-LM is
+# not on PyPI.
+def _installed_core() -> str:
+    from importlib.metadata import version
+
+    return version("megatron-core")
+
+
+CLONE_MEGATRON_LM = (f"git clone --branch core_v{_installed_core()} https://github.com/NVIDIA/Megatron-LM DIR && "
+                     "export MEGATRON_LM_PATH=DIR (pip install six)")
+NEEDS_MEGATRON_LM = (f"needs megatron.training, which the installed megatron-core {_installed_core()} wheel lacks: "
+                     "Python 3.12 with megatron-core 0.19 (its wheel ships it; .ci/run's second stack), or a "
+                     f"Megatron-LM checkout of this version: {CLONE_MEGATRON_LM}")
+NEEDS_MEGATRON_LM_CHECKOUT = (f"needs a Megatron-LM checkout (its own pretrain_gpt.py and examples; the megatron-core "
+                              f"{_installed_core()} wheel has at most megatron.training): {CLONE_MEGATRON_LM}")
 NEEDS_MEGATRON_LM_GIT_DIR = ("needs Megatron-LM's git history with tags: git clone --bare "
                              "https://github.com/NVIDIA/Megatron-LM DIR.git && export MEGATRON_LM_GIT_DIR=DIR.git "
                              "(or $MEGATRON_LM_PATH/.git after git fetch --tags)")

@@ -21,13 +21,13 @@ import subprocess
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM, ROOT, make_tiny_llama, torchrun
+from conftest import NEEDS_MEGATRON_LM_CHECKOUT, ROOT, make_tiny_llama, torchrun
 from test_sample_schedule import parse
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 LET_SCRIPTS = {"pretrain_gpt.py": SCRIPT, "pretrain_hybrid.py": os.path.join(ROOT, "pretrain_hybrid_let.py")}
-pytestmark = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM)
+pytestmark = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM_CHECKOUT)
 
 EXAMPLES = {  # name: (script, its arguments ({ckpt}, {tb}: directories of the test), processes, flags set)
     "llama3_8b": ("examples/llama/train_llama3_8b_h100_fp8.sh", ["{ckpt}", "{tb}", "MOCK", "MOCK"], 2,

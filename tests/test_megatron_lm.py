@@ -20,7 +20,7 @@ import re
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM, ROOT, megatron_lm_source, torchrun
+from conftest import NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_CHECKOUT, ROOT, megatron_lm_source, torchrun
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
@@ -278,8 +278,7 @@ def test_resume_equals_a_straight_run_and_lambda_reaches_zero(megatron_lm_path, 
 
 
 @pytest.mark.skipif(not MEGATRON_LM_PATH or megatron_lm_source() != "checkout",
-                    reason="needs MEGATRON_LM_PATH: a Megatron-LM checkout of the installed megatron-core's minor version "
-                           "(git clone --branch core_v0.19.0 https://github.com/NVIDIA/Megatron-LM DIR) on Python 3.12")
+                    reason=NEEDS_MEGATRON_LM_CHECKOUT if megatron_lm_source() else NEEDS_MEGATRON_LM)
 def test_wheel_and_checkout_drivers_agree(megatron_lm_path, let_args):
     """On megatron-core 0.17+ the same flags run the checkout's pretrain_gpt.py (MEGATRON_LM_PATH) or, without it,
     megatron_let's gpt_script on the wheel's megatron.training: the same numbers."""

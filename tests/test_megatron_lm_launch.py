@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import NEEDS_MEGATRON_LM, ROOT, free_port, make_tiny_llama, megatron_lm_source, torchrun
+from conftest import NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_CHECKOUT, ROOT, free_port, make_tiny_llama, megatron_lm_source, torchrun
 from test_megatron_lm import MODEL_ARGS
 from test_reliability import _nan_teacher
 from test_sample_schedule import parse as parse_log  # every "name: value" field of the log line
@@ -25,9 +25,7 @@ MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 OTHER_VERSION_CHECKOUT = os.environ.get("MEGATRON_LM_OTHER_VERSION_PATH", "/work/megatron-lm-0.17.1")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 needs_megatron_lm = pytest.mark.skipif(megatron_lm_source() is None, reason=NEEDS_MEGATRON_LM)
-needs_checkout = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM.replace(
-    "needs megatron.training: Python 3.12 with megatron-core 0.19 (its wheel ships it; .ci/run's second stack), or",
-    "needs"))
+needs_checkout = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM_CHECKOUT)
 
 
 def _has_rampup() -> bool:

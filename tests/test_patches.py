@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_GIT_DIR, ROOT, torchrun
+from conftest import NEEDS_MEGATRON_LM_CHECKOUT, NEEDS_MEGATRON_LM_GIT_DIR, ROOT, torchrun
 
 PATCHES = sorted(glob.glob(os.path.join(ROOT, "patches", "*.patch")))
 PATCH = os.path.join(ROOT, "patches", "pretrain_gpt.core_v0.16.1.patch")
@@ -131,7 +131,7 @@ def _checkout():
 
 
 CHECKOUT = _checkout()
-needs_checkout = pytest.mark.skipif(CHECKOUT is None, reason=NEEDS_MEGATRON_LM)
+needs_checkout = pytest.mark.skipif(CHECKOUT is None, reason=NEEDS_MEGATRON_LM_CHECKOUT)
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ ITERS = 2
 @pytest.fixture(scope="module")
 def patched_script(tmp_path_factory):
     if CHECKOUT is None:
-        pytest.skip(NEEDS_MEGATRON_LM)
+        pytest.skip(NEEDS_MEGATRON_LM_CHECKOUT)
     directory = tmp_path_factory.mktemp("user_megatron")
     shutil.copyfile(os.path.join(CHECKOUT, "pretrain_gpt.py"), directory / "pretrain_gpt.py")
     result = _cli("apply", directory / "pretrain_gpt.py")
