@@ -119,8 +119,9 @@ CASES = {
 }
 # Megatron-LM's start-up costs ~20 s a launch on CPU: there every case runs through its own parser in
 # process (test_refused_on_this_parser), and these end to end (and the re-runs in the export tests).
-END_TO_END = list(CASES) if not MEGATRON_LM else ["export_is_load", "export_without_checkpoint",
-                                                  "save_inside_teacher", "gguf_repository_is_ambiguous"]
+END_TO_END = list(CASES) if not MEGATRON_LM else ["export_is_load", "export_without_checkpoint", "export_inside_load",
+                                                  "save_inside_teacher", "tensorboard_is_teacher",
+                                                  "save_holds_another_checkpoint", "gguf_repository_is_ambiguous"]
 
 
 def _case(name, work, tmp_path):
