@@ -74,7 +74,9 @@ def at(checkpoints, tmp_path, iteration: int):
 
 
 def resume(checkpoint, *extra, iters=TRAIN_ITERS):
-    return [*MODEL, "--train-iters", iters, "--load", checkpoint, *extra]
+    """Megatron-LM asserts the saved lr / weight-decay schedule unless told to take the new --train-iters'."""
+    override = ["--override-opt_param-scheduler"] if iters != TRAIN_ITERS and not LEAN else []
+    return [*MODEL, "--train-iters", iters, "--load", checkpoint, *override, *extra]
 
 
 # ------------------------------------------------------------------ item 3: LET dropped on resume
@@ -235,6 +237,9 @@ def test_resume_at_tp2_and_pp2_matches_tp1(teacher, tmp_path):
                         megatron_lm=True)
         logs[name] = parse_log(proc.stdout)
         assert sorted(logs[name]) == [3, 4], (name, proc.stdout[-3000:])
+    for name, logged in logs.items():  # shown with -s or on failure
+        print(name, " ".join(f"{key} {logged[i][key]:.6e}" for i in (3, 4) for key in ("lm loss", "let loss")))
+    assert all(logs["tp1"][i]["let loss"] > 0 for i in (3, 4))  # LET still aligns after the resume
     for name in ("tp2", "pp2"):
         for key in ("lm loss", "let loss"):
             for iteration in (3, 4):

@@ -9,15 +9,18 @@ Past the stop step LET is over, so a resume without flags is fine.
 
 from __future__ import annotations
 
-from megatron_let.config import TEACHER_NONE, let_flags
+from megatron_let.config import TEACHER_NONE, let_config_from_args, let_flags
 from megatron_let.errors import LETConfigError
 from megatron_let.resume import aligning_at, read_saved_let_state
 
 
 def check_resume(args) -> None:
     """Refuse a resume that would drop LET silently (both trainers, both scripts)."""
-    if getattr(args, "let_teacher", None) is not None:  # a teacher, or --let-teacher none: LET said on purpose
-        return
+    if getattr(args, "let_teacher", None) not in (None, TEACHER_NONE):
+        return  # LET on: build_let checks the flags against the checkpoint
+    let_config_from_args(args)  # LET off: --let-* flags given with it are refused here, not after start-up
+    if getattr(args, "let_teacher", None) == TEACHER_NONE or getattr(args, "let_export_dir", None):
+        return  # LET ended on purpose (build_let logs it), or an export: nothing trains
     saved, iteration = read_saved_let_state(args)
     if not aligning_at(saved, iteration):
         return
