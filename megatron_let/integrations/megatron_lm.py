@@ -48,12 +48,19 @@ datasets provider, embedding ranks, ModelOpt arguments), wrapped as follows:
   makes ``optimizer.step()`` report an unsuccessful update (Megatron-LM
   then counts a skipped iteration and leaves its lr schedule alone), and
   ``--let-export-dir`` saves the loaded model without the projector through
-  Megatron-LM's own ``save_checkpoint`` and ends the run.
+  Megatron-LM's own ``save_checkpoint`` and ends the run;
+- checkpoint saves (with or without LET): ``training.save_checkpoint`` is wrapped so that a save into
+  ``--save`` that fails (disk full, file-size limit, read-only directory) ends the run with the lean
+  trainer's one line (``CheckpointWriteError``, exit 1) instead of torch's worker traceback, and the
+  partial ``iter_N`` is removed unless the tracker names it. ``--async-save`` without
+  ``--use-persistent-ckpt-worker`` is made synchronous by Megatron-LM, so it is covered; a background save
+  fails later, in ``maybe_finalize_async_save``, with Megatron-LM's own error, and its tracker is written
+  only after every rank's write succeeded.
 
 The patches touch only names in ``pretrain_gpt``'s and
 ``megatron.training.training``'s module namespaces, for this process; no file
-is edited. Without ``--let-teacher`` every wrapper passes straight through and
-the run is plain ``pretrain_gpt.py``.
+is edited. Without ``--let-teacher`` every wrapper but the save's passes straight
+through and the run is plain ``pretrain_gpt.py``.
 
 On a machine without CUDA, ``enable_cpu_megatron_lm()`` is applied first
 (see :mod:`megatron_let.compat.cpu_megatron_lm`).
