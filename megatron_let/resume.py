@@ -15,7 +15,7 @@ import os
 from dataclasses import fields
 from typing import Optional, Tuple
 
-from megatron_let.config import LETConfig, resolved_settings
+from megatron_let.config import DEFAULT_STOP_AUTO, LAMBDA_AUTO, STOP_AUTO, LETConfig, resolved_settings
 from megatron_let.errors import LETConfigError
 
 ESTIMATED_NORMS = ("center", "standardize")  # megatron_let/teacher_norm.py: width-shaped, checkpointed
@@ -28,7 +28,17 @@ def changed_settings(saved_config: dict, config: LETConfig, hidden_size: Optiona
     predates count as defaults (config.resolved_settings)."""
     saved = resolved_settings(saved_config, hidden_size, teacher_layers)
     current = resolved_settings(config.to_dict(), hidden_size, teacher_layers)
-    return sorted(k for k in current if saved[k] != current[k])
+    return sorted(k for k in current if saved[k] != current[k]
+                  and (k not in _USED_ONLY_WITH or _USED_ONLY_WITH[k](saved) and _USED_ONLY_WITH[k](current)))
+
+
+# settings that mean something only in one mode: a mode change is named by the mode's own field alone
+_USED_ONLY_WITH = {
+    "lambda_auto_fraction": lambda s: s["lambda0"] == LAMBDA_AUTO,
+    "projector_hidden_size": lambda s: s["projector"] == "mlp",
+    "teacher_tokenizer": lambda s: s["token_alignment"] != "exact",
+    **{f"stop_auto_{name}": (lambda s: s["stop"] == STOP_AUTO) for name in DEFAULT_STOP_AUTO},
+}
 
 
 def _saved(saved_config: dict, name: str):

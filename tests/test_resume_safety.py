@@ -182,6 +182,7 @@ def test_every_derived_default_compares_resolved():
     assert changed_settings(old, LETConfig(**base, lambda_auto_fraction=3.0), hidden_size=32) == []
     assert changed_settings(old, LETConfig(**base, lambda_auto_fraction=2.0)) == ["lambda_auto_fraction"]
     assert changed_settings(LETConfig(**base).to_dict(), LETConfig(**base, teacher_layer=1), 32, 2) == ["teacher_layer"]
+    assert changed_settings(LETConfig(**base).to_dict(), LETConfig(**base, lambda0=0.3)) == ["lambda0"]  # the mode only
     mlp = {"config": LETConfig(**base, projector="mlp").to_dict()}
     refuse_unusable_projector(mlp, LETConfig(**base, projector="mlp", projector_hidden_size=32), hidden_size=32)
 
