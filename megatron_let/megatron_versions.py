@@ -126,7 +126,8 @@ def has_hybrid_model() -> bool:
 
 # -- 0.19: the config container's model builder moves the chunks to the GPU unless --use-cpu-initialization
 # (megatron_let/preflight/cpu.py refuses such a run on a machine without one) -------------------------------
-CPU_INITIALIZATION_NEEDED_SINCE = (0, 19)
+def cpu_initialization_needed() -> bool:
+    return _core_minor() >= (0, 19)
 
 
 # -- 0.19: pretrain_gpt.get_batch returns its fields in BATCH_KEYS order ------------------------------------

@@ -156,6 +156,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_valid(megatron_world1,
     from megatron.core import dist_checkpointing
 
     from conftest import tiny_transformer_config
+    from megatron_let import checkpoint_files
     from megatron_let.training import checkpoint as ckpt
     from megatron_let.training.model import build_gpt_chunks
 
@@ -178,9 +179,9 @@ def test_crash_during_save_leaves_the_previous_checkpoint_valid(megatron_world1,
     with pytest.raises(RuntimeError, match="node lost power"):
         ckpt.save_checkpoint(root, 4, model, None, {"iteration": 4}, save_optimizer=False)
     monkeypatch.undo()
-    assert ckpt.latest_iteration(root) == 2
-    assert not os.path.exists(ckpt.iteration_dir(root, 4))
-    loaded = ckpt.load_checkpoint(root, ckpt.latest_iteration(root), model, None)
+    assert checkpoint_files.latest_iteration(root) == 2
+    assert not os.path.exists(checkpoint_files.iteration_dir(root, 4))
+    loaded = ckpt.load_checkpoint(root, checkpoint_files.latest_iteration(root), model, None)
     assert loaded["iteration"] == 2
     for key, value in model[0].state_dict().items():
         if key in saved:

@@ -14,7 +14,7 @@ from argparse import Namespace
 
 import pytest
 
-from conftest import ROOT, launch, make_tiny_llama, megatron_lm_source, one_line_error, refused, tree_hash
+from conftest import ROOT, launch, make_tiny_llama, megatron_lm_source, refused, tree_hash
 
 MEGATRON_LM = megatron_lm_source() is not None  # which trainer launch() runs here
 if MEGATRON_LM:

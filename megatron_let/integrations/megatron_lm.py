@@ -510,7 +510,7 @@ class LETMegatronLM:
             logged = _LoggedOSError()  # torch's writer threads log the errno, then raise without it
             logger = logging.getLogger("megatron.core.dist_checkpointing")
             logger.addHandler(logged)
-            from megatron_let.training.checkpoint import SAVE_ERRORS, iteration_dir, write_failure
+            from megatron_let.checkpoint_files import SAVE_ERRORS, iteration_dir, write_failure
 
             try:
                 return save_checkpoint(iteration, *args, **kwargs)

@@ -9,6 +9,7 @@ before ``validate_args``: names and defaults are the parser's.
 
 from __future__ import annotations
 
+from megatron_let import megatron_versions
 from megatron_let.errors import LETConfigError
 
 
@@ -57,17 +58,6 @@ _GPU_ONLY = (
 )
 
 
-def _cpu_initialization_needed() -> bool:
-    """Megatron-LM versions whose model builder moves the model to the GPU unless --use-cpu-initialization
-    (megatron_versions.CPU_INITIALIZATION_NEEDED_SINCE)."""
-    from megatron.core import package_info
-
-    from megatron_let import megatron_versions
-
-    minor = megatron_versions.parse(package_info.__version__)
-    return minor is not None and minor >= megatron_versions.CPU_INITIALIZATION_NEEDED_SINCE
-
-
 def _eval_interval_missing(args) -> bool:
     """Megatron-LM 0.19 has no default --eval-interval: an iteration-based run without one stops after start-up
     with ``int // NoneType`` (on any machine)."""
@@ -85,7 +75,7 @@ def check_cpu_settings(args) -> None:
     if not torch.cuda.is_available():
         problems = [f"{what}: {fix}" for attribute, fails, what, fix in _GPU_ONLY
                     if hasattr(args, attribute) and fails(getattr(args, attribute), args)]
-        if not getattr(args, "use_cpu_initialization", False) and _cpu_initialization_needed():
+        if not getattr(args, "use_cpu_initialization", False) and megatron_versions.cpu_initialization_needed():
             problems.append("without --use-cpu-initialization this Megatron-LM moves the model to the GPU: "
                             "add --use-cpu-initialization")
     if problems:

@@ -9,34 +9,18 @@ crash mid-save never leaves something that loads as valid.
 
 import os
 import shutil
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_let.checkpoint_files import SAVE_ERRORS, TRACKER, iteration_dir, write_failure
 from megatron_let.errors import CheckpointWriteError
 
-TRACKER = "latest_checkpointed_iteration.txt"
 LET_KEY_FRAGMENT = "let_alignment."
 # Optimizer state stored re-shardable across TP/PP/DP and distributed/plain optimizers.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-# A failed save: torch.distributed.checkpoint's gathered write failures derive from BaseException, not Exception.
-SAVE_ERRORS = (Exception, CheckpointException)
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def latest_iteration(root: Optional[str]) -> Optional[int]:
-    """The iteration the tracker names, or None when there is no complete checkpoint."""
-    if not root or not os.path.isfile(os.path.join(root, TRACKER)):
-        return None
-    with open(os.path.join(root, TRACKER)) as f:
-        text = f.read().strip()
-    return int(text) if text.isdigit() else None
 
 
 def model_sharded_state_dict(model: List, include_let: bool = True) -> dict:
@@ -111,53 +95,6 @@ def save_export(export_dir: str, iteration: int, model: List, common: dict) -> s
         os.replace(partial, final)  # over an empty directory too (the preflight refused a non-empty one)
     _barrier()
     return final
-
-
-def write_failure(root: str, iteration: int, error: BaseException, partial: Optional[str] = None,
-                  cause: Optional[OSError] = None) -> str:
-    """The one line both trainers print when saving ``iteration`` under ``root`` failed: the OS error (``cause``
-    where the library only logged it: torch's writers drop errno), the free space, which checkpoint still loads,
-    and what became of ``partial``, the directory the save wrote into. Rank 0 removes ``partial`` to give the
-    space back, unless the tracker names it: a checkpoint that may load is never deleted."""
-    cause = _os_error(error) or cause
-    reason = " ".join(f"{type(cause or error).__name__}: {cause or error}".split())
-    try:
-        free = f"; {shutil.disk_usage(root).free} bytes free on its disk"
-    except OSError:
-        free = ""
-    previous = latest_iteration(root)
-    kept = f"iteration {previous} is still the checkpoint that loads" if previous is not None \
-        else "no earlier checkpoint exists"
-    if partial is None or not os.path.exists(partial):
-        left = "it left no partial files"
-    elif previous is not None and os.path.realpath(partial) == os.path.realpath(iteration_dir(root, previous)):
-        left, kept = (f"it wrote into {partial}, the checkpoint the tracker names, which may no longer load",
-                      "no other checkpoint was touched")
-    else:
-        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        left = f"its partial files were removed ({partial})" if not os.path.exists(partial) \
-            else f"its partial files are left in {partial}: delete that directory to get the space back"
-    return (f"saving the checkpoint of iteration {iteration} to --save {root} failed ({reason}{free}); {left} and "
-            f"{kept}. Free space or fix the error, then resume with --load {root}.")
-
-
-def _os_error(error: BaseException) -> Optional[OSError]:
-    """The OSError behind ``error``: along its cause/context chain and inside torch.distributed.checkpoint's
-    CheckpointException, which gathers each rank's failure as (exception, traceback)."""
-    seen, todo = set(), [error]
-    while todo:
-        current = todo.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError):
-            return current
-        todo += [current.__cause__, current.__context__]
-        failures = getattr(current, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
-        if isinstance(failures, dict):
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-    return None
 
 
 def load_common(root: str, iteration: int) -> dict:

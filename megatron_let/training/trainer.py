@@ -10,6 +10,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
+from megatron_let.checkpoint_files import latest_iteration
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.errors import LETConfigError
 from megatron_let.integrations.launch import build_let, let_state
@@ -97,7 +98,7 @@ def _prefetch_alignments(iterators: list, model: list, let: Optional[LateToEarly
 def pretrain(args) -> dict:
     """Train (or export) per ``args``; returns the last logged metrics."""
     # Everything that can be wrong with the input is checked before process groups exist.
-    resume_iteration = ckpt.latest_iteration(args.load)
+    resume_iteration = latest_iteration(args.load)
     saved_let, let_iteration = read_saved_let_state(args)  # megatron_let/resume.py: shared with Megatron-LM's loop
     try:
         tokenizer = build_tokenizer(args)
