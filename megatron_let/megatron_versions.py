@@ -49,10 +49,49 @@ def supported_range() -> str:
     return f"{OLDEST_SUPPORTED[0]}.{OLDEST_SUPPORTED[1]} or newer (tested: {tested_versions()})"
 
 
-def _core_minor() -> Tuple[int, int]:
+def core_version() -> str:
+    """The imported megatron-core's version, without the ``+<git hash>`` 0.19 appends (of the cwd's repository)."""
     from megatron.core import package_info
 
-    return parse(package_info.__version__)
+    return package_info.__version__.split("+")[0]
+
+
+def imported_core_version() -> Optional[str]:
+    """The version of a megatron.core already imported, or None (nothing is imported here)."""
+    import sys
+
+    core = sys.modules.get("megatron.core")
+    version = getattr(core, "__version__", None)
+    return version.split("+")[0] if version else None
+
+
+def version_in_directory(core_dir: Optional[str]) -> Optional[str]:
+    """The version in ``<core_dir>/package_info.py``, read as text (nothing is imported)."""
+    import os
+
+    if not core_dir:
+        return None
+    try:
+        text = open(os.path.join(core_dir, "package_info.py"), encoding="utf-8").read()
+    except OSError:
+        return None
+    numbers = {key: re.search(rf"^{key}\s*=\s*['\"]?([0-9A-Za-z]*)", text, re.M)
+               for key in ("MAJOR", "MINOR", "PATCH", "PRE_RELEASE")}
+    if not all(numbers[key] for key in ("MAJOR", "MINOR", "PATCH")):
+        return None
+    pre = numbers["PRE_RELEASE"].group(1) if numbers["PRE_RELEASE"] else ""
+    return ".".join(numbers[key].group(1) for key in ("MAJOR", "MINOR", "PATCH")) + pre
+
+
+def in_versions(since: Optional[Tuple[int, ...]] = None, until: Optional[Tuple[int, ...]] = None) -> bool:
+    """Does the imported megatron-core fall in [since, until)? (The tables of the CPU layer: data, not code.)"""
+    release = tuple(int(x) for x in re.findall(r"\d+", core_version())[:3])
+    return (since is None or release[:len(since)] >= tuple(since)) and \
+        (until is None or release[:len(until)] < tuple(until))
+
+
+def _core_minor() -> Tuple[int, int]:
+    return parse(core_version())
 
 
 # -- 0.18: pretrain() takes a PretrainConfigContainer first; the arguments are parsed before it --------------

@@ -220,9 +220,9 @@ def test_megatron_core_comes_from_the_checkout(teacher):
     first = [line for line in proc.stdout.splitlines() if line.startswith("megatron-let: trainer:")]
     checkout = os.path.abspath(MEGATRON_LM_PATH)
     assert len(first) == 1
-    from megatron_let.integrations.selection import package_info_version
+    from megatron_let.megatron_versions import version_in_directory
 
-    version = package_info_version(os.path.join(checkout, "megatron", "core"))
+    version = version_in_directory(os.path.join(checkout, "megatron", "core"))
     assert f"megatron.core {version} from {checkout}/megatron/core" in first[0], first
     assert f"megatron.training from {checkout}/megatron/training" in first[0], first
 

@@ -154,6 +154,19 @@ def test_no_import_circles():
     assert import_circles(import_graph()) == []
 
 
+def test_only_the_version_module_reads_megatrons_version():
+    """What differs between Megatron versions is data in megatron_let/megatron_versions.py: no other module reads
+    megatron's version (its ``__version__`` or ``package_info``); megatron-let's own ``__version__`` aside."""
+    readers = []
+    for path in package_files():
+        if module_name(path) == "megatron_let.megatron_versions":
+            continue
+        for number, line in enumerate(open(path, encoding="utf-8"), 1):
+            if ("__version__" in line or "package_info" in line) and line.strip() != '__version__ = "0.1.0"':
+                readers.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    assert not readers, "\n".join(readers)
+
+
 def test_circle_finder_finds_a_circle():
     assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

@@ -48,11 +48,12 @@ import copy
 import functools
 import importlib
 import logging
-import re
 import types
 import warnings
 
 import torch
+
+from megatron_let import megatron_versions
 
 __all__ = ["enable_cpu_megatron"]
 
@@ -349,20 +350,10 @@ _SINGLE_PATCHES = {
 
 
 # --------------------------------------------------------------------------
-def _megatron_version() -> tuple:
-    from megatron.core import package_info
-
-    return tuple(int(x) for x in re.findall(r"\d+", package_info.__version__)[:3])
-
-
 def _check_version() -> None:
     """Refuse a megatron-core LET does not support; warn once for one the CPU redirections were not tested
     with (the versions are megatron_let.megatron_versions', so a tested version never warns)."""
-    from megatron.core import package_info
-
-    from megatron_let import megatron_versions
-
-    found = package_info.__version__.split("+")[0]  # 0.19 appends the git hash of the cwd's repository
+    found = megatron_versions.core_version()
     if not megatron_versions.is_supported(found):
         raise RuntimeError(f"megatron_let.compat.cpu supports megatron-core {megatron_versions.supported_range()}; "
                            f"found {found}.")
@@ -392,7 +383,7 @@ def enable_cpu_megatron() -> bool:
         wrap_targets = [_resolve(name, path) for name, path in _CUDA_LOOKING_TENSORS]
         single = []
         for name, (attrs, patch, *since) in _SINGLE_PATCHES.items():
-            if since and _megatron_version() < since[0]:
+            if since and not megatron_versions.in_versions(since=since[0]):
                 continue
             module = importlib.import_module(name)
             for attr in attrs:
@@ -400,7 +391,7 @@ def enable_cpu_megatron() -> bool:
             single.append((patch, module))
     except (ImportError, AttributeError, KeyError) as exc:
         raise RuntimeError(
-            f"megatron_let.compat.cpu: megatron-core {_megatron_version()} does not "
+            f"megatron_let.compat.cpu: megatron-core {megatron_versions.core_version()} does not "
             f"have the layout this module patches ({exc!r})."
         ) from exc
 

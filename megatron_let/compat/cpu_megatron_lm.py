@@ -93,10 +93,9 @@ _CUDA_CALLS_ARE_IDENTITY = {
 
 
 def _in_versions(since, until) -> bool:
-    from megatron_let.compat.cpu import _megatron_version
+    from megatron_let.megatron_versions import in_versions
 
-    minor = _megatron_version()[:2]
-    return (since is None or minor >= since) and (until is None or minor < until)
+    return in_versions(since, until)
 
 
 def _entries(table: dict) -> list:
@@ -191,7 +190,9 @@ def _borrow_installed_helpers() -> bool:
         from importlib import metadata
 
         datasets = importlib.import_module("megatron.core.datasets")
-        version = getattr(importlib.import_module("megatron.core"), "__version__", None)
+        from megatron_let.megatron_versions import core_version
+
+        version = core_version()
         for name in ("megatron-core", "megatron_core"):
             try:
                 dist = metadata.distribution(name)

@@ -640,10 +640,9 @@ def _check_before_start(extra_args_provider: Callable) -> None:
         try:
             parse_args(extra_args_provider=extra_args_provider)  # argparse prints the help and exits 0
         except Exception as error:  # noqa: BLE001 - a help string Megatron-LM's parser cannot format
-            from megatron.core import package_info
+            from megatron_let.megatron_versions import core_version
 
-            version = package_info.__version__.split("+")[0]  # 0.19 appends the git hash of the cwd's repository
-            print_let_help(extra_args_provider, f"Megatron-LM {version}'s own --help fails ({type(error).__name__}: "
+            print_let_help(extra_args_provider, f"Megatron-LM {core_version()}'s own --help fails ({type(error).__name__}: "
                            f"{error}: a help string of its parser), so only LET's flags are listed; Megatron-LM's "
                            "are those of its megatron/training/arguments.py.")
         raise SystemExit(0)
@@ -669,13 +668,11 @@ def print_let_help(extra_args_provider: Callable, why: str) -> None:
 
 def _hybrid_model_config() -> Callable:
     """:func:`megatron_let.integrations.hybrid.hybrid_model_config`, where this megatron-core has HybridModel."""
-    from megatron_let.megatron_versions import has_hybrid_model
+    from megatron_let.megatron_versions import core_version, has_hybrid_model
 
     if not has_hybrid_model():
-        from megatron.core import package_info
-
         raise LETConfigError(f"HybridModel (--hybrid-layer-pattern) needs megatron-core 0.19 or newer; this is "
-                             f"{package_info.__version__}: use pretrain_gpt_let.py, or Python 3.12 with "
+                             f"{core_version()}: use pretrain_gpt_let.py, or Python 3.12 with "
                              "megatron-core 0.19.")
     from megatron_let.integrations.hybrid import hybrid_model_config
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import re
 import sys
 from dataclasses import dataclass
 from typing import Optional
@@ -91,22 +90,6 @@ def check_supported_version(version: Optional[str], checkout: Optional[str] = No
         f"megatron-core {version} is not supported: megatron-let supports {versions.supported_range()}; {fix}.")
 
 
-def package_info_version(core_dir: Optional[str]) -> Optional[str]:
-    """The version in ``<core_dir>/package_info.py``, read as text (nothing is imported)."""
-    if not core_dir:
-        return None
-    try:
-        text = open(os.path.join(core_dir, "package_info.py"), encoding="utf-8").read()
-    except OSError:
-        return None
-    numbers = {key: re.search(rf"^{key}\s*=\s*['\"]?([0-9A-Za-z]*)", text, re.M)
-               for key in ("MAJOR", "MINOR", "PATCH", "PRE_RELEASE")}
-    if not all(numbers[key] for key in ("MAJOR", "MINOR", "PATCH")):
-        return None
-    pre = numbers["PRE_RELEASE"].group(1) if numbers["PRE_RELEASE"] else ""
-    return ".".join(numbers[key].group(1) for key in ("MAJOR", "MINOR", "PATCH")) + pre
-
-
 def _package_dir(name: str) -> Optional[str]:
     """Directory of package ``name`` (already imported or as the import system would find it)."""
     module = sys.modules.get(name)
@@ -148,7 +131,7 @@ def choose_trainer(environ=None) -> TrainerChoice:
         checkout_core = os.path.join(path, "megatron", "core")
         imported = _package_dir("megatron.core") if "megatron.core" in sys.modules else None
         if imported and os.path.isdir(checkout_core) and not os.path.samefile(imported, checkout_core):
-            mine, theirs = package_info_version(imported), package_info_version(checkout_core)
+            mine, theirs = versions.version_in_directory(imported), versions.version_in_directory(checkout_core)
             if mine != theirs:
                 raise TrainerSelectionError(
                     f"version mismatch: megatron.core {mine} was already imported from {imported}, but "
@@ -169,9 +152,9 @@ def choose_trainer(environ=None) -> TrainerChoice:
 
     training_dir = _package_dir("megatron.training")
     core_dir = _package_dir("megatron.core")
-    training_version = package_info_version(os.path.join(os.path.dirname(training_dir), "core")) \
+    training_version = versions.version_in_directory(os.path.join(os.path.dirname(training_dir), "core")) \
         if training_dir else None
-    core_version = package_info_version(core_dir)
+    core_version = versions.version_in_directory(core_dir)
     check_supported_version(core_version, path or _checkout_root(core_dir))
     if training_version and core_version and training_version != core_version:
         raise TrainerSelectionError(
@@ -188,7 +171,7 @@ def choose_trainer(environ=None) -> TrainerChoice:
         importlib.import_module("megatron.training")
     except Exception as error:  # noqa: BLE001 - any failure to import is reported, in one line
         raise TrainerSelectionError(_import_failure(asked, error)) from None
-    return TrainerChoice(True, core_version=core_version or _imported_version(), core_path=_package_dir("megatron.core"),
+    return TrainerChoice(True, core_version=core_version or versions.imported_core_version(), core_path=_package_dir("megatron.core"),
                          training_path=_package_dir("megatron.training"))
 
 
@@ -199,11 +182,6 @@ def _checkout_root(core_dir: Optional[str]) -> Optional[str]:
     if root and any(os.path.exists(os.path.join(root, name)) for name in (".git", "pretrain_gpt.py")):
         return root
     return None
-
-
-def _imported_version() -> Optional[str]:
-    core = sys.modules.get("megatron.core")
-    return getattr(core, "__version__", None)
 
 
 def _import_failure(asked: str, error: Exception) -> str:
@@ -221,8 +199,8 @@ def _import_failure(asked: str, error: Exception) -> str:
 
 def _lean(reason: str) -> TrainerChoice:
     core_dir = _package_dir("megatron.core")
-    check_supported_version(package_info_version(core_dir), _checkout_root(core_dir))
-    return TrainerChoice(False, reason, core_version=package_info_version(core_dir), core_path=core_dir)
+    check_supported_version(versions.version_in_directory(core_dir), _checkout_root(core_dir))
+    return TrainerChoice(False, reason, core_version=versions.version_in_directory(core_dir), core_path=core_dir)
 
 
 def announce(choice: TrainerChoice) -> None:
