@@ -109,6 +109,9 @@ CASES = {
     "tensorboard_is_teacher": lambda w, t: (
         [*let(w.teacher), "--tensorboard-dir", w.teacher],
         ["--tensorboard-dir", "is the --let-teacher directory", "outside it"]),
+    "data_cache_is_teacher": lambda w, t: (
+        [*let(w.teacher), "--data-cache-path", w.teacher],
+        ["--data-cache-path", "is the --let-teacher directory", "outside it"]),
     "save_holds_another_checkpoint": lambda w, t: (
         ["--save", w.ckpt], ["--save", "already holds a checkpoint (iteration 2)", f"pass --load {w.ckpt}",
                              "give --save a new directory"]),

@@ -1,6 +1,7 @@
 """The directories a run reads and writes, checked against each other before anything is written.
 
-Writes: ``--save`` (checkpoints), ``--tensorboard-dir`` (event files), ``--let-export-dir`` (the export).
+Writes: ``--save`` (checkpoints), ``--tensorboard-dir`` (event files), ``--data-cache-path`` (dataset indexes),
+``--wandb-save-dir`` (W&B files), ``--let-export-dir`` (the export).
 Reads: ``--load`` (the checkpoint), ``--let-teacher`` (a .gguf file's directory counts), ``--let-teacher-tokenizer``
 and ``--tokenizer-model`` (where they are directories). A write may not land on or inside what the run reads
 from a model or tokenizer, an export goes to a new or empty directory of its own, and a run may not write
@@ -33,7 +34,8 @@ def check_directories(args) -> None:
         _check_export(args, export)
     _check_teacher_files(args)
     reads = _read_directories(args)
-    writes = [("--save", _flag(args, "save")), ("--tensorboard-dir", _flag(args, "tensorboard_dir"))]
+    writes = [("--save", _flag(args, "save")), ("--tensorboard-dir", _flag(args, "tensorboard_dir")),
+              ("--data-cache-path", _flag(args, "data_cache_path")), ("--wandb-save-dir", _flag(args, "wandb_save_dir"))]
     for write_flag, write in writes:
         for read_flag, read in reads:
             if write is not None and _inside(write, read):
