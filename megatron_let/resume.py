@@ -11,7 +11,6 @@ fresh projector instead.
 
 from __future__ import annotations
 
-import os
 from dataclasses import fields
 from typing import Optional, Tuple
 
@@ -103,21 +102,18 @@ def read_saved_let_state(args) -> Tuple[dict, Optional[int]]:
     ({}, None) for a fresh start, ``--finetune`` (training restarts at iteration 0: the old LET state does not
     apply), a release checkpoint, or one without LET state; ({}, N) where the common state cannot be read.
     ``--no-load-optim`` / ``--no-load-rng`` change neither: the iteration and LET state still resume."""
+    from megatron_let.checkpoint_files import iteration_dir, latest_iteration
+
     load = getattr(args, "load", None)
-    tracker = os.path.join(load, "latest_checkpointed_iteration.txt") if load else None
-    if not tracker or not os.path.isfile(tracker) or getattr(args, "finetune", False):
+    latest = latest_iteration(load)  # None: no tracker, or a release checkpoint (no training state to resume)
+    if latest is None or getattr(args, "finetune", False):
         return {}, None
-    with open(tracker) as handle:
-        text = handle.read().strip()
-    if not text.isdigit():
-        return {}, None  # a release checkpoint: no training state to resume
     step = getattr(args, "ckpt_step", None)
-    iteration = int(text) if step is None else int(step)
-    directory = os.path.join(load, f"iter_{iteration:07d}")
+    iteration = latest if step is None else int(step)
     try:
         from megatron.core import dist_checkpointing
 
-        common = dist_checkpointing.load_common_state_dict(directory)
+        common = dist_checkpointing.load_common_state_dict(iteration_dir(load, iteration))
     except Exception:  # noqa: BLE001 - not a torch_dist checkpoint: nothing LET can read from it
         return {}, iteration
     return saved_let_state(common), iteration
