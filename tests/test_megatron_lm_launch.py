@@ -18,6 +18,7 @@ import torch
 
 from conftest import (NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_CHECKOUT, ROOT, free_port, lean_trainer_selectable,
                       make_tiny_llama, megatron_lm_source, torchrun)
+from conftest import one_line_error as one_error_line
 from test_megatron_lm import MODEL_ARGS
 from test_reliability import _nan_teacher
 from test_sample_schedule import parse as parse_log  # every "name: value" field of the log line
@@ -60,15 +61,6 @@ def run_script(args, env_extra=None, drop_path=False, nproc=None, timeout=300):
     env.update(env_extra or {})
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
                           timeout=timeout, env=env)
-
-
-def one_error_line(proc, code=2):
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in lines if "error:" in line]
-    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import NEEDS_LEAN_TRAINER, ROOT, free_port, make_tiny_llama, lean_trainer_selectable
+from conftest import one_line_error as assert_one_line_error  # the name other test files import
 
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 BASE = ["--num-layers", 4, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
@@ -27,18 +28,6 @@ def run(*args, timeout=180):
     env.pop("MEGATRON_LM_PATH", None)  # these rows are about the megatron-core trainer
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout, env=env)
-
-
-def assert_one_line_error(proc, *fragments, code=2):
-    """The run ends with exactly one error line (library progress output may precede it)."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == code, proc.stdout[-2000:] + proc.stderr[-3000:]
-    errors = [line for line in lines if "error:" in line]
-    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
