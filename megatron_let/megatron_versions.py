@@ -83,11 +83,19 @@ def version_in_directory(core_dir: Optional[str]) -> Optional[str]:
     return ".".join(numbers[key].group(1) for key in ("MAJOR", "MINOR", "PATCH")) + pre
 
 
-def in_versions(since: Optional[Tuple[int, ...]] = None, until: Optional[Tuple[int, ...]] = None) -> bool:
-    """Does the imported megatron-core fall in [since, until)? (The tables of the CPU layer: data, not code.)"""
-    release = tuple(int(x) for x in re.findall(r"\d+", core_version())[:3])
-    return (since is None or release[:len(since)] >= tuple(since)) and \
-        (until is None or release[:len(until)] < tuple(until))
+def _release(version) -> Tuple[int, ...]:
+    """(0, 19) from "0.19" or (0, 19); (0, 19, 2) from "0.19.2rc0"."""
+    if isinstance(version, str):
+        return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+    return tuple(version)
+
+
+def in_versions(since=None, until=None) -> bool:
+    """Does the imported megatron-core fall in [since, until)? ``"0.19"`` or ``(0, 19)``; None: open. The range
+    of a patch entry (megatron_let/patch_registry.py) or a table row: data, compared here only."""
+    release = _release(core_version())
+    return (since is None or release[:len(_release(since))] >= _release(since)) and \
+        (until is None or release[:len(_release(until))] < _release(until))
 
 
 def _core_minor() -> Tuple[int, int]:
