@@ -126,6 +126,7 @@ def main():
 
     from megatron_let.compat.cpu import enable_cpu_megatron
     from megatron_let.training.components import initialize_parallel
+    from megatron_let.driver import LETDriver
     from megatron_let.training.step import train_step
 
     os.environ.setdefault("MASTER_PORT", "29517")
@@ -147,13 +148,16 @@ def main():
     tokens_per_step = p["mbs"] * p["seq"] * p["microbatches"]
     clock = time.process_time if args.clock == "process" else time.perf_counter
 
+    drivers = {}
+
     def step(name, iteration):
         model, optimizer, let = arms[name]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = clock()
-        train_step(iter([batch] * p["microbatches"]), model, optimizer, let, iteration, p["microbatches"],
+        driver = drivers.setdefault(name, LETDriver(let, p["mbs"], p["seq"], lambda line: None))
+        train_step(iter([batch] * p["microbatches"]), model, optimizer, driver, iteration, p["microbatches"],
                    p["seq"], p["mbs"])
         if torch.cuda.is_available():
             torch.cuda.synchronize()

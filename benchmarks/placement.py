@@ -79,6 +79,7 @@ def worker(args):
     from megatron_let.compat.cpu import enable_cpu_megatron
     from megatron_let.training.components import build_optimizer, initialize_parallel, shutdown_parallel, wrap_ddp
     from megatron_let.training.model import build_gpt_chunks
+    from megatron_let.driver import LETDriver
     from megatron_let.training.step import train_step
 
     torch.set_num_threads(1)
@@ -121,11 +122,14 @@ def worker(args):
                    "position_ids": torch.arange(p["seq"]).expand(rows.shape[0], p["seq"]).contiguous(),
                    "attention_mask": None}
 
+    drivers = {}
+
     def step(name, iteration):
         model, optimizer, let = arms[name]
         dist.barrier()
         start = time.perf_counter()
-        train_step(batches(), model, optimizer, let, iteration, num_microbatches, p["seq"], mbs)
+        driver = drivers.setdefault(name, LETDriver(let, mbs, p["seq"], lambda line: None))
+        train_step(batches(), model, optimizer, driver, iteration, num_microbatches, p["seq"], mbs)
         dist.barrier()
         return time.perf_counter() - start, (let.work.seconds if let is not None else 0.0)
 
@@ -211,6 +215,7 @@ def gpu_main(args):
     from megatron_let.teachers.huggingface import HFTeacher
     from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp
     from megatron_let.training.model import build_gpt_chunks
+    from megatron_let.driver import LETDriver
     from megatron_let.training.step import train_step
 
     p = dict(GPU_7B)
@@ -250,7 +255,7 @@ def gpu_main(args):
     def target_step(i):
         sync()
         start = time.perf_counter()
-        train_step(iter([batch] * m), model, optimizer, None, i, m, p["seq"], 1)
+        train_step(iter([batch] * m), model, optimizer, LETDriver(None, 1, p["seq"], print), i, m, p["seq"], 1)
         sync()
         return time.perf_counter() - start
 

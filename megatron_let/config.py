@@ -1,10 +1,15 @@
-"""LET configuration: one validated dataclass and its Megatron-LM style argparse group."""
+"""LET configuration: one validated dataclass, from which the Megatron-LM style argparse group is generated.
+
+Each field is one ``--let-*`` flag (``--let-`` + its name, ``lambda0``: ``--let-lambda``), its help, type and
+choices in the field's metadata. Fields marked ``per_run`` (an action of this run, not a LET setting) are not
+saved in checkpoints.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import List, Optional, Union
 
 from megatron_let.errors import LETConfigError
@@ -25,6 +30,23 @@ DEFAULT_STOP_AUTO = {"threshold": 0.0, "window": 20, "warmup": 100}  # provision
 # (each list lives only here, imported where a module checks it: config stays torch-free)
 
 
+def _lambda_value(text: str):
+    """--let-lambda: a number, or 'auto'."""
+    if text.strip().lower() == LAMBDA_AUTO:
+        return LAMBDA_AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or '{LAMBDA_AUTO}', got {text!r}") from None
+
+
+def _flag(help: str, default=None, type=None, choices=None, flag: Optional[str] = None, per_run: bool = False,
+          required: bool = False):
+    """A LETConfig field that is one --let-* flag (``required``: a dataclass field without default)."""
+    metadata = {"help": help, "type": type, "choices": choices, "flag": flag, "per_run": per_run}
+    return field(metadata=metadata) if required else field(default=default, metadata=metadata)
+
+
 @dataclass
 class LETConfig:
     """Everything LET needs besides the target model.
@@ -36,28 +58,87 @@ class LETConfig:
     and the teacher is released.
     """
 
-    teacher: str
-    target_layer: int
-    teacher_layer: Optional[int] = None
-    lambda0: Union[float, str] = LAMBDA_AUTO  # or a fixed lambda0 (the paper: 0.1 at 1.4B)
-    stop_iter: Optional[int] = None
-    stop_fraction: Optional[float] = None
-    schedule: str = "linear"
-    projector: str = "interp"
-    projector_hidden_size: Optional[int] = None
-    teacher_dtype: str = "auto"
-    on_nonfinite: str = "error"
-    token_alignment: str = "exact"
-    teacher_tokenizer: Optional[str] = None
-    teacher_placement: str = "spread"
-    teacher_norm: str = "none"
-    teacher_norm_iters: int = 20
-    stop_samples: Optional[int] = None
-    lambda_auto_fraction: Optional[float] = None  # --let-lambda auto (None: DEFAULT_LAMBDA_AUTO_FRACTION)
-    stop: str = "schedule"  # or "auto": also stop once the alignment no longer helps (megatron_let/auto_stop.py)
-    stop_auto_threshold: Optional[float] = None  # --let-stop auto (None: DEFAULT_STOP_AUTO)
-    stop_auto_window: Optional[int] = None
-    stop_auto_warmup: Optional[int] = None
+    teacher: str = _flag(
+        "Frozen teacher: a Hugging Face model directory. Enables LET. 'none': LET off for this run on purpose, e.g. "
+        "to end a resumed checkpoint's LET before its stop step (a directory named none: ./none).", type=str,
+        required=True)
+    target_layer: int = _flag("1-based global layer number of the target whose output is aligned.", type=int,
+                              required=True)
+    teacher_layer: Optional[int] = _flag("Index into the teacher's hidden_states (default: final layer).", type=int)
+    lambda0: Union[float, str] = _flag(
+        "'auto' (default): the alignment-loss weight that keeps the alignment's gradient at layer k's output a fixed "
+        "fraction (--let-lambda-auto-fraction) of the LM loss's gradient there, measured every iteration, smoothed, "
+        "and decayed to 0 at the stop step by --let-schedule (docs/auto-lambda.md); or a fixed initial weight "
+        "lambda0 (the paper: 0.1 at 1.4B), decayed the same way.", LAMBDA_AUTO, _lambda_value, flag="--let-lambda")
+    stop_iter: Optional[int] = _flag("Iteration at which lambda reaches 0 and the teacher is released.", type=int)
+    stop_fraction: Optional[float] = _flag(
+        "Stop step as a fraction of training: of --train-iters, or of --train-samples (default 0.25).", type=float)
+    schedule: str = _flag("Decay of lambda to 0 at the stop step (linear = the paper).", "linear", choices=SCHEDULES)
+    projector: str = _flag(
+        "interp: parameter-free 1-D interpolation of the teacher vector to the target width; linear / mlp: learned "
+        "on the target side (REPA-style MLP).", "interp", choices=PROJECTORS)
+    projector_hidden_size: Optional[int] = _flag("Hidden width of the mlp projector (default: target hidden size).",
+                                                 type=int)
+    teacher_dtype: str = _flag("Teacher weights dtype (auto: bf16 on GPU, fp32 on CPU).", "auto",
+                               choices=TEACHER_DTYPES)
+    on_nonfinite: str = _flag(
+        "A NaN/Inf alignment loss (e.g. a broken teacher): stop with the iteration and rank (error), or skip that "
+        "optimizer step like an fp16 overflow (skip).", "error", choices=NONFINITE_POLICIES)
+    token_alignment: str = _flag(
+        "exact: the target must use the teacher's tokenizer (checked). causal-span: the teacher re-tokenizes the "
+        "text of each micro-batch with its own tokenizer and target position i is aligned to the last teacher "
+        "token ending at or before token i's end. causal-span-matched: the same, but only positions where a "
+        "teacher token ends exactly where token i ends (the others' teacher state is one teacher token stale).",
+        "exact", choices=TOKEN_ALIGNMENTS)
+    teacher_tokenizer: Optional[str] = _flag(
+        "Teacher tokenizer directory for causal-span (default: the teacher's directory).", type=str)
+    teacher_placement: str = _flag(
+        "spread: each iteration's teacher forward is divided evenly over every rank of the replica's "
+        "model-parallel group (TP x CP x PP), states sent to layer k's ranks; owner: only layer k's stage loads "
+        "and runs the teacher (less memory elsewhere).", "spread", choices=TEACHER_PLACEMENTS)
+    teacher_norm: str = _flag(
+        "Normalise the teacher's states before the cosine: none (the paper); layernorm (per token, over its "
+        "dimensions); center (the teacher's mean state subtracted: the near-constant part of massive "
+        "activations); standardize (per dimension, by the teacher's mean/std). center/standardize estimate their "
+        "statistics over the tokens of the first --let-teacher-norm-iters iterations, identically on every rank, "
+        "then freeze them; saved in the checkpoint. The start-up line 'LET teacher features' shows how "
+        "concentrated a teacher's states are; on CPU none of these beat none (README).", "none",
+        choices=TEACHER_NORMS)
+    teacher_norm_iters: int = _flag(
+        "center / standardize: iterations whose teacher states estimate the statistics (default 20; the first "
+        "only measures, then they are frozen).", 20, int)
+    stop_samples: Optional[int] = _flag(
+        "Stop once this many training samples are consumed (sample-based runs; --rampup-batch-size is followed).",
+        type=int)
+    lambda_auto_fraction: Optional[float] = _flag(
+        f"--let-lambda auto: the alignment's pull at layer k as a fraction of the LM loss's at the start, decayed by "
+        f"the schedule (default {DEFAULT_LAMBDA_AUTO_FRACTION:g}: docs/convergence.md).", type=float)
+    stop: str = _flag(
+        "schedule: LET stops at the stop step. auto: also stop as soon as the alignment no longer helps the LM loss: "
+        "the cosine between the alignment's and the LM loss's gradients at layer k's output stays below "
+        "--let-stop-auto-threshold for --let-stop-auto-window iterations; the stop step stays the latest stop "
+        "(docs/auto-lambda.md).", "schedule", choices=STOP_MODES)
+    stop_auto_threshold: Optional[float] = _flag(
+        f"--let-stop auto: cosine below which an iteration counts as not helping "
+        f"(default {DEFAULT_STOP_AUTO['threshold']}).", type=float)
+    stop_auto_window: Optional[int] = _flag(
+        f"--let-stop auto: consecutive such iterations that stop LET (default {DEFAULT_STOP_AUTO['window']}).",
+        type=int)
+    stop_auto_warmup: Optional[int] = _flag(
+        f"--let-stop auto: iterations at the start that never count (default {DEFAULT_STOP_AUTO['warmup']}).",
+        type=int)
+    allow_bidirectional_teacher: bool = _flag(
+        "Accept a teacher that is not a causal decoder (BERT-style encoders). Off by default: its state at "
+        "position t has seen later tokens, which the target's causal layer k cannot, so the alignment asks for "
+        "information the target does not have.", False, per_run=True)
+    reset_projector: bool = _flag(
+        "On resume, start a fresh learned projector (and its optimizer state) instead of the checkpoint's: needed "
+        "when the teacher's width, --let-projector or --let-projector-hidden-size changed, which the saved "
+        "projector cannot serve.", False, per_run=True)
+    export_dir: Optional[str] = _flag(
+        "With --load: write the loaded model without LET state (no projector, no optimizer) to this directory as "
+        "a plain Megatron checkpoint (the trainer's own save), and exit. LET need not be on.", type=str,
+        per_run=True)
 
     def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None,
                  train_samples: Optional[int] = None) -> "LETConfig":
@@ -148,7 +229,8 @@ class LETConfig:
         if self.stop_iter is not None:
             return self.stop_iter
         if self.stop_samples is not None or train_iters is None:
-            return 1  # placeholder until resolve_stop knows the batch sizes (build_let sets it)
+            raise LETConfigError("the stop step of --let-stop-samples or --train-samples needs the batch schedule: "
+                                 "megatron_let.stop.resolve_stop")
         fraction = 0.25 if self.stop_fraction is None else self.stop_fraction
         return max(1, int(round(fraction * train_iters)))
 
@@ -179,7 +261,8 @@ class LETConfig:
         return DEFAULT_LAMBDA_AUTO_FRACTION if self.lambda_auto_fraction is None else float(self.lambda_auto_fraction)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The LET settings a checkpoint keeps (not this run's actions: export, reset, ...)."""
+        return {name: value for name, value in asdict(self).items() if not _field(name).metadata["per_run"]}
 
 
 def resolved_settings(settings: dict, hidden_size: Optional[int] = None, teacher_layers: Optional[int] = None) -> dict:
@@ -210,120 +293,32 @@ def resolved_settings(settings: dict, hidden_size: Optional[int] = None, teacher
     return out
 
 
+def flag_of(field_name: str) -> str:
+    """'--let-target-layer' for ``target_layer`` (``lambda0``: '--let-lambda')."""
+    return _field(field_name).metadata["flag"] or "--let-" + field_name.replace("_", "-")
+
+
+def dest_of(field_name: str) -> str:
+    """The argparse attribute of a field's flag: ``let_target_layer``."""
+    return flag_of(field_name)[2:].replace("-", "_")
+
+
+def _field(name: str):
+    return next(f for f in fields(LETConfig) if f.name == name)
+
+
 def add_let_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron-LM ``extra_args_provider``: adds the ``--let-*`` flags in their own group."""
+    """Megatron-LM ``extra_args_provider``: the ``--let-*`` flags, one per LETConfig field, in their own group."""
     group = parser.add_argument_group(title="late-to-early training (LET)")
-    group.add_argument("--let-teacher", type=str, default=None,
-                       help="Frozen teacher: a Hugging Face model directory. Enables LET. 'none': LET off for this "
-                            "run on purpose, e.g. to end a resumed checkpoint's LET before its stop step (a "
-                            "directory named none: ./none).")
-    group.add_argument("--let-target-layer", type=int, default=None,
-                       help="1-based global layer number of the target whose output is aligned.")
-    group.add_argument("--let-teacher-layer", type=int, default=None,
-                       help="Index into the teacher's hidden_states (default: final layer).")
-    group.add_argument("--let-lambda", type=_lambda_value, default=LAMBDA_AUTO,
-                       help="'auto' (default): the alignment-loss weight that keeps the alignment's gradient at "
-                            "layer k's output a fixed fraction (--let-lambda-auto-fraction) of the LM loss's "
-                            "gradient there, measured every iteration, smoothed, and decayed to 0 at the stop step "
-                            "by --let-schedule (docs/auto-lambda.md); or a fixed initial weight lambda0 (the "
-                            "paper: 0.1 at 1.4B), decayed the same way.")
-    group.add_argument("--let-lambda-auto-fraction", type=float, default=None,
-                       help=f"--let-lambda auto: the alignment's pull at layer k as a fraction of the LM loss's "
-                            f"at the start, decayed by the schedule (default {DEFAULT_LAMBDA_AUTO_FRACTION:g}: "
-                            f"docs/convergence.md).")
-    group.add_argument("--let-stop", choices=STOP_MODES, default="schedule",
-                       help="schedule: LET stops at the stop step. auto: also stop as soon as the alignment no "
-                            "longer helps the LM loss: the cosine between the alignment's and the LM loss's "
-                            "gradients at layer k's output stays below --let-stop-auto-threshold for "
-                            "--let-stop-auto-window iterations; the stop step stays the latest stop "
-                            "(docs/auto-lambda.md).")
-    group.add_argument("--let-stop-auto-threshold", type=float, default=None,
-                       help=f"--let-stop auto: cosine below which an iteration counts as not helping "
-                            f"(default {DEFAULT_STOP_AUTO['threshold']}).")
-    group.add_argument("--let-stop-auto-window", type=int, default=None,
-                       help=f"--let-stop auto: consecutive such iterations that stop LET "
-                            f"(default {DEFAULT_STOP_AUTO['window']}).")
-    group.add_argument("--let-stop-auto-warmup", type=int, default=None,
-                       help=f"--let-stop auto: iterations at the start that never count "
-                            f"(default {DEFAULT_STOP_AUTO['warmup']}).")
-    group.add_argument("--let-stop-iter", type=int, default=None,
-                       help="Iteration at which lambda reaches 0 and the teacher is released.")
-    group.add_argument("--let-stop-samples", type=int, default=None,
-                       help="Stop once this many training samples are consumed (sample-based runs; "
-                            "--rampup-batch-size is followed).")
-    group.add_argument("--let-stop-fraction", type=float, default=None,
-                       help="Stop step as a fraction of training: of --train-iters, or of --train-samples "
-                            "(default 0.25).")
-    group.add_argument("--let-schedule", choices=SCHEDULES, default="linear",
-                       help="Decay of lambda to 0 at the stop step (linear = the paper).")
-    group.add_argument("--let-projector", choices=PROJECTORS, default="interp",
-                       help="interp: parameter-free 1-D interpolation of the teacher vector to the "
-                            "target width; linear / mlp: learned on the target side (REPA-style MLP).")
-    group.add_argument("--let-projector-hidden-size", type=int, default=None,
-                       help="Hidden width of the mlp projector (default: target hidden size).")
-    group.add_argument("--let-teacher-dtype", choices=TEACHER_DTYPES, default="auto",
-                       help="Teacher weights dtype (auto: bf16 on GPU, fp32 on CPU).")
-    group.add_argument("--let-on-nonfinite", choices=NONFINITE_POLICIES, default="error",
-                       help="A NaN/Inf alignment loss (e.g. a broken teacher): stop with the iteration and "
-                            "rank (error), or skip that optimizer step like an fp16 overflow (skip).")
-    group.add_argument("--let-token-alignment", choices=TOKEN_ALIGNMENTS, default="exact",
-                       help="exact: the target must use the teacher's tokenizer (checked). causal-span: the "
-                            "teacher re-tokenizes the text of each micro-batch with its own tokenizer and target "
-                            "position i is aligned to the last teacher token ending at or before token i's end. "
-                            "causal-span-matched: the same, but only positions where a teacher token ends exactly "
-                            "where token i ends (the others' teacher state is one teacher token stale).")
-    group.add_argument("--let-teacher-tokenizer", type=str, default=None,
-                       help="Teacher tokenizer directory for causal-span (default: the teacher's directory).")
-    group.add_argument("--let-teacher-placement", choices=TEACHER_PLACEMENTS, default="spread",
-                       help="spread: each iteration's teacher forward is divided evenly over every rank of the "
-                            "replica's model-parallel group (TP x CP x PP), states sent to layer k's ranks; "
-                            "owner: only layer k's stage loads and runs the teacher (less memory elsewhere).")
-    group.add_argument("--let-teacher-norm", choices=TEACHER_NORMS, default="none",
-                       help="Normalise the teacher's states before the cosine: none (the paper); layernorm (per "
-                            "token, over its dimensions); center (the teacher's mean state subtracted: the "
-                            "near-constant part of massive activations); standardize (per dimension, by the "
-                            "teacher's mean/std). center/standardize estimate their statistics over the tokens of "
-                            "the first --let-teacher-norm-iters iterations, identically on every rank, then freeze "
-                            "them; saved in the checkpoint. The start-up line 'LET teacher features' shows how "
-                            "concentrated a teacher's states are; on CPU none of these beat none (README).")
-    group.add_argument("--let-teacher-norm-iters", type=int, default=20,
-                       help="center / standardize: iterations whose teacher states estimate the statistics "
-                            "(default 20; the first only measures, then they are frozen).")
-    group.add_argument("--let-allow-bidirectional-teacher", action="store_true",
-                       help="Accept a teacher that is not a causal decoder (BERT-style encoders). Off by default: "
-                            "its state at position t has seen later tokens, which the target's causal layer k "
-                            "cannot, so the alignment asks for information the target does not have.")
-    group.add_argument("--let-reset-projector", action="store_true",
-                       help="On resume, start a fresh learned projector (and its optimizer state) instead of the "
-                            "checkpoint's: needed when the teacher's width, --let-projector or "
-                            "--let-projector-hidden-size changed, which the saved projector cannot serve.")
+    for f in fields(LETConfig):
+        meta = f.metadata
+        default = None if f.default is MISSING else f.default
+        if isinstance(default, bool):
+            group.add_argument(flag_of(f.name), action="store_true", help=meta["help"])
+        else:
+            group.add_argument(flag_of(f.name), type=meta["type"], choices=meta["choices"], default=default,
+                               help=meta["help"])
     return parser
-
-
-def _lambda_value(text: str):
-    """--let-lambda: a number, or 'auto'."""
-    if text.strip().lower() == LAMBDA_AUTO:
-        return LAMBDA_AUTO
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or '{LAMBDA_AUTO}', got {text!r}") from None
-
-
-_ARG_NAMES = {
-    "teacher": "let_teacher", "target_layer": "let_target_layer", "teacher_layer": "let_teacher_layer",
-    "lambda0": "let_lambda", "stop_iter": "let_stop_iter", "stop_fraction": "let_stop_fraction",
-    "schedule": "let_schedule", "projector": "let_projector",
-    "projector_hidden_size": "let_projector_hidden_size", "teacher_dtype": "let_teacher_dtype",
-    "on_nonfinite": "let_on_nonfinite",
-    "token_alignment": "let_token_alignment", "teacher_tokenizer": "let_teacher_tokenizer",  # token alignment
-    "teacher_placement": "let_teacher_placement",
-    "teacher_norm": "let_teacher_norm", "teacher_norm_iters": "let_teacher_norm_iters",
-    "stop_samples": "let_stop_samples", "lambda_auto_fraction": "let_lambda_auto_fraction",
-    "stop": "let_stop", "stop_auto_threshold": "let_stop_auto_threshold",
-    "stop_auto_window": "let_stop_auto_window", "stop_auto_warmup": "let_stop_auto_warmup",
-}
-assert set(_ARG_NAMES) == {f.name for f in fields(LETConfig)}
 
 
 def let_requested(args) -> bool:
@@ -336,13 +331,13 @@ def let_flags(settings: dict) -> str:
     every setting away from its default, as a user would paste them."""
     import shlex
 
-    defaults = {f.name: f.default for f in fields(LETConfig)}
     parts = []
-    for field, arg in _ARG_NAMES.items():
-        value = settings.get(field, defaults[field])
-        if value is None or (value == defaults[field] and field not in ("teacher", "target_layer")):
+    for f in fields(LETConfig):
+        default = None if f.default is MISSING else f.default
+        value = settings.get(f.name, default)
+        if f.metadata["per_run"] or value is None or (value == default and f.default is not MISSING):
             continue
-        parts.append(f"--{arg.replace('_', '-')} {shlex.quote(str(value))}")
+        parts.append(f"{flag_of(f.name)} {shlex.quote(str(value))}")
     return " ".join(parts)
 
 
@@ -350,12 +345,9 @@ def let_config_from_args(args: argparse.Namespace) -> Optional[LETConfig]:
     """Build and validate the LETConfig from parsed args; None when LET is off (no --let-teacher, or
     ``--let-teacher none``)."""
     if not let_requested(args):
-        given = [f"--{name.replace('_', '-')}" for name in ("let_target_layer", "let_teacher_layer",
-                                                           "let_stop_iter", "let_stop_fraction", "let_stop_samples",
-                                                           "let_projector_hidden_size", "let_teacher_tokenizer",
-                                                           "let_lambda_auto_fraction", "let_stop_auto_threshold",
-                                                           "let_stop_auto_window", "let_stop_auto_warmup")
-                 if getattr(args, name, None) is not None]
+        given = [flag_of(f.name) for f in fields(LETConfig)  # a setting that only means something with LET
+                 if f.name != "teacher" and f.default in (None, MISSING) and not f.metadata["per_run"]
+                 and getattr(args, dest_of(f.name), None) is not None]
         if given and getattr(args, "let_teacher", None) == TEACHER_NONE:
             raise LETConfigError(f"{', '.join(given)} given with --let-teacher none, which turns LET off; drop "
                                  f"them, or name the teacher with --let-teacher PATH.")
@@ -364,7 +356,8 @@ def let_config_from_args(args: argparse.Namespace) -> Optional[LETConfig]:
         return None
     if args.let_target_layer is None:
         raise LETConfigError("--let-teacher needs --let-target-layer K (e.g. 1/6 of --num-layers).")
-    config = LETConfig(**{field: getattr(args, arg, None) for field, arg in _ARG_NAMES.items()})
-    return config.validate(num_layers=getattr(args, "num_layers", None),
-                           train_iters=getattr(args, "train_iters", None),
-                           train_samples=getattr(args, "train_samples", None))
+    values = {f.name: getattr(args, dest_of(f.name), None if f.default is MISSING else f.default)
+              for f in fields(LETConfig)}
+    return LETConfig(**values).validate(num_layers=getattr(args, "num_layers", None),
+                                        train_iters=getattr(args, "train_iters", None),
+                                        train_samples=getattr(args, "train_samples", None))

@@ -31,23 +31,38 @@ class LateToEarlyTraining:
       and the teacher released: the rest of training runs as without LET.
     """
 
-    def __init__(self, config: LETConfig, train_iters: Optional[int] = None, seed: int = 1234,
-                 teacher_hidden_size: Optional[int] = None, target_tokenizer=None, eod_id: Optional[int] = None):
+    def __init__(self, config: LETConfig, stop_iter: Optional[int] = None, stop_samples: Optional[int] = None,
+                 seed: int = 1234, teacher_hidden_size: Optional[int] = None, target_tokenizer=None,
+                 eod_id: Optional[int] = None, saved: Optional[dict] = None):
+        """``stop_iter`` / ``stop_samples``: the stop step resolved on the run's schedule
+        (:func:`megatron_let.stop.resolve_stop`; default: ``config.stop_iter``). ``saved``: a checkpoint's LET
+        state (:meth:`checkpoint_state`), whose --let-lambda auto EMA and --let-stop auto window continue here."""
         self.config = config
         self.target_tokenizer, self.eod_id = target_tokenizer, eod_id
         self._aligner = None
         self._alignment = None
         self._teacher_hidden_size = teacher_hidden_size
-        self.stop_iter = config.resolve_stop_iter(train_iters)
+        self.stop_iter = config.stop_iter if stop_iter is None else stop_iter
+        if self.stop_iter is None:
+            raise ValueError("LateToEarlyTraining needs its stop step: resolve it with megatron_let.stop.resolve_stop")
+        self.stop_samples = stop_samples
         self.seed = seed
+        saved = saved or {}
         self.metrics = LETMetrics()
         self.alignments: List[LETAlignment] = []
         self.current_lambda = 0.0
         # --let-lambda auto: the weight follows the measured pulls at layer k (megatron_let/auto_lambda.py)
         self.auto_lambda: Optional[AutoLambda] = \
             AutoLambda(config.auto_fraction) if config.lambda0 == LAMBDA_AUTO else None
-        # --let-stop auto: also stop once cos(g_A, g_LM) at layer k stays below a threshold (auto_stop.py)
-        self.auto_stop: Optional[AutoStop] = AutoStop.from_config(config) if config.stop == STOP_AUTO else None
+        # --let-stop auto: also stop once cos(g_A, g_LM) at layer k stays below a threshold (auto_stop.py); a
+        # checkpoint's decision stands, and goes on into checkpoints, whatever --let-stop says now
+        decided = (saved.get("auto_stop") or {}).get("stopped_at") is not None
+        self.auto_stop: Optional[AutoStop] = AutoStop.from_config(config) \
+            if config.stop == STOP_AUTO or decided else None
+        if self.auto_lambda is not None:
+            self.auto_lambda.load_state_dict(saved.get("auto_lambda"))
+        if self.auto_stop is not None:
+            self.auto_stop.load_state_dict(saved.get("auto_stop"))
         # both measure the two gradients at layer k's output (megatron_let/probe.py); neither: nothing runs
         self.probe: Optional[GradientProbe] = GradientProbe(dot=self.auto_stop is not None) \
             if self.auto_lambda is not None or self.auto_stop is not None else None
@@ -308,7 +323,20 @@ class LateToEarlyTraining:
         dist.all_gather(parts, local, group=parallel_state.get_tensor_model_parallel_group())
         return torch.cat(parts, dim=1)
 
-    # -- logging -------------------------------------------------------------------------------
+    # -- checkpoint, logging ---------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint keeps of LET: its settings, the resolved stop step and the teacher width (a resume
+        needs neither the flags that derived them nor the teacher); --let-lambda auto's EMA and --let-stop
+        auto's window as the live dicts (Megatron-LM keeps this state in ``args`` from start-up and pickles it
+        at each save)."""
+        state = {"config": self.config.to_dict(), "stop_iter": self.stop_iter, "stop_samples": self.stop_samples,
+                 "teacher_hidden_size": self.teacher_hidden_size}
+        if self.auto_lambda is not None:
+            state["auto_lambda"] = self.auto_lambda.state
+        if self.auto_stop is not None:
+            state["auto_stop"] = self.auto_stop.state
+        return state
+
     def report(self) -> Dict[str, float]:
         """LET scalars since the last report, identical on every rank."""
         groups = ()

@@ -51,10 +51,11 @@ class Patch:
     def module_name(self) -> str:
         return self.target.split(":")[0]
 
-    def resolve(self):
-        """The target's module, after checking the attribute path exists (``PatchTargetMissing`` if not)."""
+    def resolve(self, module=None):
+        """The target's module (``module``: a script's namespace, given by the caller), after checking the
+        attribute path exists (``PatchTargetMissing`` if not)."""
         try:
-            module = importlib.import_module(self.module_name)
+            module = importlib.import_module(self.module_name) if module is None else module
             owner = module
             for name in self.target.partition(":")[2].split(".") if ":" in self.target else ():
                 owner = getattr(owner, name)
@@ -94,8 +95,10 @@ def patches(group: Optional[str] = None) -> List[Patch]:
     return [entry for entries in _REGISTRY.values() for entry in entries]
 
 
-def apply_patches(group: str, context: Any = None) -> int:
-    """Apply every entry of ``group`` that fits this megatron-core; returns how many were applied.
+def apply_patches(group: str, context: Any = None, module: Any = None) -> int:
+    """Apply every entry of ``group`` that fits this megatron-core; returns how many were applied. ``module``:
+    the object the targets live in, for a group whose targets are a script's names (``pretrain_gpt``'s
+    namespace), not an importable module's.
 
     All targets are resolved before the first one is patched."""
     chosen = []
@@ -107,7 +110,7 @@ def apply_patches(group: str, context: Any = None) -> int:
                        megatron_versions.core_version(), entry.since or "any", entry.until or "any")
             continue
         try:
-            chosen.append((entry, entry.resolve()))
+            chosen.append((entry, entry.resolve(module)))
         except PatchTargetMissing:
             if not entry.optional:
                 raise

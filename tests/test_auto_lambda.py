@@ -125,22 +125,20 @@ def test_fixed_lambda_builds_no_measurement(megatron_world1, tiny_teacher):
 
 
 def test_checkpoint_holds_the_live_ema(megatron_world1, tiny_teacher):
-    """Megatron-LM keeps ``let_state(let)`` in ``args`` from start-up and pickles it at every save: what it saves
+    """Megatron-LM keeps ``let.checkpoint_state()`` in ``args`` from start-up and pickles it at every save: what it saves
     is the current EMA, and a LET given it back (as build_let does on resume) continues with the same weights."""
     import pickle
-
-    from megatron_let.integrations.launch import let_state
 
     def build():
         return LateToEarlyTraining(LETConfig(teacher=tiny_teacher, target_layer=1, lambda0="auto", stop_iter=10))
 
     let = build()
-    state = let_state(let)  # taken once, before any iteration, as Megatron-LM does
+    state = let.checkpoint_state()  # taken once, before any iteration, as Megatron-LM does
     assert let.auto_lambda.update([4.0, 1.0]) == 2.0 and let.auto_lambda.update([9.0, 1.0]) == 3.0
     saved = pickle.loads(pickle.dumps(state))["auto_lambda"]
     assert saved == {"ema_log_ratio": EMA_BETA * math.log(2.0) + (1 - EMA_BETA) * math.log(3.0), "updates": 2}
-    resumed = build()
-    resumed.auto_lambda.load_state_dict(saved)
+    resumed = LateToEarlyTraining(LETConfig(teacher=tiny_teacher, target_layer=1, lambda0="auto", stop_iter=10),
+                                  saved={"auto_lambda": saved})  # as build_let does on resume
     assert resumed.begin_iteration(5, 1) == let.begin_iteration(5, 1) == \
         DEFAULT_LAMBDA_AUTO_FRACTION * math.exp(saved["ema_log_ratio"]) * 0.5
 

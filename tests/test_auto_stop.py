@@ -190,7 +190,7 @@ def test_unusable_iterations_neither_count_nor_break_the_window():
 def test_a_resume_past_the_decision_never_reads_the_teacher(tmp_path, flags):
     """build_let from a checkpoint that stopped automatically at 4, resumed at 5, the teacher gone: LET is finished
     at once, says so, and carries the decision into its next checkpoints, with --let-stop auto or without it."""
-    from megatron_let.integrations.launch import build_let, let_state
+    from megatron_let.integrations.launch import build_let
 
     args = _parse("--let-teacher", tmp_path / "gone", *flags)
     args.__dict__.update(seed=1, num_layers=4, hidden_size=64, train_iters=20, global_batch_size=8,
@@ -200,7 +200,7 @@ def test_a_resume_past_the_decision_never_reads_the_teacher(tmp_path, flags):
              "stop_iter": 10, "stop_samples": 80, "teacher_hidden_size": 48, "auto_stop": dict(decided)}
     lines = []
     let = build_let(args, None, "the target's vocabulary", lines.append, saved, resume_iteration=5)
-    assert let.finished and let._teacher is None and let_state(let)["auto_stop"] == decided
+    assert let.finished and let._teacher is None and let.checkpoint_state()["auto_stop"] == decided
     assert " LET stopped automatically at iteration 4 (--let-stop auto, from the checkpoint)" in lines
     assert let.begin_iteration(5, 1) == 0.0
 

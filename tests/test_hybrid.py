@@ -86,6 +86,7 @@ def _train(chunk, let, batches):
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_let.training.components import build_optimizer, wrap_ddp
+    from megatron_let.driver import LETDriver
     from megatron_let.training.step import train_step
 
     let.attach(chunk)
@@ -93,9 +94,10 @@ def _train(chunk, let, batches):
     optimizer = build_optimizer(model, OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0, bf16=False,
                                                        params_dtype=chunk.config.params_dtype))
     out = []
+    driver = LETDriver(let, MBS, SEQ, lambda line: None)
     for iteration in range(ITERS):
         data = iter(batches[iteration * MICROBATCHES:(iteration + 1) * MICROBATCHES])
-        metrics = train_step(data, model, optimizer, let, iteration, MICROBATCHES, SEQ, MBS)
+        metrics = train_step(data, model, optimizer, driver, iteration, MICROBATCHES, SEQ, MBS)
         out.append((metrics["lm loss"], let.report()["let loss"], float(metrics["grad norm"])))
     return out
 

@@ -201,18 +201,18 @@ def test_megatron_lm_line_gets_zero_lambda_back():
     a zero 'let lambda' / 'let loss' (and a negative 'let cos') back, in LET's order, while LET runs."""
     import types
 
-    from megatron_let.integrations.megatron_lm import SIGNED_SCALARS, LETMegatronLM
+    from megatron_let.driver import LETDriver
+    from megatron_let.integrations.megatron_lm import LETMegatronLM, _log_let_scalars, _signed_scalars_in_line
 
     printed = []
     training = types.SimpleNamespace(training_log=lambda loss_dict, total, *a, **k: None,
                                      print_rank_last=printed.append)
-    integration = LETMegatronLM.__new__(LETMegatronLM)
-    integration._signed = {key: [0.0, 0] for key in SIGNED_SCALARS}
-    integration.let = types.SimpleNamespace(finished=False, nonfinite_ranks=lambda: [],
-                                            config=types.SimpleNamespace(on_nonfinite="error"),
-                                            report=lambda: {"let loss": 0.0, "let cos": -0.25, "let lambda": 0.0,
-                                                            "let ratio": 0.5})
-    integration._patch_training_log(training)
+    integration = LETMegatronLM(script=None)
+    let = types.SimpleNamespace(finished=False, report=lambda: {"let loss": 0.0, "let cos": -0.25, "let lambda": 0.0,
+                                                                "let ratio": 0.5})
+    integration.driver = LETDriver(let, 1, 8, printed.append)
+    _log_let_scalars(training, integration)  # the registry's entries let.training-log and let.print-rank-last
+    _signed_scalars_in_line(training, integration)
     training.training_log({}, {}, skipped_iter=0)
     training.print_rank_last(" iteration 1/ 8 | consumed samples: 8 | lm loss: 4.8E+00 | let ratio: 5.0E-01 |"
                              " loss scale: 1.0 |")

@@ -15,20 +15,6 @@ from megatron_let.teachers.huggingface import output_width, preflight_teacher
 from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
 
 
-def let_state(let) -> dict:
-    """What a checkpoint keeps of LET (both trainers): its settings, the resolved stop step and the
-    teacher width, so a resume needs neither the flags that derived them nor the teacher. --let-lambda auto:
-    its EMA state, the live dict itself (Megatron-LM keeps this state in ``args`` and pickles it at each save);
-    --let-stop auto: its window and decision, likewise."""
-    state = {"config": let.config.to_dict(), "stop_iter": let.stop_iter,
-             "stop_samples": getattr(let, "stop_samples", None), "teacher_hidden_size": let.teacher_hidden_size}
-    if getattr(let, "auto_lambda", None) is not None:
-        state["auto_lambda"] = let.auto_lambda.state
-    if getattr(let, "auto_stop", None) is not None:
-        state["auto_stop"] = let.auto_stop.state
-    return state
-
-
 def refuse_unsupported_features(args) -> None:
     """Features LET cannot honour, refused in one line before training, under both trainers.
 
@@ -76,7 +62,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
                 f"{saved.get('stop_iter')})")
         return None
     refuse_unsupported_features(args)
-    reset_projector = bool(getattr(args, "let_reset_projector", False))
+    reset_projector = config.reset_projector
     hidden_size = getattr(args, "hidden_size", None)
     refuse_unusable_projector(saved, config, reset_projector, hidden_size)  # megatron_let/resume.py
     changed = changed_settings(saved["config"], config, hidden_size, _teacher_layers(config, saved["config"])) \
@@ -99,8 +85,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
     if not past_stop:
         teacher_config = preflight_teacher(config.teacher, config.teacher_layer, getattr(args, "seq_length", None),
                                            config.token_alignment, warn,
-                                           allow_bidirectional=bool(getattr(args, "let_allow_bidirectional_teacher",
-                                                                            False)))
+                                           allow_bidirectional=config.allow_bidirectional_teacher)
         width = output_width(teacher_config, config.teacher_layer)
         refuse_unusable_width(saved, config, width, reset_projector)
     if changed:
@@ -109,18 +94,9 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
     if auto_stopped is not None:
         log(f" LET stopped automatically at iteration {auto_stopped} (--let-stop auto, from the checkpoint)")
     causal_span = config.token_alignment != "exact"
-    let = LateToEarlyTraining(config, train_iters, seed=args.seed, teacher_hidden_size=width,
+    let = LateToEarlyTraining(config, stop.iteration, stop.samples, seed=args.seed, teacher_hidden_size=width,
                               target_tokenizer=hf_tokenizer_of(tokenizer) if causal_span else None,
-                              eod_id=getattr(tokenizer, "eod", None) if causal_span else None)
-    let.stop_iter, let.stop_samples = stop.iteration, stop.samples
-    if let.auto_lambda is not None:  # --let-lambda auto continues the checkpoint's smoothed ratio
-        let.auto_lambda.load_state_dict(saved.get("auto_lambda"))
-    if let.auto_stop is None and auto_stopped is not None:  # the decision stands, and goes on into checkpoints
-        from megatron_let.auto_stop import AutoStop
-
-        let.auto_stop = AutoStop.from_config(config)
-    if let.auto_stop is not None:  # --let-stop auto continues the checkpoint's window (or stays stopped)
-        let.auto_stop.load_state_dict(saved.get("auto_stop"))
+                              eod_id=getattr(tokenizer, "eod", None) if causal_span else None, saved=saved)
     if past_stop:
         let.finish()
         return let

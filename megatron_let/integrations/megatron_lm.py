@@ -81,16 +81,17 @@ from typing import Callable, Optional, Set
 import torch
 
 from megatron_let.config import add_let_args, let_requested
-from megatron_let.integrations.launch import build_let, let_state, refuse_unsupported_features
-from megatron_let.resume import read_saved_let_state
-from megatron_let.megatron_versions import batch_predicate_name, call_pretrain, supported_range, tokens_and_loss_mask
-from megatron_let.errors import CheckpointWriteError, LETConfigError, LETNonFiniteError, print_error
 from megatron_let.controller import LateToEarlyTraining
+from megatron_let.driver import LETDriver
+from megatron_let.errors import CheckpointWriteError, LETConfigError, LETNonFiniteError, print_error
+from megatron_let.integrations.launch import build_let, refuse_unsupported_features
+from megatron_let.megatron_versions import call_pretrain, tokens_and_loss_mask
+from megatron_let.patch_registry import apply_patches, register_patch
+from megatron_let.resume import read_saved_let_state
 
 __all__ = ["LETMegatronLM", "import_pretrain_gpt", "import_pretrain_script", "main", "megatron_lm_available"]
 
 _PROGRAM_START_TIME = time.time()
-_LET_KEYS = ("let loss", "let cos", "let lambda")
 # LET scalars that may be <= 0, which Megatron-LM's log line drops up to 0.18 (it prints an entry only when its
 # interval average is > 0; 0.19 prints >= 0): "let lambda" and so "let loss" are 0 in --let-lambda auto's first
 # iteration (it only measures), the cosines may be negative. print_with_let_cos puts them back while LET runs, in
@@ -171,47 +172,35 @@ def import_pretrain_script(name: str = "pretrain_gpt"):
 
 
 class LETMegatronLM:
-    """The LET wiring for one process of a Megatron-LM ``pretrain()`` run."""
+    """The LET wiring for one process of a Megatron-LM ``pretrain()`` run: the arguments, the model hook and
+    the forward step it passes to ``pretrain()``, and the registry entries (groups ``let-script`` and
+    ``let-megatron-lm``, below) that :meth:`install` applies. LET's per-iteration work is the driver's."""
 
-    def __init__(self, pretrain_gpt):
-        self.pretrain_gpt = pretrain_gpt
-        self.let: Optional[LateToEarlyTraining] = None
-        self._let_created = False
+    def __init__(self, script):
+        self.script = script
+        self.driver: Optional[LETDriver] = None  # built with the first model chunk (the args are parsed by then)
         self._owner_vp_stages: Set[Optional[int]] = set()
-        self._last_iteration: Optional[int] = None
         self._training = False  # the model's mode in the current forward step
-        self._placement_reported = False
         self._signed = {key: [0.0, 0] for key in SIGNED_SCALARS}  # [sum, iterations] over the log interval
-        missing = [name for name in ("get_batch", batch_predicate_name(pretrain_gpt), "forward_step",
-                                     "train_valid_test_datasets_provider")
-                   if not hasattr(pretrain_gpt, name)]
-        if missing:
-            raise ImportError(f"this pretrain_gpt.py lacks {missing}; LET's integration was written "
-                              f"for Megatron-LM {supported_range()}.")
+
+    @property
+    def let(self) -> Optional[LateToEarlyTraining]:
+        return None if self.driver is None else self.driver.let
 
     # -- arguments -----------------------------------------------------------------------------
-    def extra_args_provider(self, base: Optional[Callable] = None) -> Callable:
+    @staticmethod
+    def extra_args_provider(base: Optional[Callable] = None) -> Callable:
         """``base`` (e.g. ModelOpt's) then LET's ``--let-*`` flags."""
 
         def provider(parser):
-            if base is not None:
-                parser = base(parser)
-            parser = add_let_args(parser)
-            parser.add_argument_group(title="LET export").add_argument(
-                "--let-export-dir", type=str, default=None,
-                help="With --load: write the loaded model without LET state (no projector, no optimizer) "
-                     "to this directory as a plain Megatron-LM checkpoint (Megatron-LM's save_checkpoint), "
-                     "and exit.")
-            return parser
+            return add_let_args(base(parser) if base is not None else parser)
 
         return provider
 
     # -- model ---------------------------------------------------------------------------------
     def _ensure_let(self) -> Optional[LateToEarlyTraining]:
-        if not self._let_created:
-            from megatron.training import get_args
-
-            from megatron.training import get_tokenizer, print_rank_last
+        if self.driver is None:
+            from megatron.training import get_args, get_tokenizer, print_rank_last
 
             args = get_args()
             if let_requested(args):  # not for --let-teacher none
@@ -219,10 +208,10 @@ class LETMegatronLM:
             name = f"--tokenizer-model {args.tokenizer_model}" if getattr(args, "tokenizer_model", None) \
                 else f"--tokenizer-type {args.tokenizer_type}"
             saved, resume_iteration = read_saved_let_state(args)  # megatron_let/resume.py: shared with the lean trainer
-            self.let = build_let(args, get_tokenizer(), name, print_rank_last, saved, resume_iteration)
-            if self.let is not None:
-                args.let_state = let_state(self.let)  # Megatron-LM saves args in every checkpoint
-            self._let_created = True
+            let = build_let(args, get_tokenizer(), name, print_rank_last, saved, resume_iteration)
+            self.driver = LETDriver(let, args.micro_batch_size, args.seq_length, print_rank_last)
+            if let is not None:
+                args.let_state = self.driver.checkpoint_state()  # Megatron-LM saves args in every checkpoint
         return self.let
 
     def attach(self, chunks):
@@ -251,32 +240,17 @@ class LETMegatronLM:
         """Does this rank's chunk ``vp_stage`` (None without virtual PP) hold the target layer?"""
         return self.let is not None and not self.let.finished and vp_stage in self._owner_vp_stages
 
-    # -- data ----------------------------------------------------------------------------------
-    def _patch_pretrain_gpt(self) -> None:
-        module = self.pretrain_gpt
-        predicate = batch_predicate_name(module)
-        needs_full_batch = getattr(module, predicate)
-        get_batch = module.get_batch
+    def forward_step(self, base: Callable) -> Callable:
+        """Wrap the forward step: note whether it trains (evaluation runs no alignment)."""
 
-        @functools.wraps(needs_full_batch)
-        def mtp_or_let_on_this_rank(*args, vp_stage=None, **kwargs):
-            return needs_full_batch(*args, vp_stage=vp_stage, **kwargs) or self.owns_target(vp_stage)
+        @functools.wraps(base)
+        def forward_step(data_iterator, model, *args, **kwargs):
+            self._training = model.training
+            return base(data_iterator, model, *args, **kwargs)
 
-        @functools.wraps(get_batch)
-        def get_batch_for_let(data_iterator, vp_stage=None):
-            batch = get_batch(data_iterator, vp_stage)
-            if self.owns_target(vp_stage):
-                tokens, loss_mask = tokens_and_loss_mask(module, batch)
-                if tokens is None or loss_mask is None:
-                    raise RuntimeError("LET: get_batch returned no tokens/loss mask on the stage of "
-                                       "--let-target-layer.")
-                self.let.set_microbatch(tokens, loss_mask, self._alignment_in_background(tokens))
-            return batch
+        return forward_step
 
-        setattr(module, predicate, mtp_or_let_on_this_rank)
-        module.get_batch = get_batch_for_let
-
-    def _alignment_in_background(self, tokens: torch.Tensor):
+    def alignment_in_background(self, tokens: torch.Tensor):
         """causal-span: start re-tokenizing the micro-batch on the aligner's thread as soon as get_batch
         has it, so the text work overlaps the layers below k (Megatron-LM builds each batch inside the
         forward step, so there is no iterator to prefetch from as the lean trainer does). A future, or
@@ -290,169 +264,13 @@ class LETMegatronLM:
             return None
         return let.aligner.executor.submit(let.aligner, tokens)
 
-    # -- iteration -----------------------------------------------------------------------------
-    def forward_step(self, base: Callable) -> Callable:
-        """Wrap the forward step: ``begin_iteration`` once per training iteration."""
+    # -- run -----------------------------------------------------------------------------------
+    def install(self) -> None:
+        """The registry's LET entries: the script's batch functions, then megatron.training's loop."""
+        apply_patches(SCRIPT_GROUP, self, module=self.script)
+        apply_patches(LOOP_GROUP, self)
 
-        @functools.wraps(base)
-        def forward_step(data_iterator, model, *args, **kwargs):
-            self._training = model.training
-            if self.let is not None and model.training:
-                from megatron.core.num_microbatches_calculator import get_num_microbatches
-                from megatron.training import get_args
-
-                iteration = get_args().curr_iteration
-                if iteration != self._last_iteration:
-                    self._last_iteration = iteration
-                    self.let.begin_iteration(iteration, get_num_microbatches())
-            return base(data_iterator, model, *args, **kwargs)
-
-        return forward_step
-
-    def _patch_train_step(self, training) -> None:
-        """Begin LET's iteration on every rank before the schedule; spread: precompute the teacher there."""
-        train_step = training.train_step
-
-        @functools.wraps(train_step)
-        def train_step_with_let(forward_step_func, data_iterator, *args, **kwargs):
-            let = self.let
-            if let is not None and not let.finished:
-                from megatron.core.num_microbatches_calculator import get_num_microbatches
-                from megatron.training import get_args
-
-                iteration = get_args().curr_iteration
-                self._last_iteration = iteration  # the forward step must not begin it again
-                let.begin_iteration(iteration, get_num_microbatches())
-                if let.spreads_teacher:
-                    data_iterator = self._precompute_teacher(data_iterator, get_num_microbatches(),
-                                                             get_args())
-            return train_step(forward_step_func, data_iterator, *args, **kwargs)
-
-        training.train_step = train_step_with_let
-
-    def _precompute_teacher(self, data_iterator, num_microbatches: int, args):
-        """Pre-read this iteration's micro-batches where an iterator exists, give the tokens to every rank
-        of the replica's model-parallel group, run the spread teacher; returns iterators that replay."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state
-        from megatron.core.rerun_state_machine import RerunDataIterator
-
-        from megatron_let.placement import replica_group
-
-        iterators = list(data_iterator) if isinstance(data_iterator, list) else [data_iterator]
-        batches = None
-        for i, iterator in enumerate(iterators):
-            if iterator is not None:  # every chunk's iterator yields the same micro-batches
-                read = [next(iterator) for _ in range(num_microbatches)]
-                batches = batches or read
-                iterators[i] = RerunDataIterator(iter(read))
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        group = replica_group(parallel_state.get_context_parallel_world_size())
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        source = torch.tensor([rank if batches is not None else size], device=device)
-        dist.all_reduce(source, op=dist.ReduceOp.MIN, group=group)
-        if int(source.item()) == size:
-            raise RuntimeError("LET spread placement: no rank of the model-parallel group has a data iterator.")
-        shape = (num_microbatches * args.micro_batch_size, args.seq_length)
-        tokens = torch.cat([b["tokens"] for b in batches]).to(device) if batches is not None \
-            else torch.empty(shape, dtype=torch.int64, device=device)
-        dist.broadcast(tokens, src=dist.get_global_rank(group, int(source.item())), group=group)
-        self.let.precompute_teacher(tokens, args.micro_batch_size)
-        if not self._placement_reported:  # once: the split really happened, and how even it is
-            from megatron.training import print_rank_last
-
-            from megatron_let.placement import gather_counts
-
-            self._placement_reported = True
-            rows = [int(r) for r in gather_counts(self.let.work.rows, group, device)]
-            print_rank_last(f" LET spread placement: teacher sequences per rank of the model-parallel group "
-                            f"in the first iteration: {rows}")
-        return iterators if isinstance(data_iterator, list) else iterators[0]
-
-    # -- logging -------------------------------------------------------------------------------
-    def _patch_training_log(self, training) -> None:
-        training_log = training.training_log
-
-        print_rank_last = training.print_rank_last
-
-        def print_with_let_cos(message, *args, **kwargs):
-            # Megatron-LM (up to 0.18) prints a loss-dict entry only if its interval average is > 0: a negative
-            # "let cos" / "let grad cos" or a zero "let lambda" / "let loss" would vanish from the line; put it
-            # where Megatron-LM would have: before the next LET scalar it printed, else before "loss scale".
-            if isinstance(message, str) and " consumed samples:" in message:
-                for key, (total, count) in self._signed.items():
-                    if count and f" {key}:" not in message:
-                        field = f" {key}: {total / count:.6E} |"
-                        later = _REPORT_ORDER[_REPORT_ORDER.index(key) + 1:]
-                        anchor = next((f" {k}:" for k in later if f" {k}:" in message), " loss scale:")
-                        message = message.replace(anchor, field + anchor, 1)
-                    self._signed[key] = [0.0, 0]
-            return print_rank_last(message, *args, **kwargs)
-
-        training.print_rank_last = print_with_let_cos
-
-        @functools.wraps(training_log)
-        def training_log_with_let(loss_dict, total_loss_dict, *args, **kwargs):
-            skipped_iter = kwargs.get("skipped_iter", args[4] if len(args) > 4 else 0)
-            if self.let is not None and not self.let.finished:
-                bad_ranks = self.let.nonfinite_ranks()  # collective, like report()
-                if bad_ranks and self.let.config.on_nonfinite == "error":
-                    from megatron.training import get_args
-
-                    raise LETNonFiniteError(
-                        f"non-finite LET alignment loss at iteration {get_args().curr_iteration + 1} on "
-                        f"rank(s) {bad_ranks}: the teacher ({self.let.config.teacher}) produced NaN/Inf "
-                        "hidden states or the target diverged.")
-                device = torch.device("cuda", torch.cuda.current_device()) \
-                    if torch.cuda.is_available() else torch.device("cpu")
-                for key, value in self.let.report().items():  # collective: all ranks, every iteration
-                    loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=device)
-                for key in SIGNED_SCALARS:
-                    if key in loss_dict and not skipped_iter:
-                        self._signed[key][0] += float(loss_dict[key])
-                        self._signed[key][1] += 1
-            return training_log(loss_dict, total_loss_dict, *args, **kwargs)
-
-        training.training_log = training_log_with_let
-
-    # -- optimizer step and export ---------------------------------------------------------------
-    def _patch_setup_model_and_optimizer(self, training) -> None:
-        setup = training.setup_model_and_optimizer
-
-        @functools.wraps(setup)
-        def setup_with_let(*args, **kwargs):
-            model, optimizer, scheduler = setup(*args, **kwargs)  # the checkpoint is loaded here
-            from megatron.training import get_args
-
-            if getattr(get_args(), "let_export_dir", None):
-                self._export(model, get_args())
-            if self.let is not None and optimizer is not None:
-                optimizer.step = self._step_unless_nonfinite(optimizer.step)
-            return model, optimizer, scheduler
-
-        training.setup_model_and_optimizer = setup_with_let
-
-    def _step_unless_nonfinite(self, step: Callable) -> Callable:
-        """--let-on-nonfinite skip: an iteration whose alignment loss was NaN/Inf on any rank is not
-        applied; Megatron-LM then counts it as skipped (as an fp16 overflow) and keeps its lr schedule."""
-
-        @functools.wraps(step)
-        def step_unless_nonfinite(*args, **kwargs):
-            let = self.let
-            if let is not None and not let.finished and let.config.on_nonfinite == "skip":
-                bad_ranks = let.nonfinite_ranks()  # collective: every rank steps the optimizer
-                if bad_ranks:
-                    from megatron.training import get_args, print_rank_last
-
-                    print_rank_last(f" LET: non-finite alignment loss at iteration {get_args().curr_iteration + 1} "
-                                    f"on rank(s) {bad_ranks}: optimizer step skipped (--let-on-nonfinite skip)")
-                    return False, None, None
-            return step(*args, **kwargs)
-
-        return step_unless_nonfinite
-
-    def _export(self, model, args) -> None:
+    def export(self, model, args) -> None:
         """--let-export-dir: the loaded model without LET's projector, saved with Megatron-LM's own
         save_checkpoint (no optimizer, no RNG), then the run ends (_Exported). Written under a sibling
         temporary name (synchronously) and renamed once every rank has finished, so an export killed midway
@@ -461,27 +279,19 @@ class LETMegatronLM:
 
         from megatron_let.preflight.paths import export_partial_dir
 
-        if self.let is not None:
-            self.let.finish()
-        for chunk in model:
-            while hasattr(chunk, "module"):
-                chunk = chunk.module
-            if hasattr(chunk, "let_alignment"):
-                del chunk.let_alignment
+        self.driver.strip_for_export(model)
         partial = export_partial_dir(args.let_export_dir)
         saved = {name: getattr(args, name, None) for name in ("save", "no_save_optim", "no_save_rng", "async_save")}
         args.save, args.no_save_optim, args.no_save_rng, args.async_save = partial, True, True, False
-        let_state_saved = getattr(args, "let_state", None)
-        if hasattr(args, "let_state"):
-            del args.let_state
+        let_state = args.__dict__.pop("let_state", None)  # the export carries no LET state
+        if let_state is not None:
+            saved["let_state"] = let_state
         try:
             checkpointing.save_checkpoint(args.iteration, model, None, None,
                                           getattr(args, "num_floating_point_operations_so_far", 0))
         finally:
             for name, value in saved.items():
                 setattr(args, name, value)
-            if let_state_saved is not None:
-                args.let_state = let_state_saved
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
@@ -491,46 +301,177 @@ class LETMegatronLM:
         print_rank_last(f" exported iteration {args.iteration} without LET state to {args.let_export_dir}")
         raise _Exported()
 
-    # -- checkpoint saves ------------------------------------------------------------------------
-    def _patch_save_checkpoint(self, training) -> None:
-        """A save into --save that fails (disk full, file-size limit, read-only directory) ends the run with the
-        one line both trainers print (CheckpointWriteError; main() exits 1), not torch's "Worker failure"
-        traceback; the partial iter_N Megatron-LM leaves is removed unless the tracker names it. Active with
-        or without LET: it protects every run. Every rank raises: torch.distributed.checkpoint gathers the
-        write results of all ranks before it fails, and Megatron-LM writes the tracker only after that."""
-        save_checkpoint = training.save_checkpoint  # what save_checkpoint_and_time and train() call
 
-        @functools.wraps(save_checkpoint)
-        def save_or_one_line(iteration, *args, **kwargs):
+# -- the registry's entries: what LET changes in a pretrain_gpt.py script and in megatron.training --------------
+SCRIPT_GROUP, LOOP_GROUP = "let-script", "let-megatron-lm"
+
+
+def _full_batch_on_let_stage(predicate: str) -> Callable:
+    def apply(script, integration: LETMegatronLM) -> None:
+        needs_full_batch = getattr(script, predicate)
+
+        @functools.wraps(needs_full_batch)
+        def mtp_or_let_on_this_rank(*args, vp_stage=None, **kwargs):
+            return needs_full_batch(*args, vp_stage=vp_stage, **kwargs) or integration.owns_target(vp_stage)
+
+        setattr(script, predicate, mtp_or_let_on_this_rank)
+
+    return apply
+
+
+_FULL_BATCH_WHY = ("the stage of --let-target-layer needs the tokens: the script's own 'this stage needs the full "
+                   "batch' predicate (there for Multi-Token Prediction) also answers yes there, so the dataset is "
+                   "built on that stage and get_batch_on_this_tp_rank broadcasts every field to its TP ranks")
+register_patch("let.script.full-batch", group=SCRIPT_GROUP, target="pretrain_gpt:mtp_on_this_rank", until="0.18",
+               why=_FULL_BATCH_WHY)(_full_batch_on_let_stage("mtp_on_this_rank"))
+register_patch("let.script.full-batch-func", group=SCRIPT_GROUP, target="pretrain_gpt:mtp_on_this_rank_func",
+               since="0.18", why=_FULL_BATCH_WHY + " (megatron.core's, imported under this name)"
+               )(_full_batch_on_let_stage("mtp_on_this_rank_func"))
+
+
+@register_patch("let.script.get-batch", group=SCRIPT_GROUP, target="pretrain_gpt:get_batch",
+                why="hands (tokens, loss_mask) of each micro-batch to LET on the chunk that owns --let-target-layer")
+def _tokens_to_let(script, integration: LETMegatronLM) -> None:
+    get_batch = script.get_batch
+
+    @functools.wraps(get_batch)
+    def get_batch_for_let(data_iterator, vp_stage=None):
+        batch = get_batch(data_iterator, vp_stage)
+        if integration.owns_target(vp_stage):
+            tokens, loss_mask = tokens_and_loss_mask(script, batch)
+            if tokens is None or loss_mask is None:
+                raise RuntimeError("LET: get_batch returned no tokens/loss mask on the stage of --let-target-layer.")
+            integration.let.set_microbatch(tokens, loss_mask, integration.alignment_in_background(tokens))
+        return batch
+
+    script.get_batch = get_batch_for_let
+
+
+@register_patch("let.train-step", group=LOOP_GROUP, target="megatron.training.training:train_step",
+                why="LET's iteration begins on every rank before the pipeline schedule; spread placement runs the "
+                    "teacher over the model-parallel group there (no collective inside the schedule)")
+def _begin_iteration(training, integration: LETMegatronLM) -> None:
+    train_step = training.train_step
+
+    @functools.wraps(train_step)
+    def train_step_with_let(forward_step_func, data_iterator, *args, **kwargs):
+        driver = integration.driver
+        if driver is not None and driver.active:
+            from megatron.core.num_microbatches_calculator import get_num_microbatches
             from megatron.training import get_args
 
-            root = get_args().save
-            if kwargs.get("non_persistent_ckpt") or not root:  # not --save's directory: as Megatron-LM reports it
-                return save_checkpoint(iteration, *args, **kwargs)
-            logged = _LoggedOSError()  # torch's writer threads log the errno, then raise without it
-            logger = logging.getLogger("megatron.core.dist_checkpointing")
-            logger.addHandler(logged)
-            from megatron_let.checkpoint_files import SAVE_ERRORS, iteration_dir, write_failure
+            data_iterator = driver.begin_iteration(get_args().curr_iteration, get_num_microbatches(), data_iterator)
+        return train_step(forward_step_func, data_iterator, *args, **kwargs)
 
-            try:
-                return save_checkpoint(iteration, *args, **kwargs)
-            except SAVE_ERRORS as error:  # any failed save: the tracker still names the last good checkpoint
-                raise CheckpointWriteError(write_failure(root, iteration, error, iteration_dir(root, iteration),
-                                                         logged.error)) from error
-            finally:
-                logger.removeHandler(logged)
+    training.train_step = train_step_with_let
 
-        training.save_checkpoint = save_or_one_line
 
-    # -- run -----------------------------------------------------------------------------------
-    def install(self) -> None:
-        from megatron.training import training
+@register_patch("let.setup-model-and-optimizer", group=LOOP_GROUP,
+                target="megatron.training.training:setup_model_and_optimizer",
+                why="after the checkpoint is loaded: --let-export-dir exports and ends the run; the optimizer step "
+                    "ends LET's iteration first (--let-on-nonfinite: error raises, skip reports an unsuccessful "
+                    "update, which Megatron-LM counts as skipped, leaving its lr schedule alone)")
+def _end_iteration_before_step(training, integration: LETMegatronLM) -> None:
+    setup = training.setup_model_and_optimizer
 
-        self._patch_pretrain_gpt()
-        self._patch_train_step(training)
-        self._patch_training_log(training)
-        self._patch_setup_model_and_optimizer(training)
-        self._patch_save_checkpoint(training)
+    @functools.wraps(setup)
+    def setup_with_let(*args, **kwargs):
+        model, optimizer, scheduler = setup(*args, **kwargs)  # the checkpoint is loaded here
+        from megatron.training import get_args
+
+        if get_args().let_export_dir:
+            integration.export(model, get_args())
+        if integration.let is not None and optimizer is not None:
+            step = optimizer.step
+
+            @functools.wraps(step)
+            def step_unless_nonfinite(*step_args, **step_kwargs):
+                if integration.driver.end_iteration(get_args().curr_iteration):  # a collective: every rank steps
+                    return False, None, None
+                return step(*step_args, **step_kwargs)
+
+            optimizer.step = step_unless_nonfinite
+        return model, optimizer, scheduler
+
+    training.setup_model_and_optimizer = setup_with_let
+
+
+@register_patch("let.training-log", group=LOOP_GROUP, target="megatron.training.training:training_log",
+                why="LET's scalars (a PP + DP collective, every rank, every iteration) join the iteration's loss_dict: "
+                    "Megatron-LM averages them over the log interval and writes them to its line, TensorBoard and W&B")
+def _log_let_scalars(training, integration: LETMegatronLM) -> None:
+    training_log = training.training_log
+
+    @functools.wraps(training_log)
+    def training_log_with_let(loss_dict, total_loss_dict, *args, **kwargs):
+        skipped_iter = kwargs.get("skipped_iter", args[4] if len(args) > 4 else 0)
+        driver = integration.driver
+        if driver is not None and driver.active:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
+            for key, value in driver.scalars().items():
+                loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=device)
+            for key in SIGNED_SCALARS:
+                if key in loss_dict and not skipped_iter:
+                    integration._signed[key][0] += float(loss_dict[key])
+                    integration._signed[key][1] += 1
+        return training_log(loss_dict, total_loss_dict, *args, **kwargs)
+
+    training.training_log = training_log_with_let
+
+
+@register_patch("let.print-rank-last", group=LOOP_GROUP, target="megatron.training.training:print_rank_last",
+                why="Megatron-LM prints a loss-dict entry only if its interval average is > 0 (0.19: >= 0): a "
+                    "zero 'let lambda' / 'let loss' or a negative 'let cos' is put back where Megatron-LM would "
+                    "have printed it")
+def _signed_scalars_in_line(training, integration: LETMegatronLM) -> None:
+    print_rank_last = training.print_rank_last
+
+    def print_with_let_cos(message, *args, **kwargs):
+        if isinstance(message, str) and " consumed samples:" in message:
+            for key, (total, count) in integration._signed.items():
+                if count and f" {key}:" not in message:
+                    field = f" {key}: {total / count:.6E} |"
+                    later = _REPORT_ORDER[_REPORT_ORDER.index(key) + 1:]
+                    anchor = next((f" {k}:" for k in later if f" {k}:" in message), " loss scale:")
+                    message = message.replace(anchor, field + anchor, 1)
+                integration._signed[key] = [0.0, 0]
+        return print_rank_last(message, *args, **kwargs)
+
+    training.print_rank_last = print_with_let_cos
+
+
+@register_patch("let.save-checkpoint", group=LOOP_GROUP, target="megatron.training.training:save_checkpoint",
+                why="a save into --save that fails (disk full, file-size limit, read-only directory) ends the run "
+                    "with one line (exit 1), not torch's worker traceback; with or without LET")
+def _save_or_one_line(training, integration: LETMegatronLM) -> None:
+    """The partial iter_N Megatron-LM leaves is removed unless the tracker names it. Every rank raises: torch's
+    distributed checkpoint gathers the write results of all ranks before it fails, and Megatron-LM writes the
+    tracker only after that. A background (--async-save with a persistent worker) save fails later, in
+    maybe_finalize_async_save, with Megatron-LM's own error."""
+    save_checkpoint = training.save_checkpoint  # what save_checkpoint_and_time and train() call
+
+    @functools.wraps(save_checkpoint)
+    def save_or_one_line(iteration, *args, **kwargs):
+        from megatron.training import get_args
+
+        from megatron_let.checkpoint_files import SAVE_ERRORS, iteration_dir, write_failure
+
+        root = get_args().save
+        if kwargs.get("non_persistent_ckpt") or not root:  # not --save's directory: as Megatron-LM reports it
+            return save_checkpoint(iteration, *args, **kwargs)
+        logged = _LoggedOSError()  # torch's writer threads log the errno, then raise without it
+        logger = logging.getLogger("megatron.core.dist_checkpointing")
+        logger.addHandler(logged)
+        try:
+            return save_checkpoint(iteration, *args, **kwargs)
+        except SAVE_ERRORS as error:  # any failed save: the tracker still names the last good checkpoint
+            raise CheckpointWriteError(write_failure(root, iteration, error, iteration_dir(root, iteration),
+                                                     logged.error)) from error
+        finally:
+            logger.removeHandler(logged)
+
+    training.save_checkpoint = save_or_one_line
 
 
 class _Exported(Exception):
@@ -555,7 +496,7 @@ def _check_supported(args) -> None:
     if getattr(args, "use_legacy_models", False):
         raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
     refuse_unsupported_features(args)  # CUDA graphs, FSDP (full recompute works: megatron_let/recompute.py)
-    if getattr(args, "let_reset_projector", False):  # Megatron-LM's own load_checkpoint reads every saved tensor
+    if args.let_reset_projector:  # Megatron-LM's own load_checkpoint reads every saved tensor
         raise LETConfigError("--let-reset-projector is implemented by the lean trainer only; under Megatron-LM "
                              "resume with the checkpoint's teacher and --let-projector settings.")
 

@@ -232,10 +232,6 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     for add in (_add_model_args, _add_parallel_args, _add_training_args, _add_data_args,
                 _add_checkpoint_logging_args, _add_recompute_and_moe_args, add_let_args):
         add(parser)
-    parser.add_argument_group("LET export").add_argument(
-        "--let-export-dir", default=None,
-        help="Load --load, write its model weights without LET state (no projector, no optimizer) "
-             "to this directory as a plain Megatron checkpoint, and exit.")
     if extra_args_provider is not None:
         extra_args_provider(parser)
     return parser

@@ -9,7 +9,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_let.controller import LateToEarlyTraining
-from megatron_let.errors import LETNonFiniteError
+from megatron_let.driver import LETDriver
 from megatron_let.megatron_versions import batch_on_this_cp_rank
 from megatron_let.teachers.token_alignment import pop_alignment
 
@@ -51,17 +51,6 @@ def reduce_lm_loss(losses_reduced: List[Dict[str, torch.Tensor]]) -> torch.Tenso
     return pair
 
 
-def precompute_teacher(data_iterator, let: LateToEarlyTraining, num_microbatches: int, micro_batch_size: int):
-    """Spread placement: read this iteration's micro-batches up front (every rank of the model-parallel
-    group has the lean trainer's data iterator), let the group run the teacher over them outside the
-    schedule, and return an iterator that replays them to the schedule."""
-    iterators = list(data_iterator) if isinstance(data_iterator, list) else [data_iterator]
-    batches = [next(iterators[0]) for _ in range(num_microbatches)]
-    let.precompute_teacher(torch.cat([batch["tokens"] for batch in batches]), micro_batch_size)
-    iterators[0] = iter(batches)
-    return iterators if isinstance(data_iterator, list) else iterators[0]
-
-
 def run_schedule(data_iterator, model: List, let: Optional[LateToEarlyTraining], num_microbatches: int,
                  seq_length: int, micro_batch_size: int, forward_only: bool = False) -> torch.Tensor:
     """megatron-core's schedule for this layout over all micro-batches; returns the LM loss pair."""
@@ -77,36 +66,18 @@ def run_schedule(data_iterator, model: List, let: Optional[LateToEarlyTraining],
     return reduce_lm_loss(losses_reduced)
 
 
-def train_step(data_iterator, model: List, optimizer, let: Optional[LateToEarlyTraining],
-               iteration: int, num_microbatches: int, seq_length: int, micro_batch_size: int,
-               forward_only: bool = False) -> Dict[str, float]:
-    """One iteration: schedule forward/backward over all micro-batches, optimizer step.
-
-    Returns the iteration's lm loss (and grad norm); LET scalars accumulate in
-    ``let.metrics`` until the caller asks ``let.report()`` at log time.
-    """
-    if let is not None:
-        let.begin_iteration(iteration, num_microbatches)
-        if let.spreads_teacher and not forward_only:
-            data_iterator = precompute_teacher(data_iterator, let, num_microbatches, micro_batch_size)
-    if not forward_only:
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-    pair = run_schedule(data_iterator, model, let, num_microbatches, seq_length, micro_batch_size, forward_only)
+def train_step(data_iterator, model: List, optimizer, driver: LETDriver, iteration: int, num_microbatches: int,
+               seq_length: int, micro_batch_size: int) -> Dict[str, float]:
+    """One iteration: LET's begin (spread: the teacher over the group), the schedule's forward/backward over all
+    micro-batches, LET's end (non-finite policy), the optimizer step. Returns the iteration's lm loss, grad norm
+    and whether the step was skipped; LET's scalars accumulate until ``driver.scalars()`` at log time."""
+    data_iterator = driver.begin_iteration(iteration, num_microbatches, data_iterator)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    pair = run_schedule(data_iterator, model, driver.let, num_microbatches, seq_length, micro_batch_size)
     metrics = {"lm loss": (pair[0] / pair[1]).item() if pair[1] > 0 else None}
-    if not forward_only and let is not None and not let.finished:
-        bad_ranks = let.nonfinite_ranks()
-        if bad_ranks and let.config.on_nonfinite == "error":
-            raise LETNonFiniteError(
-                f"non-finite LET alignment loss at iteration {iteration + 1} on rank(s) {bad_ranks}: the "
-                f"teacher ({let.config.teacher}) produced NaN/Inf hidden states or the target diverged; "
-                "use --let-on-nonfinite skip to skip such steps.")
-        if bad_ranks:
-            metrics.update({"grad norm": None, "skipped": 1.0})
-            return metrics
-    if not forward_only:
-        update_successful, grad_norm, _ = optimizer.step()
-        metrics["grad norm"] = grad_norm
-        metrics["skipped"] = 0.0 if update_successful else 1.0
-    return metrics
+    if driver.end_iteration(iteration):
+        return {**metrics, "grad norm": None, "skipped": 1.0}
+    update_successful, grad_norm, _ = optimizer.step()
+    return {**metrics, "grad norm": grad_norm, "skipped": 0.0 if update_successful else 1.0}

@@ -13,7 +13,8 @@ from megatron.core.transformer.module import Float16Module
 from megatron_let.checkpoint_files import latest_iteration
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.errors import LETConfigError
-from megatron_let.integrations.launch import build_let, let_state
+from megatron_let.driver import LETDriver
+from megatron_let.integrations.launch import build_let
 from megatron_let.resume import read_saved_let_state
 from megatron_let.stop import TrainingSchedule
 from megatron_let.training import checkpoint as ckpt
@@ -108,6 +109,7 @@ def pretrain(args) -> dict:
     tokenizer_name = f"--tokenizer-model {args.tokenizer_model}" if args.tokenizer_model \
         else "the target's vocabulary"
     let = build_let(args, tokenizer, tokenizer_name, print_rank_last, saved_let, let_iteration)
+    driver = LETDriver(let, args.micro_batch_size, args.seq_length, print_rank_last)
     initialize_parallel(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=args.virtual_pipeline_model_parallel_size, cp=args.context_parallel_size,
                         ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
@@ -140,7 +142,7 @@ def pretrain(args) -> dict:
     if resume_iteration is not None:
         loaded = ckpt.load_checkpoint(args.load, resume_iteration, model, optimizer,
                                       load_optimizer=not (args.no_load_optim or args.finetune),
-                                      fresh_let=bool(let is not None and getattr(args, "let_reset_projector", False)))
+                                      fresh_let=bool(let is not None and let.config.reset_projector))
         if not args.finetune:
             iteration, consumed = loaded["iteration"], loaded["consumed_train_samples"]
             if "opt_param_scheduler" in loaded and not args.no_load_optim:
@@ -168,7 +170,7 @@ def pretrain(args) -> dict:
                  "opt_param_scheduler": scheduler.state_dict(),
                  "args": args}  # as Megatron-LM: lets megatron_teacher convert this model into a teacher
         if let is not None:
-            state["let"] = let_state(let)
+            state["let"] = driver.checkpoint_state()
         return state
 
     batch_sizes = TrainingSchedule.from_args(args)._calculator()  # megatron-core's, ramp-up included
@@ -182,7 +184,7 @@ def pretrain(args) -> dict:
         iterators = [microbatches(train_ds, consumed, args.micro_batch_size, dp_rank, dp_size, num_microbatches)
                      for _ in model]
         iterators = _prefetch_alignments(iterators, model, let)
-        metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, let, iteration,
+        metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, driver, iteration,
                              num_microbatches, args.seq_length, args.micro_batch_size)
         iteration += 1
         consumed += G
@@ -197,8 +199,7 @@ def pretrain(args) -> dict:
         if iteration % args.log_interval == 0:
             last = {"lm loss": sum(interval_losses) / max(len(interval_losses), 1),
                     "grad norm": metrics.get("grad norm")}
-            if let is not None:
-                last.update(let.report())
+            last.update(driver.scalars())
             logger.iteration(iteration, consumed, optimizer.param_groups[0]["lr"], last, skipped, nan_iters,
                              optimizer.get_loss_scale().item(), global_batch_size=G)
             interval_losses, skipped, nan_iters = [], 0, 0

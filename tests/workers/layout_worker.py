@@ -23,6 +23,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 from megatron_let import LateToEarlyTraining, LETConfig  # noqa: E402
 from megatron_let.compat.cpu import enable_cpu_megatron  # noqa: E402
+from megatron_let.driver import LETDriver  # noqa: E402
 from megatron_let.training.components import build_optimizer, initialize_parallel, shutdown_parallel, wrap_ddp  # noqa: E402
 from megatron_let.training.model import build_gpt_chunks, layer_spec  # noqa: E402
 from megatron_let.training.step import train_step  # noqa: E402
@@ -234,13 +235,14 @@ def train(args, variant: str) -> dict:
     teacher_before = None
     teacher_refs = []
     records, per_rank = [], []
+    driver = LETDriver(let, args.mbs, SEQ, lambda line: None)
     for iteration in range(args.iters):
         iterators = [microbatches(iteration, args) for _ in model]
         if args.prefetch_alignment and let is not None and let.owns_target_layer:  # LET token alignment
             from megatron_let.teachers.token_alignment import AlignmentPrefetcher
 
             iterators = [AlignmentPrefetcher(it, let.aligner) for it in iterators]
-        metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, let,
+        metrics = train_step(iterators if len(model) > 1 else iterators[0], model, optimizer, driver,
                              iteration, num_microbatches, SEQ, args.mbs)
         if let is not None:
             metrics.update(let.report())
