@@ -6,7 +6,8 @@ import pytest
 
 from let_testing import (MEGATRON_LM_LAMBDA0, MEGATRON_LM_MODEL, MEGATRON_LM_STOP_ITER, MEGATRON_LM_TARGET_LAYER,
                          SCRIPT, free_port, make_tiny_llama, run_layout, run_megatron_lm)
-from let_testing import refused  # noqa: F401 (docs/reliability.md points at conftest.refused)
+from let_testing import ROOT, refused  # noqa: F401 (test_package_layout.py imports ROOT, docs/reliability.md
+#                                                   points at conftest.refused)
 
 
 def pytest_terminal_summary(terminalreporter):

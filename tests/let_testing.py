@@ -35,8 +35,8 @@ def _installed_core() -> str:
 
 CLONE_MEGATRON_LM = (f"git clone --branch core_v{_installed_core()} https://github.com/NVIDIA/Megatron-LM DIR && "
                      "export MEGATRON_LM_PATH=DIR (pip install six)")
-NEEDS_MEGATRON_LM = (f"needs megatron.training, which the installed megatron-core {_installed_core()} wheel lacks: "
-                     "Python 3.12 with megatron-core 0.19 (its wheel ships it; .ci/run's second stack), or a "
+NEEDS_MEGATRON_LM = (f"needs megatron.training, which the installed megatron-core {_installed_core()} wheel "
+                     "lacks: Python 3.12 with megatron-core 0.19 (its wheel ships it; .ci/run's second stack), or a "
                      f"Megatron-LM checkout of this version: {CLONE_MEGATRON_LM}")
 NEEDS_MEGATRON_LM_CHECKOUT = (f"needs a Megatron-LM checkout (its own pretrain_gpt.py and examples; the megatron-core "
                               f"{_installed_core()} wheel has at most megatron.training): {CLONE_MEGATRON_LM}")
@@ -113,6 +113,11 @@ def lean_let_flags(teacher, **overrides):
              "--let-projector": "linear"}
     flags.update(overrides)
     return [x for kv in flags.items() for x in kv]
+
+
+def small_let_flags(teacher, layer=1, *extra):
+    """LET flags for SMALL_MODEL: ``teacher`` aligned at ``layer``, the rest as given (or the defaults)."""
+    return ["--let-teacher", teacher, "--let-target-layer", layer, *extra]
 
 
 def tiny_transformer_config(num_layers: int = 2, **overrides):
@@ -361,6 +366,11 @@ def launch(args, script: str = "pretrain_gpt_let.py", hold_port: bool = False, e
         held.bind(("127.0.0.1", 0))
         held.listen(1)
         return run(held.getsockname()[1])
+
+
+def run_lean(*args, timeout: int = 180) -> subprocess.CompletedProcess:
+    """pretrain_gpt_let.py as one process on the lean trainer (skipped where it cannot be selected)."""
+    return launch(args, lean=True, timeout=timeout)
 
 
 # ------------------------------------------------------------------ the log line
