@@ -8,21 +8,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from conftest import padded_microbatches, tiny_transformer_config
+from let_testing import LOSS_SCALE, M, MBS, SEQ, VOCAB, alignment_grad, microbatches, tiny_transformer_config
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError, add_let_args, let_config_from_args
 from megatron_let.auto_lambda import EMA_BETA
 from megatron_let.config import DEFAULT_LAMBDA_AUTO_FRACTION
 from megatron_let.training.model import build_gpt_chunks
 from megatron_let.training.step import forward_step
 
-VOCAB, SEQ, MBS, M, LOSS_SCALE, FRACTION, STOP = 128, 16, 2, 2, 4.0, 0.2, 4
-
-
-def _microbatches(iteration):
-    return padded_microbatches(M, 100 + iteration, VOCAB, SEQ, MBS)
+FRACTION, STOP = 0.2, 4
 
 
 @pytest.mark.parametrize("projector", ["linear", "interp"])
@@ -59,7 +54,7 @@ def test_weight_equals_hand_computation_from_gradient_norms(megatron_world1, tin
         else:
             assert weight == pytest.approx(expected, rel=1e-12)
         seen.clear()
-        batches = list(_microbatches(iteration))
+        batches = list(microbatches(iteration))
         get_forward_backward_func()(forward_step_func=lambda it, m: forward_step(it, m, let=let),
                                     data_iterator=iter(batches), model=[model], num_microbatches=M,
                                     seq_length=SEQ, micro_batch_size=MBS)
@@ -67,7 +62,7 @@ def test_weight_equals_hand_computation_from_gradient_norms(megatron_world1, tin
         assert let.nonfinite_ranks() == []  # the end-of-iteration collective: folds this iteration in
         lm_sq = align_sq = 0.0
         for entry, batch in zip(seen, batches):
-            align = LOSS_SCALE / M * _alignment_grad(let, model, entry["h"], batch)
+            align = LOSS_SCALE / M * alignment_grad(let, model, entry["h"], batch)
             # (total - lm cancels digits: within float32 rounding of the LM gradient)
             torch.testing.assert_close(entry["total"] - entry["lm"], weight * align, rtol=1e-5,
                                        atol=1e-6 * entry["lm"].abs().max().item())
@@ -81,21 +76,6 @@ def test_weight_equals_hand_computation_from_gradient_norms(megatron_world1, tin
         assert let.report()["let ratio"] == pytest.approx(weight / ratios[-1], rel=1e-6)
         expected = FRACTION * math.exp(let.auto_lambda.state["ema_log_ratio"]) * (1 - (iteration + 1) / STOP)
     assert let.begin_iteration(STOP, M) == 0.0 and let.finished
-
-
-def _alignment_grad(let, model, hidden, batch):
-    """d/dh of mean over the micro-batch's tokens of (1 - cos(P(h), teacher)), written out."""
-    h = hidden.float().requires_grad_()
-    teacher = let.teacher.hidden_states(batch["tokens"]).float()
-    projector = model.let_alignment.projector
-    if projector.projects_teacher:
-        student, teacher = h, projector(teacher)
-    else:
-        student = projector(h)
-    cos = F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
-    mask = batch["loss_mask"].transpose(0, 1)
-    (grad,) = torch.autograd.grad(((1 - cos) * mask).sum() / mask.sum(), h)
-    return grad
 
 
 def _parse(*flags):

@@ -3,12 +3,9 @@ on either stage and DP2 give the single-process effective weight, realised ratio
 cos(g_A, g_LM) (< 1e-5) iteration by iteration, full recompute gives the same, a stop at iteration 0 costs nothing (no teacher loaded, the numbers
 of a run without LET), and a resume continues the weight's state exactly (lean trainer, pretrain_gpt_let.py)."""
 
-import os
-
 import pytest
 
-from conftest import ROOT, make_tiny_llama, run_layout, torchrun
-from test_trainer import MODEL, parse_log
+from let_testing import LEAN_MODEL as MODEL, SCRIPT, make_tiny_llama, parse_log, run_layout, torchrun
 
 REL_TOL = 1e-5
 KEYS = ("lm loss", "let loss", "let cos", "let lambda", "let ratio", "let grad cos", "grad norm")
@@ -81,9 +78,6 @@ def test_stop_at_iteration_zero_costs_nothing(single):
     assert all(r["let lambda"] == 0.0 and "let ratio" not in r for r in stop0["records"])
     assert [{k: v for k, v in r.items() if k != "let lambda"} for r in stop0["records"]] == plain["records"]
     assert all(not any(rank["teacher loaded"]) for rank in stop0["per_rank"])
-
-
-SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 
 
 def test_resume_continues_the_weight_exactly(tmp_path):

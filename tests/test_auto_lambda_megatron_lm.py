@@ -5,13 +5,11 @@ args.let_state, which Megatron-LM pickles at each save)."""
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM, megatron_lm_source, torchrun
-from test_megatron_lm import (MODEL_ARGS, SCRIPT, TARGET_LAYER, initial_checkpoint, let_args,  # noqa: F401
-                              megatron_lm_path, parse_log, run)
+from let_testing import (MEGATRON_LM_ITERS as ITERS, MEGATRON_LM_MODEL as MODEL_ARGS,
+                         MEGATRON_LM_TARGET_LAYER as TARGET_LAYER, NEEDS_MEGATRON_LM, SCRIPT, megatron_lm_source,
+                         parse_log, run_megatron_lm as run, torchrun)
 
 pytestmark = pytest.mark.skipif(megatron_lm_source() is None, reason=NEEDS_MEGATRON_LM)
-
-ITERS = 4
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,19 @@ never reads the teacher (build_let, and pretrain_gpt_let.py end to end). Under t
 import argparse
 import gc
 import math
-import os
 import shutil
 import weakref
 
 import pytest
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from conftest import ROOT, make_tiny_llama, tiny_transformer_config, torchrun
+from let_testing import (LEAN_MODEL as MODEL, LOSS_SCALE, M, MBS, SCRIPT, SEQ, VOCAB, alignment_grad, make_tiny_llama,
+                         microbatches, parse_log, tiny_transformer_config, torchrun)
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError, add_let_args, let_config_from_args
 from megatron_let.autoscaler import MeasuredLETLossAutoScaler
 from megatron_let.config import DEFAULT_STOP_AUTO
 from megatron_let.training.model import build_gpt_chunks
 from megatron_let.training.step import forward_step
-from test_auto_lambda import LOSS_SCALE, M, MBS, SEQ, VOCAB, _alignment_grad, _microbatches
-from test_trainer import MODEL, parse_log
 
 
 def _build(teacher, **settings):
@@ -35,7 +33,7 @@ def _build(teacher, **settings):
 def _iteration(let, model, iteration, batches=None):
     """One training iteration's forward/backward (no optimizer step) and the end-of-iteration collective."""
     let.begin_iteration(iteration, M)
-    batches = batches if batches is not None else list(_microbatches(iteration))
+    batches = batches if batches is not None else list(microbatches(iteration))
     get_forward_backward_func()(forward_step_func=lambda it, m: forward_step(it, m, let=let),
                                 data_iterator=iter(batches), model=[model], num_microbatches=M,
                                 seq_length=SEQ, micro_batch_size=MBS)
@@ -68,11 +66,11 @@ def test_cosine_equals_hand_computation(megatron_world1, tiny_teacher, lambda0):
     cosines = []
     for iteration in range(3):
         seen.clear()
-        batches = list(_microbatches(iteration))
+        batches = list(microbatches(iteration))
         report = _iteration(let, model, iteration, batches)
         dot = lm_sq = align_sq = 0.0
         for entry, batch in zip(seen, batches):
-            align = (LOSS_SCALE / M * _alignment_grad(let, model, entry["h"], batch)).double()
+            align = (LOSS_SCALE / M * alignment_grad(let, model, entry["h"], batch)).double()
             lm = entry["lm"].double()
             dot += (align * lm).sum().item()
             lm_sq += lm.pow(2).sum().item()
@@ -203,9 +201,6 @@ def test_a_resume_past_the_decision_never_reads_the_teacher(tmp_path, flags):
     assert let.finished and let._teacher is None and let.checkpoint_state()["auto_stop"] == decided
     assert " LET stopped automatically at iteration 4 (--let-stop auto, from the checkpoint)" in lines
     assert let.begin_iteration(5, 1) == 0.0
-
-
-SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 
 
 def test_resume_past_the_automatic_stop_stays_stopped_without_the_teacher(tmp_path):

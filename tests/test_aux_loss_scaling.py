@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from conftest import padded_microbatches, tiny_transformer_config
+from let_testing import padded_microbatches, tiny_transformer_config
 from megatron_let import LateToEarlyTraining, LETConfig
 from megatron_let.training.model import build_gpt_chunks
 from megatron_let.training.step import forward_step

@@ -26,7 +26,7 @@ import sys
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM, ROOT, megatron_lm_source
+from let_testing import NEEDS_MEGATRON_LM, ROOT, megatron_lm_source
 
 CLUSTER = os.path.join(ROOT, "examples", "cluster")
 GPUS_PER_NODE = 8

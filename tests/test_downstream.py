@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_llama
+from let_testing import ROOT, make_tiny_llama, save_megatron_gpt
 
 pytest.importorskip("pyarrow")
 
@@ -188,11 +188,9 @@ def arc_data(tmp_path_factory):
 
 
 def test_megatron_checkpoint_scores_like_converted_hf(megatron_world1, tmp_path, arc_data):
-    from test_megatron_teacher import _build_and_save
-
     from megatron_let.teachers.megatron_checkpoint import convert_megatron_checkpoint
 
-    _build_and_save(tmp_path / "ckpt", "llama-gqa-untied")  # 24 positions, vocab 128, args saved
+    save_megatron_gpt(tmp_path / "ckpt", "llama-gqa-untied")  # 24 positions, vocab 128, args saved
     ckpt, tok = str(tmp_path / "ckpt"), _tokenizer(str(tmp_path / "tok"))
     hf = convert_megatron_checkpoint(ckpt, str(tmp_path / "hf"), dtype=torch.float32, tokenizer=tok)
     with pytest.raises(EvalError, match="--tokenizer"):  # the saved args name no tokenizer

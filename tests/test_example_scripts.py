@@ -21,8 +21,7 @@ import subprocess
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM_CHECKOUT, ROOT, make_tiny_llama, torchrun
-from test_sample_schedule import parse
+from let_testing import CPU_FLAGS as MEGATRON_LM_CPU_FLAGS, NEEDS_MEGATRON_LM_CHECKOUT, ROOT, make_tiny_llama, parse_log, torchrun
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
@@ -67,9 +66,7 @@ DATA_FLAGS = {"--data-path": 1, "--vocab-file": 1, "--merge-file": 1, "--tokeniz
               "--tokenizer-model": 1, "--data-cache-path": 1, "--split": 1, "--vocab-size": 1}
 MOCK_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127", "--make-vocab-size-divisible-by", "64",
              "--split", "99,1,0"]
-CPU_FLAGS = ["--transformer-impl", "local", "--distributed-backend", "gloo", "--use-cpu-initialization",
-             "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
-             "--no-bias-swiglu-fusion", "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion"]
+CPU_FLAGS = [*MEGATRON_LM_CPU_FLAGS, "--no-bias-gelu-fusion"]  # the GPT-3 example's GeLU too
 
 
 def script_argv(script: str, positional, tmp_path):
@@ -150,7 +147,7 @@ def test_example_script_with_let_on_megatron_lm(name, teacher, tmp_path):
     assert "--let-teacher" not in argv and len(argv) > 40, argv
     let = ["--let-teacher", teacher, "--let-target-layer", "1", "--let-lambda", "0.5", "--let-projector", "linear"]
     proc = torchrun(LET_SCRIPTS[training_script], nproc, [*flags, *let], timeout=600, megatron_lm=True)
-    logged = parse(proc.stdout)
+    logged = parse_log(proc.stdout)
     assert "megatron-let: trainer: Megatron-LM pretrain()" in proc.stdout
     total = max(logged)
     stop = [line for line in proc.stdout.splitlines() if "LET stops at iteration" in line]
@@ -185,7 +182,7 @@ def test_example_script_flags_on_the_lean_trainer(name, teacher, tmp_path):
         i += 1 + n
     print(name, "lean trainer lacks:", unsupported)
     proc = torchrun(SCRIPT, nproc, [*supported, *let], timeout=600)
-    logged = parse(proc.stdout)
+    logged = parse_log(proc.stdout)
     assert "megatron-let: trainer: lean megatron-core trainer" in proc.stdout
     stop = [line for line in proc.stdout.splitlines() if "LET stops at iteration" in line]
     stop_iter = int(stop[0].split("iteration ")[1].split(" ")[0])

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from conftest import ROOT, free_port, megatron_lm_source, refused
+from let_testing import ROOT, free_port, megatron_lm_source, refused
 
 MEGATRON_LM = megatron_lm_source() is not None  # pretrain_gpt_let.py runs Megatron-LM's pretrain() here
 NEEDS_MEGATRON_LM_LOOP = ("preflight/cpu.py guards Megatron-LM's own loop, which this stack (megatron-core "

@@ -19,11 +19,11 @@ are skipped.
 """
 
 import importlib.util
-import os
 
 import pytest
 
-from conftest import ROOT, megatron_lm_source, tiny_transformer_config, torchrun
+from let_testing import (HYBRID_SCRIPT, MEGATRON_LM_BODY, MEGATRON_LM_MOE, SCRIPT as GPT_SCRIPT, launch,
+                         megatron_lm_source, one_line_error, parse_log, tiny_transformer_config, torchrun)
 
 
 def _has_hybrid_model() -> bool:
@@ -153,20 +153,8 @@ def test_gpt_equals_star_dash_hybrid(megatron_world1, tiny_teacher, tmp_path):
 
 
 # ------------------------------------------------------------------ Megatron-LM's pretrain(): pretrain_hybrid_let.py
-GPT_SCRIPT, HYBRID_SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py"), os.path.join(ROOT, "pretrain_hybrid_let.py")
 LM_ITERS = 4
-MODEL_ARGS = [
-    "--hidden-size", 64, "--num-attention-heads", 4, "--ffn-hidden-size", 128,
-    "--seq-length", 32, "--max-position-embeddings", 32, "--normalization", "RMSNorm", "--swiglu",
-    "--disable-bias-linear", "--position-embedding-type", "rope",
-    "--untie-embeddings-and-output-weights", "--hidden-dropout", 0, "--attention-dropout", 0,
-    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 127, "--make-vocab-size-divisible-by", 64,
-    "--micro-batch-size", 2, "--global-batch-size", 8, "--lr", 1e-3, "--lr-decay-style", "constant",
-    "--eval-iters", 0, "--eval-interval", 1000, "--log-interval", 1,
-    "--transformer-impl", "local", "--distributed-backend", "gloo", "--use-cpu-initialization",
-    "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
-    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
-]
+MODEL_ARGS = MEGATRON_LM_BODY  # test_megatron_lm.py's model without --num-layers: the pattern sets the depth
 HYBRID_PATTERN, TARGET = "*-*-*-*-", 6  # 4 GPT blocks; LET after block 3
 LET_SCALARS = ("lm loss", "let loss", "let lambda")
 PP2 = ["--pipeline-model-parallel-size", 2]
@@ -187,8 +175,6 @@ LAYOUTS = {  # name: (processes, pattern, flags, the pipeline segment holding la
 
 
 def _log(script, nproc, args):
-    from test_megatron_lm import parse_log
-
     proc = torchrun(script, nproc, [*MODEL_ARGS, *args], timeout=600, megatron_lm=True)
     logged = parse_log(proc.stdout)
     assert logged and "lm loss" in logged[min(logged)], proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -254,9 +240,7 @@ def test_hybrid_layouts_equal_one_process(layout, megatron_lm_runs):
 def test_moe_pattern_expert_parallel_equals_one_process(megatron_lm_runs, tmp_path):
     """'*E*E*E*E' (4 experts, top 2, load-balancing loss), LET at layer 6 (an 'E'): EP2 logs what one process
     logs from the same initial weights (a one-step run of its own: a GPT checkpoint has no experts)."""
-    from test_megatron_lm import MOE_ARGS
-
-    moe = ["--hybrid-layer-pattern", "*E*E*E*E", *MOE_ARGS, *megatron_lm_runs["let_args"], "--let-target-layer", TARGET]
+    moe = ["--hybrid-layer-pattern", "*E*E*E*E", *MEGATRON_LM_MOE, *megatron_lm_runs["let_args"], "--let-target-layer", TARGET]
     ckpt = tmp_path / "moe_init"
     _log(HYBRID_SCRIPT, 1, [*moe, "--train-iters", 1, "--save", ckpt, "--save-interval", 1])
     start = ["--load", ckpt, "--finetune", "--no-load-optim", "--train-iters", LM_ITERS]
@@ -300,21 +284,9 @@ def test_resume_stop_and_export_on_hybrid(megatron_lm_runs, tmp_path):
 
 def test_mamba_pattern_refused_before_any_process_group(tiny_teacher):
     """One line, exit 2, with MASTER_PORT held (a process group could not be created: test_refusals.py)."""
-    import socket
-    import subprocess
-    import sys
-
-    from test_reliability import assert_one_line_error
-
     if megatron_lm_source() is None:
         pytest.skip("needs Megatron-LM's megatron.training (the megatron-core 0.19 wheel, or MEGATRON_LM_PATH)")
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen(1)
-        env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(held.getsockname()[1]),
-                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
-        proc = subprocess.run([sys.executable, HYBRID_SCRIPT, *map(str, MODEL_ARGS), "--hybrid-layer-pattern", "M*-M*-",
-                               "--train-iters", "1", "--let-teacher", tiny_teacher, "--let-target-layer", "3"],
-                              capture_output=True, text=True, cwd=ROOT, timeout=180, env=env)
-    line = assert_one_line_error(proc, "--hybrid-layer-pattern 'M*-M*-': 'M' (Mamba-2) layers need TransformerEngine")
+    proc = launch([*MODEL_ARGS, "--hybrid-layer-pattern", "M*-M*-", "--train-iters", "1", "--let-teacher", tiny_teacher,
+                   "--let-target-layer", "3"], script="pretrain_hybrid_let.py", hold_port=True, timeout=180)
+    line = one_line_error(proc, "--hybrid-layer-pattern 'M*-M*-': 'M' (Mamba-2) layers need TransformerEngine")
     assert line.startswith("pretrain_hybrid_let.py: error: ")

@@ -16,34 +16,17 @@ of its own.
 """
 
 import os
-import re
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_CHECKOUT, ROOT, megatron_lm_source, torchrun
+from let_testing import (MEGATRON_LM_ITERS as ITERS, MEGATRON_LM_LAMBDA0 as LAMBDA0, MEGATRON_LM_MODEL as MODEL_ARGS,
+                         MEGATRON_LM_MOE as MOE_ARGS, MEGATRON_LM_STOP_ITER as STOP_ITER,
+                         MEGATRON_LM_TARGET_LAYER as TARGET_LAYER, NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_CHECKOUT,
+                         make_mismatched, megatron_lm_source, per_iteration, run_megatron_lm as run)
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
-SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
-ITERS = 4
-LAMBDA0, STOP_ITER, TARGET_LAYER = 0.5, 100, 3
 
 pytestmark = pytest.mark.skipif(megatron_lm_source() is None, reason=NEEDS_MEGATRON_LM)
-
-MODEL_ARGS = [
-    "--num-layers", 4, "--hidden-size", 64, "--num-attention-heads", 4, "--ffn-hidden-size", 128,
-    "--seq-length", 32, "--max-position-embeddings", 32, "--normalization", "RMSNorm", "--swiglu",
-    "--disable-bias-linear", "--position-embedding-type", "rope",
-    "--untie-embeddings-and-output-weights", "--hidden-dropout", 0, "--attention-dropout", 0,
-    # padded vocab 128 for TP 1 and 2 alike (the default 128 * TP would change the shapes)
-    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 127,
-    "--make-vocab-size-divisible-by", 64,
-    "--micro-batch-size", 2, "--global-batch-size", 8, "--lr", 1e-3, "--lr-decay-style", "constant",
-    "--eval-iters", 0, "--eval-interval", 1000, "--log-interval", 1,
-    # CPU: no TransformerEngine, no fused CUDA kernels, gloo
-    "--transformer-impl", "local", "--distributed-backend", "gloo", "--use-cpu-initialization",
-    "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-masked-softmax-fusion",
-    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
-]
 
 LAYOUTS = {  # name: (processes, parallel flags)
     "tp2": (2, ["--tensor-model-parallel-size", 2]),
@@ -52,75 +35,6 @@ LAYOUTS = {  # name: (processes, parallel flags)
     "pp4": (4, ["--pipeline-model-parallel-size", 4]),
     "pp2_owner": (2, ["--pipeline-model-parallel-size", 2, "--let-teacher-placement", "owner"]),
 }
-
-_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
-_FIELD = re.compile(r"\s*([a-z][a-z_ ]*[a-z]): ([-+0-9.eE]+)\s*$")
-
-
-def parse_log(text: str) -> dict:
-    """{iteration: {key: value}} from Megatron-LM's training log lines."""
-    iterations = {}
-    for match in _LINE.finditer(text):
-        fields = {}
-        for part in match.group(2).split("|"):
-            field = _FIELD.match(part)
-            if field:
-                fields[field.group(1)] = float(field.group(2))
-        iterations[int(match.group(1))] = fields
-    return iterations
-
-
-def per_iteration(logged: dict, key: str) -> list:
-    """Per-iteration values of ``key``: Megatron-LM does not reset its totals after the first
-    logged iteration of a run, so with --log-interval 1 the second printed value is the mean of
-    iterations 1 and 2; every other one is that iteration's own."""
-    values = [logged[i][key] for i in range(1, ITERS + 1)]
-    values[1] = 2 * values[1] - values[0]
-    return values
-
-
-@pytest.fixture(scope="module")
-def megatron_lm_path():
-    """The checkout, or None where the wheel's megatron.training runs (with megatron_let's gpt_script)."""
-    if not MEGATRON_LM_PATH:
-        return None
-    if not os.path.isfile(os.path.join(MEGATRON_LM_PATH, "pretrain_gpt.py")):
-        pytest.fail(f"MEGATRON_LM_PATH={MEGATRON_LM_PATH} holds no pretrain_gpt.py")
-    if not os.path.isfile(SCRIPT):
-        pytest.fail(f"{SCRIPT} is missing")
-    return MEGATRON_LM_PATH
-
-
-def run(nproc: int, args) -> dict:
-    proc = torchrun(SCRIPT, nproc, args, timeout=600, megatron_lm=True)
-    placement = "owner" if "owner" in map(str, args) else "spread"
-    assert f"LET teacher placement {placement}" in proc.stdout, proc.stdout[-3000:]
-    if placement == "spread":  # the teacher ran before the schedule, evenly over each replica's model-parallel ranks
-        rows = re.search(r"teacher sequences per rank of the model-parallel group in the first iteration: "
-                         r"\[([0-9, ]+)\]", proc.stdout)
-        assert rows, proc.stdout[-3000:]
-        counts = [int(c) for c in rows.group(1).split(",")]
-        replicas = nproc // len(counts)  # data-parallel replicas (EP ranks are data-parallel for the dense part)
-        assert nproc % len(counts) == 0 and sum(counts) * replicas == 8 and max(counts) - min(counts) <= 1, counts
-    logged = parse_log(proc.stdout)
-    assert logged and "lm loss" in logged[min(logged)], (
-        "no Megatron-LM training log line: did pretrain_gpt_let.py dispatch to Megatron-LM's "
-        f"pretrain()?\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return logged
-
-
-@pytest.fixture(scope="module")
-def let_args(tiny_teacher):
-    return ["--let-teacher", tiny_teacher, "--let-target-layer", TARGET_LAYER, "--let-lambda", LAMBDA0,
-            "--let-stop-iter", STOP_ITER, "--let-projector", "linear"]
-
-
-@pytest.fixture(scope="module")
-def initial_checkpoint(megatron_lm_path, let_args, tmp_path_factory):
-    """One TP1 step saved as torch_dist: the common starting point of all layouts."""
-    ckpt = tmp_path_factory.mktemp("megatron_lm") / "init"
-    run(1, [*MODEL_ARGS, *let_args, "--train-iters", 1, "--save", ckpt, "--save-interval", 1])
-    return ckpt
 
 
 def train(nproc: int, parallel, let_args, checkpoint, name: str) -> dict:
@@ -186,8 +100,6 @@ def test_teacher_norm_layouts_match_tp1(layout, norm_setup):
 def span_setup(megatron_lm_path, tmp_path_factory):
     """causal-span inside Megatron-LM: a target BPE tokenizer (mock data over its vocabulary) and a tiny
     teacher with a different BPE; the alignment runs on the aligner's thread from get_batch on."""
-    from test_token_alignment import make_mismatched
-
     root = tmp_path_factory.mktemp("megatron_lm_span")
     target_dir, teacher, _ = make_mismatched(root)
     model_args = [str(a) for a in MODEL_ARGS]
@@ -235,10 +147,6 @@ def test_full_recompute_matches_tp1(name, nproc, flags, reference, let_args, ini
 
 
 # ------------------------------------------------------------------ MoE target with expert parallelism
-MOE_ARGS = ["--num-experts", 4, "--moe-router-topk", 2, "--moe-aux-loss-coeff", 0.01,
-            "--moe-token-dispatcher-type", "allgather"]
-
-
 def test_moe_expert_parallel_with_full_recompute_matches_tp1(megatron_lm_path, let_args, tmp_path):
     """An MoE target (4 experts, top 2, load-balancing loss): EP2 with full recompute logs TP1's lm loss,
     let loss, MoE load_balancing_loss and grad norm, from the same initial weights."""

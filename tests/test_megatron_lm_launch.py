@@ -16,16 +16,12 @@ import sys
 import pytest
 import torch
 
-from conftest import (NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_CHECKOUT, ROOT, free_port, lean_trainer_selectable,
-                      make_tiny_llama, megatron_lm_source, torchrun)
-from conftest import one_line_error as one_error_line
-from test_megatron_lm import MODEL_ARGS
-from test_reliability import _nan_teacher
-from test_sample_schedule import parse as parse_log  # every "name: value" field of the log line
+from let_testing import (MEGATRON_LM_MODEL as MODEL_ARGS, NEEDS_MEGATRON_LM, NEEDS_MEGATRON_LM_CHECKOUT, ROOT, SCRIPT,
+                         launch, lean_trainer_selectable, make_tiny_llama, megatron_lm_source, nan_teacher,
+                         one_line_error, parse_log, torchrun)
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 OTHER_VERSION_CHECKOUT = os.environ.get("MEGATRON_LM_OTHER_VERSION_PATH", "/work/megatron-lm-0.17.1")
-SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 needs_megatron_lm = pytest.mark.skipif(megatron_lm_source() is None, reason=NEEDS_MEGATRON_LM)
 needs_checkout = pytest.mark.skipif(not MEGATRON_LM_PATH, reason=NEEDS_MEGATRON_LM_CHECKOUT)
 
@@ -49,18 +45,6 @@ def _model_args(sample_based: bool = False):
         at = args.index("--global-batch-size")
         del args[at:at + 2]
     return args
-
-
-def run_script(args, env_extra=None, drop_path=False, nproc=None, timeout=300):
-    """pretrain_gpt_let.py as one plain process (the start-up errors need no torchrun)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=ROOT)
-    if drop_path:
-        env.pop("MEGATRON_LM_PATH", None)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +92,15 @@ def test_sample_based_run_stops_let_where_megatron_lm_counts(stop, stop_samples,
 @pytest.mark.skipif(not lean_trainer_selectable(), reason="this megatron-core wheel ships megatron.training: "
                     "pretrain_gpt_let.py runs Megatron-LM (test_wheel_runs_megatron_lm_pretrain_and_says_so)")
 def test_no_checkout_runs_the_lean_trainer_and_says_so(teacher):
-    proc = run_script(["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
-                       "--micro-batch-size", 2, "--train-iters", 1, "--lr", 1e-3, "--mock-data", "--vocab-size",
-                       128, "--eval-iters", 0, "--recompute-granularity", "full"], drop_path=True)
+    proc = launch(["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
+                   "--micro-batch-size", 2, "--train-iters", 1, "--lr", 1e-3, "--mock-data", "--vocab-size",
+                   128, "--eval-iters", 0, "--recompute-granularity", "full"], drop_path=True)
     first = proc.stdout.splitlines()[0]
     assert first.startswith("megatron-let: trainer: lean megatron-core trainer (MEGATRON_LM_PATH is not set"), first
     from importlib.metadata import version
 
     assert f"megatron.core {version('megatron-core')} from" in first and "tested" in first
-    one_error_line(proc)
+    one_line_error(proc)
 
 
 @pytest.mark.skipif(megatron_lm_source() != "wheel", reason="needs a megatron-core wheel with megatron.training "
@@ -155,20 +139,21 @@ def test_unsupported_megatron_core_is_one_line(tmp_path):
     """A megatron-core older than 0.16 (here a copy of the installed one that says 0.15.0): refused before
     any process group, naming the found and the supported versions, with the fix for where it came from."""
     path = {"PYTHONPATH": _megatron_of_version(tmp_path, 15)}
-    line = one_error_line(run_script(["--help"], path, drop_path=True))
+    line = one_line_error(launch(["--help"], env_extra=path, drop_path=True))
     assert "megatron-core 0.15.0 is not supported: megatron-let supports 0.16 or newer (tested: 0.16.1, 0.19.x)" \
         in line, line
     assert "pip install 'megatron-core>=0.16'" in line, line
     (tmp_path / "pretrain_gpt.py").write_text("")  # now it looks like a Megatron-LM checkout: git's fix
-    line = one_error_line(run_script(["--help"], path, drop_path=True))
+    line = one_line_error(launch(["--help"], env_extra=path, drop_path=True))
     assert f"check out a supported release in it (git -C {tmp_path} checkout core_v0.19.0" in line, line
 
 
 def test_newer_megatron_core_runs_with_one_warning(tmp_path):
     """A megatron-core newer than the newest tested minor (a copy that says 0.99.0) is not refused: the start-up
     line says "newer than tested" and one warning line follows (the run then stops at a bad LET flag)."""
-    proc = run_script(["--let-lambda", "abc"], {"PYTHONPATH": _megatron_of_version(tmp_path, 99)}, drop_path=True)
-    one_error_line(proc)  # the bad flag, not the version
+    proc = launch(["--let-lambda", "abc"], env_extra={"PYTHONPATH": _megatron_of_version(tmp_path, 99)},
+                  drop_path=True)
+    one_line_error(proc)  # the bad flag, not the version
     assert "not supported" not in proc.stderr
     first = [line for line in proc.stdout.splitlines() if line.startswith("megatron-let: trainer:")]
     assert len(first) == 1 and "megatron 0.99.0: newer than tested (0.16.1, 0.19.x)" in first[0], proc.stdout[-2000:]
@@ -178,7 +163,7 @@ def test_newer_megatron_core_runs_with_one_warning(tmp_path):
 
 
 def test_checkout_without_megatron_training_is_refused(tmp_path):
-    line = one_error_line(run_script(["--help"], {"MEGATRON_LM_PATH": str(tmp_path)}))
+    line = one_line_error(launch(["--help"], env_extra={"MEGATRON_LM_PATH": str(tmp_path)}))
     assert f"MEGATRON_LM_PATH={tmp_path} holds no megatron/training" in line
 
 
@@ -192,9 +177,9 @@ def test_broken_megatron_lm_import_exits_with_the_import_error(tmp_path):
         hide.mkdir()
         # sitecustomize runs at start-up in the launched process: the import fails there as if not installed
         (hide / "sitecustomize.py").write_text(f"import sys\nsys.modules[{package!r}] = None\n")
-        proc = run_script(["--num-layers", 2, "--let-stop-iter", 1],
-                          {"PYTHONPATH": f"{hide}{os.pathsep}{ROOT}", "MEGATRON_LM_PATH": MEGATRON_LM_PATH})
-        line = one_error_line(proc)
+        proc = launch(["--num-layers", 2, "--let-stop-iter", 1],
+                      env_extra={"PYTHONPATH": f"{hide}{os.pathsep}{ROOT}", "MEGATRON_LM_PATH": MEGATRON_LM_PATH})
+        line = one_line_error(proc)
         if "cannot be imported" in line:
             break
         assert "--let-stop-iter given without --let-teacher" in line, line  # this Megatron-LM runs without it
@@ -232,7 +217,7 @@ def test_megatron_core_of_another_version_already_imported_is_refused():
                CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", code, "--num-layers", "2"], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
-    line = one_error_line(proc)
+    line = one_line_error(proc)
     assert "version mismatch: megatron.core 0.16.1 was already imported from" in line
     assert "is Megatron-LM 0.17.1" in line
 
@@ -240,7 +225,7 @@ def test_megatron_core_of_another_version_already_imported_is_refused():
 # ------------------------------------------------------------------ lean-trainer features on Megatron-LM
 @needs_megatron_lm
 def test_nonfinite_skip_under_megatron_lm(tmp_path, teacher):
-    bad = _nan_teacher(str(tmp_path / "nan"), teacher)
+    bad = nan_teacher(str(tmp_path / "nan"), teacher)
     proc = torchrun(SCRIPT, 1, [*_model_args(), "--train-iters", 3,
                                 *let_flags(bad, "--let-stop-iter", 2, "--let-on-nonfinite", "skip")],
                     megatron_lm=True)

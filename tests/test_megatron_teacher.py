@@ -6,7 +6,6 @@ trainer's layout with dist_checkpointing, converted with megatron_let.teachers.m
 decoder output (after ``decoder.final_layernorm``) and logits on random tokens.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -15,64 +14,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, tiny_transformer_config
+from let_testing import (MEGATRON_GPT_SEQ as SEQ, MEGATRON_GPT_STYLES, MEGATRON_GPT_VOCAB as PADDED_VOCAB, ROOT,
+                         save_megatron_gpt)
 
-SEQ, BATCH, PADDED_VOCAB = 24, 2, 128
+BATCH = 2
 ATOL = 1e-5
-
-# name -> (TransformerConfig overrides, GPTModel kwargs, how args are stored in common state)
-STYLES = {
-    # LLaMA style: RMSNorm, SwiGLU, RoPE (non-default base), GQA 4 heads / 2 groups, untied; args saved as a
-    # Namespace the way Megatron-LM does.
-    "llama-gqa-untied": (dict(num_query_groups=2, layernorm_epsilon=1e-6),
-                         dict(position_embedding_type="rope", rotary_base=5000,
-                              share_embeddings_and_output_weights=False), "namespace"),
-    # LLaMA style with tied embeddings, kv_channels != hidden/heads, biases; no args saved (flags instead).
-    "llama-tied-bias-kv": (dict(num_attention_heads=4, num_query_groups=1, kv_channels=24, add_bias_linear=True),
-                           dict(position_embedding_type="rope", share_embeddings_and_output_weights=True),
-                           None),
-    # GPT style: LayerNorm, GeLU, biases, learned absolute positions, MHA, tied; args saved as a dict.
-    "gpt2": (dict(normalization="LayerNorm", gated_linear_unit=False, activation_func=torch.nn.functional.gelu,
-                  add_bias_linear=True, num_query_groups=None),
-             dict(position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True), "dict"),
-}
-
-
-def _saved_args(config, gpt_kwargs) -> dict:
-    """The architecture part of Megatron-LM's args (what the trainer should save as common['args'])."""
-    return dict(
-        num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
-        num_attention_heads=config.num_attention_heads,
-        group_query_attention=config.num_query_groups not in (None, config.num_attention_heads),
-        num_query_groups=config.num_query_groups, kv_channels=config.kv_channels,
-        normalization=config.normalization, norm_epsilon=config.layernorm_epsilon,
-        swiglu=config.gated_linear_unit, add_bias_linear=config.add_bias_linear,
-        position_embedding_type=gpt_kwargs["position_embedding_type"],
-        rotary_base=gpt_kwargs.get("rotary_base", 10000), rotary_percent=1.0, max_position_embeddings=SEQ,
-        untie_embeddings_and_output_weights=not gpt_kwargs["share_embeddings_and_output_weights"],
-        padded_vocab_size=PADDED_VOCAB, vocab_size=None)
-
-
-def _build_and_save(root, style):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from megatron_let.training.checkpoint import save_checkpoint
-
-    config_overrides, gpt_kwargs, args_kind = STYLES[style]
-    torch.manual_seed(0)
-    config = tiny_transformer_config(**config_overrides)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization=config.normalization),
-                     vocab_size=PADDED_VOCAB, max_sequence_length=SEQ, **gpt_kwargs).eval()
-    with torch.no_grad():  # random everything, norms and biases included, so a mis-mapping cannot hide
-        for name, param in model.named_parameters():
-            param.copy_(1 + 0.2 * torch.randn_like(param) if "norm" in name else 0.1 * torch.randn_like(param))
-    common = {"iteration": 7}
-    if args_kind:
-        args = _saved_args(config, gpt_kwargs)
-        common["args"] = argparse.Namespace(**args) if args_kind == "namespace" else args
-    save_checkpoint(str(root), 7, [model], None, common)
-    return model, config
 
 
 @torch.no_grad()
@@ -94,15 +40,15 @@ def _hf_outputs(directory, tokens):
     return out.hidden_states[-1], out.logits, hf
 
 
-@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("style", list(MEGATRON_GPT_STYLES))
 def test_converted_checkpoint_matches_megatron(megatron_world1, tmp_path, style):
     from megatron_let.teachers.megatron_checkpoint import convert_megatron_checkpoint
     from megatron_let.teachers.huggingface import HFTeacher
 
     assert torch.distributed.is_initialized()  # this path converts inside an initialised process group
-    model, config = _build_and_save(tmp_path / "ckpt", style)
+    model, config = save_megatron_gpt(tmp_path / "ckpt", style)
     architecture = None
-    if STYLES[style][2] is None:  # nothing saved: the heads (and kv_channels) must come from flags
+    if MEGATRON_GPT_STYLES[style][2] is None:  # nothing saved: the heads (and kv_channels) must come from flags
         with pytest.raises(ValueError, match="attention heads"):
             convert_megatron_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "none"))
         architecture = dict(num_attention_heads=config.num_attention_heads, kv_channels=config.kv_channels,
@@ -128,7 +74,7 @@ def test_cli_without_process_group_trims_vocab(megatron_world1, tmp_path):
 
     from megatron_let.teachers.megatron_checkpoint import convert_megatron_checkpoint
 
-    _build_and_save(tmp_path / "ckpt", "llama-gqa-untied")
+    save_megatron_gpt(tmp_path / "ckpt", "llama-gqa-untied")
     reference = load_file(os.path.join(convert_megatron_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "a")),
                                        "model.safetensors"))
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
@@ -151,7 +97,7 @@ def test_cli_without_process_group_trims_vocab(megatron_world1, tmp_path):
 def test_contradicting_flags_are_refused(megatron_world1, tmp_path):
     from megatron_let.teachers.megatron_checkpoint import ConversionError, convert_megatron_checkpoint
 
-    _build_and_save(tmp_path / "ckpt", "llama-gqa-untied")
+    save_megatron_gpt(tmp_path / "ckpt", "llama-gqa-untied")
     with pytest.raises(ConversionError, match="hidden_size"):
         convert_megatron_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "x"), {"hidden_size": 32})
     with pytest.raises(ConversionError, match="query groups"):

@@ -5,8 +5,7 @@ single-process lm loss, let loss, let cos, grad norm and MoE aux loss per iterat
 
 import pytest
 
-from conftest import run_layout
-from test_parallel_equivalence import assert_same_numbers
+from let_testing import assert_same_numbers, run_layout
 
 MOE = ["--num-experts", 4, "--topk", 2, "--moe-aux-loss-coeff", 0.01]
 

@@ -6,35 +6,12 @@ import math
 
 import pytest
 
-from conftest import run_layout
-
-REL_TOL = 1e-5
-KEYS = ("lm loss", "let loss", "let cos", "let lambda", "grad norm")
-
-
-@pytest.fixture(scope="module")
-def reference_weights(tmp_path_factory, tiny_teacher):
-    """One set of initial weights (projector included) that every layout loads."""
-    ckpt = tmp_path_factory.mktemp("ref") / "init"
-    run_layout(tmp_path_factory.mktemp("ref_out"), "save", 1,
-               ["--teacher", tiny_teacher, "--save-ref", ckpt])
-    return str(ckpt)
-
+from let_testing import OWNER, assert_same_numbers, run_layout
 
 def _common(teacher, ckpt, target_layer, extra=()):
     return ["--teacher", teacher, "--load-ref", ckpt, "--target-layer", target_layer, *extra]
 
 
-def assert_same_numbers(reference: dict, other: dict, layout: str):
-    assert len(reference["records"]) == len(other["records"])
-    for it, (ref, got) in enumerate(zip(reference["records"], other["records"])):
-        for key in KEYS:
-            assert key in ref and key in got, f"{layout}: '{key}' missing at iteration {it}"
-            rel = abs(got[key] - ref[key]) / max(abs(ref[key]), 1e-12)
-            assert rel < REL_TOL, f"{layout} iteration {it}: {key} {got[key]!r} vs {ref[key]!r} (rel {rel:.2e})"
-
-
-OWNER = {"owner": ["--placement", "owner"]}
 PER_TOKEN = ["--per-token-loss"]
 # single-process references, by (target layer, micro-batch size): one launch, each run from the same weights
 REFERENCES = {(2, 2): [], (3, 2): ["--target-layer", 3], (2, 1): ["--mbs", 1], (3, 1): ["--target-layer", 3, "--mbs", 1]}

@@ -20,7 +20,8 @@ import sys
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM_CHECKOUT, NEEDS_MEGATRON_LM_GIT_DIR, ROOT, torchrun
+from let_testing import (MEGATRON_LM_MODEL as MODEL_ARGS, NEEDS_MEGATRON_LM_CHECKOUT, NEEDS_MEGATRON_LM_GIT_DIR, ROOT,
+                         parse_log, torchrun)
 
 PATCHES = sorted(glob.glob(os.path.join(ROOT, "patches", "*.patch")))
 PATCH = os.path.join(ROOT, "patches", "pretrain_gpt.core_v0.16.1.patch")
@@ -236,8 +237,6 @@ def megatron_env(monkeypatch):
 
 
 def _train(script, extra):
-    from test_megatron_lm import MODEL_ARGS, parse_log
-
     proc = torchrun(script, 1, [*MODEL_ARGS, "--train-iters", ITERS, *extra], timeout=600, megatron_lm=True)
     logged = parse_log(proc.stdout)
     assert set(logged) >= set(range(1, ITERS + 1)), f"no Megatron-LM log lines:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -267,8 +266,6 @@ def test_patched_pretrain_gpt_without_let_is_plain(patched_script):
 
 @pytest.mark.usefixtures("megatron_env")
 def test_patched_pretrain_gpt_reports_let_errors(patched_script, tiny_teacher):
-    from test_megatron_lm import MODEL_ARGS
-
     proc = torchrun(patched_script, 1, [*MODEL_ARGS, "--train-iters", ITERS, "--let-teacher", tiny_teacher,
                                         "--let-target-layer", 9, "--let-stop-iter", 10],
                     timeout=600, expect_failure=True, megatron_lm=True)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from let_testing import ROOT
 
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.py")
 DOWNLOAD_ERROR_EXIT = 3  # examples/quickstart.py's exit code when PyPI cannot be reached

@@ -6,8 +6,7 @@ recompute variants from the same initial weights (one torchrun start-up per layo
 
 import pytest
 
-from conftest import run_layout
-from test_parallel_equivalence import assert_same_numbers, reference_weights  # noqa: F401 (fixture)
+from let_testing import LEAN_MODEL as MODEL, SCRIPT, assert_same_numbers, make_tiny_llama, parse_log, run_layout, torchrun
 
 ALL = ["none", "full:uniform:1", "full:uniform:2", "full:block:1", "full:block:2", "selective"]
 
@@ -27,7 +26,7 @@ def _assert_variants_match(reference: dict, run: dict, layout: str):
 
 
 @pytest.fixture(scope="module")
-def single_variants(tmp_path_factory, tiny_teacher, reference_weights):  # noqa: F811
+def single_variants(tmp_path_factory, tiny_teacher, reference_weights):
     """One process, k=2: no recompute and every recompute variant (block:1 leaves layer 2 out of
     the recomputed layers, block:2 and uniform put it in)."""
     run = run_layout(tmp_path_factory.mktemp("recompute"), "single", 1,
@@ -48,7 +47,7 @@ def test_recompute_variants_single_process(single_variants):
     # k=2 is rank 1's first chunk (one layer per chunk): interleaved order, two micro-batches in warm-up
     ("pp2_vpp2_k_on_rank1_chunk0", 2, ["--pp", 2, "--vpp", 2], ["full:uniform:1", "full:block:1"]),
 ])
-def test_recompute_layouts_match_single_process(tmp_path, tiny_teacher, reference_weights,  # noqa: F811
+def test_recompute_layouts_match_single_process(tmp_path, tiny_teacher, reference_weights,
                                                 single_variants, layout, target_layer, flags, variants):
     reference = single_variants["variants"]["none"]
     got = run_layout(tmp_path, layout, 2, _args(tiny_teacher, reference_weights, target_layer, variants, flags))
@@ -57,9 +56,6 @@ def test_recompute_layouts_match_single_process(tmp_path, tiny_teacher, referenc
 
 # ------------------------------------------------------------------ through pretrain_gpt_let.py
 def _cli(nproc, *args):
-    from test_trainer import MODEL, SCRIPT, parse_log
-    from conftest import torchrun
-
     if "--train-iters" not in args:
         args = ("--train-iters", 3, *args)
     return parse_log(torchrun(SCRIPT, nproc, [*MODEL, *args]).stdout)
@@ -75,8 +71,6 @@ def _assert_logs_equal(reference: dict, got: dict, name: str):
 
 @pytest.fixture(scope="module")
 def cli_teacher(tmp_path_factory):
-    from conftest import make_tiny_llama
-
     return make_tiny_llama(str(tmp_path_factory.mktemp("cli") / "teacher"), vocab_size=256)
 
 

@@ -6,15 +6,14 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import NEEDS_LEAN_TRAINER, ROOT, free_port, make_tiny_llama, lean_trainer_selectable, tree_hash
-from test_reliability import BASE, SCRIPT, assert_one_line_error, let, run
+from let_testing import (SMALL_MODEL as BASE, TEXTS, bpe_tokenizer, launch, make_tiny_llama,
+                         one_line_error as assert_one_line_error, refused, run_lean as run, small_let_flags as let,
+                         tree_hash)
 
 RESUMABLE = [*BASE, "--let-stop-iter", 4]  # the teacher is still in use at the resumed iterations
 
@@ -27,24 +26,8 @@ def teachers(tmp_path_factory):
 
 
 def run_refused(*args, files=(), fragments=()):
-    """Run with MASTER_PORT held by a listening socket: creating a process group (rank 0's TCPStore
-    binds that port) would fail differently, so a clean one-line exit 2 also shows none was created.
-    Every path in ``files`` hashes the same before and after."""
-    if not lean_trainer_selectable():
-        pytest.skip(NEEDS_LEAN_TRAINER)
-    before = tree_hash(*files)
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen(1)
-        env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(held.getsockname()[1]),
-                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        env.pop("MEGATRON_LM_PATH", None)
-        proc = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
-                              cwd=ROOT, timeout=180, env=env)
-    line = assert_one_line_error(proc, *fragments)
-    assert "consumed samples" not in proc.stdout and "WARNING: LET settings differ" not in proc.stdout
-    assert tree_hash(*files) == before
-    return line
+    """let_testing.refused on the lean trainer, and no 'LET settings differ' warning either (the run got no further)."""
+    return refused(args, files=files, fragments=fragments, lean=True, not_in_stdout=["WARNING: LET settings differ"])
 
 
 def test_held_port_would_catch_a_process_group(teachers):
@@ -229,10 +212,8 @@ def test_teacher_config_that_cannot_be_read_as_a_file_is_refused(tmp_path, teach
 
 @pytest.fixture(scope="module")
 def tokenizer_dirs(tmp_path_factory):
-    from test_teacher_lifecycle import TEXTS, _bpe_tokenizer
-
     root = tmp_path_factory.mktemp("tokenizers")
-    tokenizer = _bpe_tokenizer(TEXTS, 300, "alpha beta gamma")
+    tokenizer = bpe_tokenizer(TEXTS, 300, "alpha beta gamma")
     tokenizer.save_pretrained(root / "target")
     with_tokenizer = make_tiny_llama(str(root / "teacher"), vocab_size=len(tokenizer))
     tokenizer.save_pretrained(with_tokenizer)
@@ -330,12 +311,8 @@ def test_disk_full_during_save_keeps_the_last_checkpoint(tmp_path, teachers, fau
         assert first.returncode == 0, first.stderr[-3000:]
         before = tree_hash(os.path.join(ckpt, "iter_0000002"), os.path.join(ckpt, "latest_checkpointed_iteration.txt"))
         filler = _fill(ckpt) if fault == "disk_full" else None
-        env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-                   CUDA_VISIBLE_DEVICES="")
-        env.pop("MEGATRON_LM_PATH", None)
-        proc = subprocess.run([sys.executable, SCRIPT, *map(str, [*common, "--load", ckpt])], capture_output=True,
-                              text=True, cwd=ROOT, timeout=180, env=env,
-                              preexec_fn=_limit_file_size if fault == "file_size_limit" else None)
+        proc = launch([*common, "--load", ckpt], lean=True, timeout=180,
+                      preexec=_limit_file_size if fault == "file_size_limit" else None)
         line = assert_one_line_error(proc, "saving the checkpoint of iteration 4", f"--save {ckpt} failed",
                                      "bytes free on its disk", "iteration 2 is still the checkpoint that loads", code=1)
         print(line)  # torch's zip writer reports a failed write without its errno: the free space says why

@@ -4,39 +4,17 @@ continues from it."""
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import NEEDS_LEAN_TRAINER, ROOT, free_port, make_tiny_llama, lean_trainer_selectable
-from conftest import one_line_error as assert_one_line_error  # the name other test files import
-
-SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
-BASE = ["--num-layers", 4, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
-        "--micro-batch-size", 2, "--train-iters", 4, "--lr", "1e-3", "--mock-data", "--vocab-size", 128,
-        "--log-interval", 1, "--eval-iters", 0, "--eval-interval", 100]
-
-
-def run(*args, timeout=180):
-    """pretrain_gpt_let.py as one process (no torchrun wrapper adding its own traceback)."""
-    if not lean_trainer_selectable():
-        pytest.skip(NEEDS_LEAN_TRAINER)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
-    env.pop("MEGATRON_LM_PATH", None)  # these rows are about the megatron-core trainer
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env=env)
+from let_testing import (SMALL_MODEL as BASE, make_tiny_llama, nan_teacher, one_line_error as assert_one_line_error,
+                         run_lean as run, small_let_flags as let)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     return make_tiny_llama(str(tmp_path_factory.mktemp("teacher") / "good"), vocab_size=256)
-
-
-def let(teacher, layer=1, *extra):
-    return ["--let-teacher", teacher, "--let-target-layer", layer, *extra]
 
 
 @pytest.mark.parametrize("flags,fragments", [
@@ -95,23 +73,13 @@ def test_warnings_for_late_layer_stop_beyond_training_and_interp_downsampling(tm
     assert "WARNING: --let-projector interp shrinks the teacher's 64 features" in proc.stdout
 
 
-def _nan_teacher(path, like):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(like)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(path)
-    return path
-
-
 def test_nonfinite_teacher_fails_fast_and_the_last_checkpoint_resumes(tmp_path, teacher):
     work = shutil.copytree(teacher, tmp_path / "teacher")
     ckpt = str(tmp_path / "ckpt")
     common = [*BASE, *let(str(work), 1, "--let-stop-iter", 4), "--save", ckpt, "--save-interval", 2]
     assert run(*common, "--exit-interval", 2).returncode == 0
     shutil.rmtree(work)
-    _nan_teacher(str(work), teacher)  # the teacher's files go bad between two runs of the job
+    nan_teacher(str(work), teacher)  # the teacher's files go bad between two runs of the job
     line = assert_one_line_error(run(*common, "--load", ckpt), "non-finite LET alignment loss",
                                  "iteration 3", "rank(s) [0]", "--let-on-nonfinite skip", code=1)
     assert str(work) in line
@@ -124,7 +92,7 @@ def test_nonfinite_teacher_fails_fast_and_the_last_checkpoint_resumes(tmp_path, 
 
 
 def test_nonfinite_teacher_with_skip_policy_skips_steps(tmp_path, teacher):
-    bad = _nan_teacher(str(tmp_path / "nan"), teacher)
+    bad = nan_teacher(str(tmp_path / "nan"), teacher)
     proc = run(*BASE, "--train-iters", 3, *let(bad, 1, "--let-stop-iter", 2, "--let-on-nonfinite", "skip"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "consumed samples" in line]
@@ -144,7 +112,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_valid(megatron_world1,
     """A save that dies half-way is never named by the tracker and never loads; the old one does."""
     from megatron.core import dist_checkpointing
 
-    from conftest import tiny_transformer_config
+    from let_testing import tiny_transformer_config
     from megatron_let import checkpoint_files
     from megatron_let.training import checkpoint as ckpt
     from megatron_let.training.model import build_gpt_chunks

@@ -19,9 +19,8 @@ import shutil
 
 import pytest
 
-from conftest import (ROOT, launch, lean_trainer_selectable, make_tiny_llama, megatron_lm_source, one_line_error,
-                      refused, torchrun)
-from test_megatron_lm import MODEL_ARGS, parse_log
+from let_testing import (MEGATRON_LM_MODEL as MODEL_ARGS, ROOT, launch, lean_trainer_selectable, make_tiny_llama,
+                         megatron_lm_source, one_line_error, parse_log, refused, torchrun)
 
 LEAN = lean_trainer_selectable()
 LEAN_MODEL = ["--num-layers", 4, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,

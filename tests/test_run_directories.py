@@ -14,11 +14,11 @@ from argparse import Namespace
 
 import pytest
 
-from conftest import ROOT, launch, make_tiny_llama, megatron_lm_source, refused, tree_hash
+from let_testing import MEGATRON_LM_MODEL, ROOT, launch, make_tiny_llama, megatron_lm_source, refused, tree_hash
 
 MEGATRON_LM = megatron_lm_source() is not None  # which trainer launch() runs here
 if MEGATRON_LM:
-    from test_megatron_lm import MODEL_ARGS as MODEL
+    MODEL = MEGATRON_LM_MODEL
 else:
     MODEL = ["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
              "--micro-batch-size", 2, "--lr", "1e-3", "--mock-data", "--vocab-size", 128, "--log-interval", 1,

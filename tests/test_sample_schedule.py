@@ -3,15 +3,11 @@
 schedule (default fraction, --let-stop-fraction, --let-stop-samples, --let-stop-iter); a resume keeps
 the checkpoint's stop step when only schedule flags changed."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import NEEDS_LEAN_TRAINER, ROOT, free_port, make_tiny_llama, lean_trainer_selectable
+from let_testing import make_tiny_llama, parse_log, run_lean
 
-SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 MODEL = ["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
          "--micro-batch-size", 2, "--global-batch-size", 8, "--lr", "1e-3", "--mock-data", "--vocab-size", 128,
          "--log-interval", 1, "--eval-iters", 0, "--eval-interval", 100]
@@ -20,25 +16,8 @@ SAMPLE_FLAGS = ["--train-samples", 48, "--rampup-batch-size", 4, 4, 16, "--lr-wa
                 "--lr-decay-samples", 48]
 
 
-def run(*args, timeout=240):
-    if not lean_trainer_selectable():
-        pytest.skip(NEEDS_LEAN_TRAINER)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
-    env.pop("MEGATRON_LM_PATH", None)
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env=env)
-
-
-def parse(stdout):
-    records = {}
-    for line in stdout.splitlines():
-        if "consumed samples" not in line:
-            continue
-        fields = dict(part.strip().rsplit(":", 1) for part in line.split("|")[1:] if ":" in part)
-        iteration = int(line.split("iteration")[1].split("/")[0])
-        records[iteration] = {k.strip(): float(v) for k, v in fields.items()}
-    return records
+def run(*args):
+    return run_lean(*args, timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +55,7 @@ def test_schedule_matches_megatron_lm_update_train_iters():
 def test_sample_based_lean_run_stops_let_where_samples_say(stop, stop_iter, stop_sample, teacher):
     proc = run(*MODEL, *SAMPLE_FLAGS, *let(teacher, *stop))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    logged = parse(proc.stdout)
+    logged = parse_log(proc.stdout)
     assert sorted(logged) == list(range(1, 9))  # the 8 iterations Megatron-LM derives
     assert [logged[i]["global batch size"] for i in range(1, 9)] == [4, 4, 4, 4, 8, 8, 8, 8]
     assert [logged[i]["consumed samples"] for i in range(1, 9)] == [4, 8, 12, 16, 24, 32, 40, 48]
@@ -95,7 +74,7 @@ def test_resume_keeps_the_checkpoints_stop_when_only_the_schedule_changed(tmp_pa
     proc = run(*MODEL, *longer, *let(teacher), "--load", ckpt)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LET keeps the checkpoint's stop iteration 3 (the current schedule flags would give 5)" in proc.stdout
-    logged = parse(proc.stdout)
+    logged = parse_log(proc.stdout)
     assert logged[3].get("let lambda", 0) > 0 and logged[4].get("let lambda", 0) == 0
 
 

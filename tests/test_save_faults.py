@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import NEEDS_MEGATRON_LM, ROOT, free_port, make_tiny_llama, megatron_lm_source, one_line_error, tree_hash
-from test_megatron_lm import MODEL_ARGS
+from let_testing import (MEGATRON_LM_BODY, MEGATRON_LM_MODEL as MODEL_ARGS, NEEDS_MEGATRON_LM, ROOT, free_port,
+                         make_tiny_llama, megatron_lm_source, one_line_error, tree_hash)
 
 pytestmark = pytest.mark.skipif(megatron_lm_source() is None, reason=NEEDS_MEGATRON_LM)
 
@@ -168,9 +168,7 @@ HYBRID = ["--hybrid-layer-pattern", "*-*-"]
 def test_file_size_limit_during_save_hybrid(tmp_path):
     """pretrain_hybrid_let.py runs the same loop and the same wrapper (no LET here: it protects every run)."""
     pytest.importorskip("megatron.core.models.hybrid", reason="HybridModel needs megatron-core >= 0.19 (Python 3.12)")
-    from test_hybrid import MODEL_ARGS as HYBRID_MODEL_ARGS  # no --num-layers: the pattern sets the depth
-
-    args = [*HYBRID_MODEL_ARGS, *HYBRID]
+    args = [*MEGATRON_LM_BODY, *HYBRID]  # no --num-layers: the pattern sets the depth
     ckpt = str(tmp_path / "ckpt")
     first = _run("pretrain_hybrid_let.py", [*args, *SAVES, "--save", ckpt, "--exit-interval", 2])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from let_testing import ROOT
 
 IMPORT_MEGATRON = ("import warnings; warnings.simplefilter('default'); {call}"
                    "import megatron.core.optimizer, megatron.core.models.gpt.gpt_layer_specs; "

@@ -5,39 +5,21 @@ import gc
 import math
 import os
 import shutil
-import subprocess
-import sys
 import weakref
 
 import pytest
 import torch
 
-from conftest import NEEDS_LEAN_TRAINER, ROOT, make_tiny_llama, tiny_transformer_config, torchrun, lean_trainer_selectable
+from let_testing import (SCRIPT, TEXTS, bpe_tokenizer, launch, make_tiny_llama, tiny_transformer_config, torchrun)
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError
 from megatron_let.teachers.vocabulary import check_vocabulary
 
-SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 SMOLLM2 = os.environ.get("MEGATRON_LET_SMOLLM2", os.path.expanduser("~/.cache/megatron-let/smollm2-135m"))
-
-
-def _bpe_tokenizer(texts, vocab_size: int, seed_text: str):
-    """A byte-level BPE trained here, wrapped as a transformers tokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([seed_text, *texts], vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-
-
-TEXTS = ["the quick brown fox jumps over the lazy dog " * 3, "a stitch in time saves nine; " * 3,
-         "to be or not to be, that is the question " * 3]
 
 
 @pytest.fixture(scope="module")
 def teacher_with_tokenizer(tmp_path_factory):
-    tokenizer = _bpe_tokenizer(TEXTS, 300, "alpha beta gamma")
+    tokenizer = bpe_tokenizer(TEXTS, 300, "alpha beta gamma")
     path = make_tiny_llama(str(tmp_path_factory.mktemp("tok") / "teacher"), vocab_size=len(tokenizer))
     tokenizer.save_pretrained(path)
     return path, tokenizer
@@ -51,7 +33,7 @@ def test_same_tokenizer_passes_and_padding_is_not_a_mismatch(teacher_with_tokeni
 
 def test_different_tokenizer_is_refused(teacher_with_tokenizer):
     path, tokenizer = teacher_with_tokenizer
-    other = _bpe_tokenizer(TEXTS[::-1], 300, "zeta eta theta iota")
+    other = bpe_tokenizer(TEXTS[::-1], 300, "zeta eta theta iota")
     with pytest.raises(LETConfigError, match="--let-teacher .*--tokenizer-model"):
         check_vocabulary(path, len(other), other)
     with pytest.raises(LETConfigError, match="token embeddings"):
@@ -59,17 +41,13 @@ def test_different_tokenizer_is_refused(teacher_with_tokenizer):
 
 
 def test_mismatched_vocab_stops_before_the_first_iteration(tmp_path, teacher_with_tokenizer):
-    if not lean_trainer_selectable():
-        pytest.skip(NEEDS_LEAN_TRAINER)
     path, _ = teacher_with_tokenizer
     other_dir = str(tmp_path / "target_tokenizer")
-    _bpe_tokenizer(TEXTS[::-1], 300, "zeta eta theta iota").save_pretrained(other_dir)
-    proc = subprocess.run([sys.executable, SCRIPT, *map(str, [
-        "--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
-        "--micro-batch-size", 1, "--train-iters", 2, "--lr", "1e-3", "--mock-data", "--log-interval", 1,
-        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", other_dir,
-        "--let-teacher", path, "--let-target-layer", 1])],
-        capture_output=True, text=True, cwd=ROOT, timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    bpe_tokenizer(TEXTS[::-1], 300, "zeta eta theta iota").save_pretrained(other_dir)
+    proc = launch(["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 16,
+                   "--micro-batch-size", 1, "--train-iters", 2, "--lr", "1e-3", "--mock-data", "--log-interval", 1,
+                   "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", other_dir,
+                   "--let-teacher", path, "--let-target-layer", 1], lean=True, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--let-teacher" in lines[0] and "token" in lines[0], proc.stderr

@@ -6,10 +6,10 @@ import gc
 import pytest
 import torch
 
-from conftest import tiny_transformer_config
 from megatron_let import LateToEarlyTraining, LETConfig
 from megatron_let.teacher_norm import TeacherFeatureNorm, feature_energy_report
-from test_trainer import LAYOUTS, assert_same_logs, let_flags, train
+from let_testing import (LEAN_LAYOUTS as LAYOUTS, assert_same_logs, lean_let_flags as let_flags, make_tiny_llama,
+                         tiny_transformer_config, train_lean as train)
 
 NORM = {"--let-teacher-norm": "standardize", "--let-teacher-norm-iters": 3}
 
@@ -109,8 +109,6 @@ def test_standardize_uses_the_teachers_own_statistics_then_freezes_and_stops(meg
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    from conftest import make_tiny_llama
-
     return make_tiny_llama(str(tmp_path_factory.mktemp("t") / "teacher"), vocab_size=256)
 
 

@@ -10,8 +10,6 @@ the single process).
 """
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,26 +17,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import NEEDS_LEAN_TRAINER, ROOT, lean_trainer_selectable, make_tiny_llama, run_layout
-from test_parallel_equivalence import OWNER, assert_same_numbers
+from let_testing import CORPUS, OWNER, assert_same_numbers, bpe_tokenizer as _bpe, launch, make_mismatched, run_layout
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError
 from megatron_let.data.byte_level import bytes_to_unicode
 from megatron_let.teachers.token_alignment import (AlignmentPrefetcher, CausalSpanAligner, _to_data_bytes, decode_bytes,
                                           pop_alignment)
 
-CORPUS = ["the quick brown fox jumps over the lazy dog. " * 3, "a stitch in time saves nine; naïve café " * 3,
-          "to be or not to be, that is the question\n\n" * 3, "東京 and 🙂 emoji, Ω ß déjà vu " * 2]
 _UNBYTE = {c: b for b, c in bytes_to_unicode().items()}
-
-
-def _bpe(texts, vocab_size, seed_text):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([seed_text, *texts], vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")
@@ -262,17 +247,6 @@ def test_config_flags():
 
 
 # ------------------------------------------------------------------------------------------- LET
-def make_mismatched(root: Path):
-    """Target: a 300-token BPE in ROOT/target; teacher: a tiny Llama with its own 400-token BPE (in its
-    directory ROOT/teacher). Returns (target dir, teacher dir, target tokenizer)."""
-    target = _bpe(CORPUS, 300, "target tokenizer")
-    target.save_pretrained(root / "target")
-    teacher_tok = _bpe(CORPUS[::-1] + ["zeta eta theta iota kappa"], 400, "teacher tokenizer")
-    teacher = make_tiny_llama(str(root / "teacher"), vocab_size=len(teacher_tok))
-    teacher_tok.save_pretrained(teacher)
-    return str(root / "target"), teacher, target
-
-
 @pytest.fixture(scope="module")
 def mismatched(tmp_path_factory):
     return make_mismatched(tmp_path_factory.mktemp("mismatch"))
@@ -325,17 +299,13 @@ def test_mismatched_teacher_layouts_match_single_process(tmp_path, mismatched_re
 
 
 def test_trainer_cli_causal_span(tmp_path, mismatched):
-    if not lean_trainer_selectable():
-        pytest.skip(NEEDS_LEAN_TRAINER)  # the Megatron-LM driver's causal-span run: tests/test_megatron_lm.py
+    # lean=True: skipped where the lean trainer cannot run (the Megatron-LM driver's causal-span run: test_megatron_lm.py)
     target, teacher, _ = mismatched
     flags = ["--num-layers", 2, "--hidden-size", 32, "--num-attention-heads", 4, "--seq-length", 32,
              "--micro-batch-size", 2, "--global-batch-size", 4, "--train-iters", 2, "--lr", "1e-3", "--mock-data",
              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", target, "--log-interval", 1,
              "--let-teacher", teacher, "--let-target-layer", 1, "--let-stop-iter", 2]
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    run = lambda extra: subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_let.py"),  # noqa: E731
-                                        *map(str, flags + extra)], capture_output=True, text=True, cwd=ROOT,
-                                       timeout=120, env=dict(env, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES=""))
+    run = lambda extra: launch(flags + extra, lean=True, timeout=120)  # noqa: E731
     refused = run([])
     assert refused.returncode == 2 and "--let-token-alignment causal-span" in refused.stderr
     proc = run(["--let-token-alignment", "causal-span-matched"])

@@ -2,66 +2,17 @@
 unknown flags are refused in one line, and an export without LET loads in a plain run."""
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import NEEDS_LEAN_TRAINER, ROOT, make_tiny_llama, torchrun, lean_trainer_selectable
-
-SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
-MODEL = ["--num-layers", 4, "--hidden-size", 64, "--num-attention-heads", 4, "--seq-length", 32,
-         "--micro-batch-size", 2, "--global-batch-size", 8, "--lr", "1e-3", "--mock-data", "--vocab-size", 128,
-         "--log-interval", 1, "--eval-interval", 100, "--eval-iters", 0, "--position-embedding-type", "rope",
-         "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear", "--attention-dropout", 0]
-REL_TOL = 1e-5
-# 2-process layouts a TP1 checkpoint is resumed into (flags added to the TP1 run's)
-LAYOUTS = {"tp2_sp": ["--tensor-model-parallel-size", 2, "--sequence-parallel"],
-           "pp2": ["--pipeline-model-parallel-size", 2],
-           "pp2_vpp": ["--pipeline-model-parallel-size", 2, "--num-layers-per-virtual-pipeline-stage", 1],
-           "dp2": []}
-
-
-def assert_same_logs(got: dict, reference: dict) -> None:
-    """Per logged iteration: the same fields, lm/let scalars within REL_TOL, grad norm to its 3 printed decimals."""
-    assert sorted(got) == sorted(reference)
-    for it, ref in reference.items():
-        assert set(got[it]) == set(ref)
-        for key in ("lm loss", "let loss", "let cos", "let lambda"):
-            if key in ref:
-                rel = abs(got[it][key] - ref[key]) / max(abs(ref[key]), 1e-12)
-                assert rel < REL_TOL, f"iteration {it} {key}: {got[it][key]} vs {ref[key]}"
-        assert abs(got[it]["grad norm"] - ref["grad norm"]) <= 1e-3
-LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
-
-
-def parse_log(stdout: str) -> dict:
-    """{iteration: {scalar name: value}} from Megatron-LM style log lines."""
-    records = {}
-    for line in stdout.splitlines():
-        match = LINE.search(line)
-        if match and "consumed samples" in line:
-            fields = dict(part.strip().rsplit(":", 1) for part in match.group(2).split("|") if ":" in part)
-            records[int(match.group(1))] = {k.strip(): float(v) for k, v in fields.items()}
-    return records
+from let_testing import (LEAN_LAYOUTS as LAYOUTS, LEAN_MODEL as MODEL, SCRIPT, assert_same_logs, launch,
+                         lean_let_flags as let_flags, make_tiny_llama, torchrun, train_lean as train)
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     # The mock data's null tokenizer has 129 ids (128 + EOD); the teacher must cover them.
     return make_tiny_llama(str(tmp_path_factory.mktemp("t") / "teacher"), vocab_size=256)
-
-
-def let_flags(teacher, **overrides):
-    flags = {"--let-teacher": teacher, "--let-target-layer": 3, "--let-lambda": 0.5, "--let-stop-iter": 4,
-             "--let-projector": "linear"}
-    flags.update(overrides)
-    return [x for kv in flags.items() for x in kv]
-
-
-def train(nproc, *args):
-    return parse_log(torchrun(SCRIPT, nproc, [*MODEL, *args]).stdout)
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +50,7 @@ def test_resume_is_exact(tmp_path, teacher):
 
 
 def test_unknown_flag_is_refused_in_one_line():
-    if not lean_trainer_selectable():
-        pytest.skip(NEEDS_LEAN_TRAINER)
-    proc = subprocess.run([sys.executable, SCRIPT, *map(str, MODEL), "--train-iters", "2",
-                           "--distribute-saved-activations"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = launch([*MODEL, "--train-iters", "2", "--distribute-saved-activations"], lean=True, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--distribute-saved-activations" in lines[0] and "Megatron-LM" in lines[0], proc.stderr

@@ -16,11 +16,12 @@ import weakref
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: let_testing
 
 from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
 
+from let_testing import tiny_transformer_config  # noqa: E402
 from megatron_let import LateToEarlyTraining, LETConfig  # noqa: E402
 from megatron_let.compat.cpu import enable_cpu_megatron  # noqa: E402
 from megatron_let.driver import LETDriver  # noqa: E402
@@ -178,18 +179,10 @@ def main():
 
 
 def train(args, variant: str) -> dict:
-    config = TransformerConfig(**recompute_settings(variant),
-        num_layers=args.num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-        normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
-        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+    config = tiny_transformer_config(
+        args.num_layers, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         virtual_pipeline_model_parallel_size=args.vpp, sequence_parallel=args.sp,
-        pipeline_dtype=torch.float32, params_dtype=torch.float32, use_cpu_initialization=True,
-        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        batch_p2p_sync=False, batch_p2p_comm=False, calculate_per_token_loss=args.per_token_loss,
-        **moe_settings(args),
-    )
+        calculate_per_token_loss=args.per_token_loss, **recompute_settings(variant), **moe_settings(args))
     let = None
     # LET token alignment: ids from a real target tokenizer, teacher re-tokenizes (causal-span)
     target_tokenizer, vocab, args.data_vocab, args.eod = None, VOCAB, VOCAB, 0
