@@ -132,6 +132,16 @@ def call_pretrain(pretrain: Callable, datasets_provider, model_provider, model_t
         pretrain(container, datasets_provider, model_type, forward_step, **kwargs)
 
 
+# -- up to 0.18: pretrain() builds the chunks with the script's model_provider(gpt_builder, ...); 0.19: the config
+# container's builder does (the wheel's scripts have neither) ---------------------------------------------------
+def script_model_provider(script) -> Optional[Callable]:
+    if in_versions(since="0.19"):
+        return None
+    import functools
+
+    return functools.partial(script.model_provider, script.gpt_builder)
+
+
 def wrap_script_pretrain(pretrain: Callable, script, integration) -> Callable:
     """``pretrain`` of a patched ``pretrain_gpt.py`` with LET's wrappers (patches/, ``enable_let``).
 
@@ -177,19 +187,18 @@ def cpu_initialization_needed() -> bool:
     return _core_minor() >= (0, 19)
 
 
-# -- 0.19: pretrain_gpt.get_batch returns its fields in BATCH_KEYS order ------------------------------------
+# -- 0.18: pretrain_gpt.get_batch returns its fields in the alphabetical BATCH_KEYS order (0.19: a module-level
+# list; before 0.18: tokens, labels, loss_mask, attention_mask, position_ids) -------------------------------------
+_BATCH_KEYS_0_18 = ["attention_mask", "cu_seqlens", "cu_seqlens_padded", "hybrid_cp_group", "labels", "local_cp_size",
+                    "loss_mask", "max_seqlen", "position_ids", "tokens"]
+
+
 def tokens_and_loss_mask(script, batch) -> tuple:
     """(tokens, loss_mask) of what ``script.get_batch`` returned."""
-    keys = getattr(script, "BATCH_KEYS", None)
-    if keys is not None:
-        return batch[keys.index("tokens")], batch[keys.index("loss_mask")]
-    return batch[0], batch[2]  # (tokens, labels, loss_mask, attention_mask, position_ids, ...)
-
-
-# -- 0.19: the script's "this stage needs the full batch" predicate is megatron.core's, imported as
-# mtp_on_this_rank_func(layout=..., mtp_num_layers=..., vp_stage=...); before, its own mtp_on_this_rank(config, ...)
-def batch_predicate_name(script) -> str:
-    return "mtp_on_this_rank_func" if hasattr(script, "mtp_on_this_rank_func") else "mtp_on_this_rank"
+    if not in_versions(since="0.18"):
+        return batch[0], batch[2]
+    keys = getattr(script, "BATCH_KEYS", _BATCH_KEYS_0_18)
+    return batch[keys.index("tokens")], batch[keys.index("loss_mask")]
 
 
 # -- 0.19: the rampup calculator is gone (--rampup-batch-size is ignored); --step-batch-size-schedule instead --

@@ -85,7 +85,7 @@ from megatron_let.controller import LateToEarlyTraining
 from megatron_let.driver import LETDriver
 from megatron_let.errors import CheckpointWriteError, LETConfigError, LETNonFiniteError, print_error
 from megatron_let.integrations.launch import build_let, refuse_unsupported_features
-from megatron_let.megatron_versions import call_pretrain, tokens_and_loss_mask
+from megatron_let.megatron_versions import call_pretrain, script_model_provider, tokens_and_loss_mask
 from megatron_let.patch_registry import apply_patches, register_patch
 from megatron_let.resume import read_saved_let_state
 
@@ -519,10 +519,7 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
     integration = LETMegatronLM(pretrain_gpt)
     integration.install()
 
-    set_startup_timestamps = getattr(training, "set_startup_timestamps", None)
-    if set_startup_timestamps is not None:
-        set_startup_timestamps(program_start=getattr(pretrain_gpt, "_PROGRAM_START_TIME", _PROGRAM_START_TIME),
-                               main_entry=time.time())
+    training.set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
 
     provider = pretrain_gpt.train_valid_test_datasets_provider
     provider.is_distributed = True  # as pretrain_gpt.py's __main__ ("transition to core datasets")
@@ -538,21 +535,18 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
                 parser = script_args(parser)
             return extra_args_provider(parser)
 
-    model_provider = getattr(pretrain_gpt, "model_provider", None)  # None: the config container builds (0.19)
-    if model_provider is not None and hasattr(pretrain_gpt, "gpt_builder"):
-        model_provider = functools.partial(model_provider, pretrain_gpt.gpt_builder)
-
+    model_provider = script_model_provider(pretrain_gpt)  # None: the config container builds (0.19)
     try:  # before maybe_wrap_for_inprocess_restart, which parses the flags (--help) and may open a TCPStore
         _check_before_start(integration.extra_args_provider(base_args))
     except LETConfigError as error:
         print_error(program, error)
         return 2
 
-    pretrain, kwargs = training.pretrain, {}
-    inprocess_restart = getattr(importlib.import_module("megatron.training"), "inprocess_restart", None)
-    if inprocess_restart is not None:
-        pretrain, kwargs["store"] = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
-    if hasattr(pretrain_gpt, "get_embedding_ranks") and model != "hybrid":  # pretrain_hybrid.py passes none
+    from megatron.training import inprocess_restart
+
+    kwargs = {}
+    pretrain, kwargs["store"] = inprocess_restart.maybe_wrap_for_inprocess_restart(training.pretrain)
+    if model != "hybrid":  # pretrain_hybrid.py passes none
         kwargs["get_embedding_ranks"] = pretrain_gpt.get_embedding_ranks
 
     try:

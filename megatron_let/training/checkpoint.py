@@ -142,8 +142,10 @@ def _keep_local(state, matches):
 def _materialize_optimizer_state(optimizer) -> None:
     """The distributed optimizer over plain torch Adam (no TE/apex) cannot describe an empty state
     (it asserts on the Adam step); give it one to overwrite, as megatron-core itself does."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
             opt._init_optimizer_states_with_dummy_values()
 
 
