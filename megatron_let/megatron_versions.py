@@ -98,6 +98,12 @@ def in_versions(since=None, until=None) -> bool:
         (until is None or release[:len(_release(until))] < _release(until))
 
 
+def same_minor(version, other) -> bool:
+    """Do two versions share major.minor? (A compiled extension's interface, e.g. megatron-core's dataset
+    helpers, is the same within a minor version.)"""
+    return parse(version) is not None and parse(version) == parse(other)
+
+
 def _core_minor() -> Tuple[int, int]:
     return parse(core_version())
 

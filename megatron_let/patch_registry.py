@@ -40,7 +40,7 @@ class PatchTargetMissing(RuntimeError):
 class Patch:
     id: str
     group: str
-    target: str  # "package.module:Name" or "package.module:Class.method"; "package.module" for the module itself
+    target: str  # "package.module:Name", "package.module:Class.method", "package.module"; ":Name": of the context
     why: str
     apply: Callable[[Any, Any], None]  # (the target's module, the group's context)
     since: Optional[str] = None  # first megatron-core version it applies to ("0.19"); None: every one
@@ -51,17 +51,20 @@ class Patch:
     def module_name(self) -> str:
         return self.target.split(":")[0]
 
-    def resolve(self, module=None):
-        """The target's module (``module``: a script's namespace, given by the caller), after checking the
-        attribute path exists (``PatchTargetMissing`` if not)."""
+    def resolve(self, module: Any = None, context: Any = None):
+        """The target's module (``module``: a script's namespace given by the caller; a ":Name" target is looked
+        up on ``context``), after checking the attribute path exists (``PatchTargetMissing`` if not)."""
         try:
-            module = importlib.import_module(self.module_name) if module is None else module
+            if module is None:
+                module = importlib.import_module(self.module_name) if self.module_name else context
             owner = module
             for name in self.target.partition(":")[2].split(".") if ":" in self.target else ():
                 owner = getattr(owner, name)
         except (ImportError, AttributeError) as error:
+            where = f"megatron-core {megatron_versions.core_version()}" if self.module_name else \
+                getattr(context, "__name__", repr(context))
             raise PatchTargetMissing(
-                f"patch {self.id}: megatron-core {megatron_versions.core_version()} has no {self.target} "
+                f"patch {self.id}: {where} has no {self.target} "
                 f"({type(error).__name__}: {error}); the entry needs a version range or a successor "
                 "(megatron_let/patch_registry.py says how)") from error
         return module
@@ -110,7 +113,7 @@ def apply_patches(group: str, context: Any = None, module: Any = None) -> int:
                        megatron_versions.core_version(), entry.since or "any", entry.until or "any")
             continue
         try:
-            chosen.append((entry, entry.resolve(module)))
+            chosen.append((entry, entry.resolve(module, context)))
         except PatchTargetMissing:
             if not entry.optional:
                 raise

@@ -95,7 +95,7 @@ def build_config(args):
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         batch_p2p_sync=False,
-        batch_p2p_comm=args.batch_p2p_comm,  # see cpu_compat._patch_batched_p2p
+        batch_p2p_comm=args.batch_p2p_comm,  # see compat/cpu.py's cpu.unbatched-p2p
     )
 
 
