@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from megatron_let import megatron_versions
 
-__all__ = ["Patch", "register_patch", "patches", "apply_patches", "summary", "PatchTargetMissing"]
+__all__ = ["Patch", "register_patch", "patches", "apply_patches", "summary", "announce", "PatchTargetMissing"]
 
 _log = logging.getLogger(__name__)
 
@@ -133,3 +133,11 @@ def summary() -> str:
     skipped = sum(count for _, count in _APPLIED.values())
     groups = ", ".join(f"{group} {count}" for group, (count, _) in _APPLIED.items() if count)
     return f"{applied} Megatron patches applied ({groups or 'none'}), {skipped} not for this version"
+
+
+def announce() -> None:
+    """The count, once, on rank 0, after the start-up line (each entry at debug level: logging)."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"megatron-let: {summary()}", flush=True)

@@ -40,6 +40,8 @@ from megatron_let.errors import LETConfigError
 BATCH_KEYS = ["attention_mask", "cu_seqlens", "cu_seqlens_padded", "hybrid_cp_group", "labels",
               "local_cp_size", "loss_mask", "max_seqlen", "position_ids", "tokens"]
 
+has_nvidia_modelopt = False  # ModelOpt's flags and model config are the full script's
+
 # flags whose code paths live only in Megatron-LM's pretrain_gpt.py (flag -> the args attribute)
 _SCRIPT_ONLY_FLAGS = {"--sft": "sft", "--fim-data": "fim_data",
                       "--dataloader-inter-document-masking": "dataloader_inter_document_masking",

@@ -86,7 +86,7 @@ from megatron_let.driver import LETDriver
 from megatron_let.errors import CheckpointWriteError, LETConfigError, LETNonFiniteError, print_error
 from megatron_let.integrations.launch import build_let, refuse_unsupported_features
 from megatron_let.megatron_versions import call_pretrain, script_model_provider, tokens_and_loss_mask
-from megatron_let.patch_registry import apply_patches, register_patch
+from megatron_let.patch_registry import announce as announce_patches, apply_patches, register_patch
 from megatron_let.resume import read_saved_let_state
 
 __all__ = ["LETMegatronLM", "import_pretrain_gpt", "import_pretrain_script", "main", "megatron_lm_available"]
@@ -518,15 +518,14 @@ def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> 
 
     integration = LETMegatronLM(pretrain_gpt)
     integration.install()
+    announce_patches()
 
     training.set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
 
     provider = pretrain_gpt.train_valid_test_datasets_provider
     provider.is_distributed = True  # as pretrain_gpt.py's __main__ ("transition to core datasets")
 
-    base_args = None
-    if getattr(pretrain_gpt, "has_nvidia_modelopt", False):
-        base_args = getattr(pretrain_gpt, "add_modelopt_args", None)
+    base_args = pretrain_gpt.add_modelopt_args if pretrain_gpt.has_nvidia_modelopt else None
     if extra_args_provider is not None:
         script_args = base_args
 

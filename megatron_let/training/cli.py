@@ -18,6 +18,9 @@ def main(argv=None) -> int:
         from megatron_let.training.trainer import pretrain
 
         enable_cpu_megatron()  # only without CUDA
+        from megatron_let.patch_registry import announce
+
+        announce()
 
         from megatron_let.training.components import shutdown_parallel
 
