@@ -1,69 +1,26 @@
 """LET inside Megatron-LM's own GPT pretraining loop (``pretrain_gpt.py`` + ``pretrain()``).
 
-``main()`` runs exactly what ``pretrain_gpt.py``'s ``__main__`` runs, with the
-user's own Megatron-LM pieces (model provider and builder, forward step,
-datasets provider, embedding ranks, ModelOpt arguments), wrapped as follows:
+``main()`` runs exactly what ``pretrain_gpt.py``'s ``__main__`` runs (``pretrain_hybrid.py``'s for a
+HybridModel), with the user's own Megatron-LM pieces, and adds LET as a thin adapter over
+:class:`megatron_let.driver.LETDriver`:
 
-- arguments: ``add_let_args`` is chained after the script's own
-  ``extra_args_provider`` (ModelOpt's when it is installed);
-- model: every GPTModel chunk goes through ``LateToEarlyTraining.attach``
-  right after the builder returns it, i.e. before Megatron wraps it in DDP
-  and builds the optimizer (so a learned projector is trained and
-  checkpointed like any other weight);
-- data: ``pretrain_gpt.get_batch`` hands ``(tokens, loss_mask)`` to LET on
-  the chunk that owns ``--let-target-layer``. If that chunk is a middle
-  pipeline stage, ``get_batch`` would return nothing there; LET therefore
-  marks its stage as one that needs the full batch through the predicate
-  ``pretrain_gpt`` already has for this case, ``mtp_on_this_rank``
-  (Multi-Token Prediction needs the tokens on its stage too): with it the
-  dataset is built on that stage and ``get_batch_on_this_tp_rank`` broadcasts
-  every field to all its TP ranks, then slices them for CP as usual;
-- iteration: the forward step calls ``begin_iteration(args.curr_iteration,
-  get_num_microbatches())`` on the first training micro-batch of each
-  iteration (``curr_iteration`` is the 0-based number of completed
-  iterations);
-- teacher placement ``spread`` (the default): ``training.train_step`` is wrapped so that, on every rank
-  and before the pipeline schedule, LET's iteration begins and the ranks whose data iterator is not
-  None pre-read the iteration's micro-batches (the schedule then reads them back from a list); the
-  lowest such rank of the replica's model-parallel group broadcasts the tokens to the group, every rank
-  runs its share of the teacher, and one all-to-all hands layer k's ranks their slices
-  (``LateToEarlyTraining.precompute_teacher``). No collective runs inside the schedule's forward step;
-- logging: ``training.training_log`` is wrapped so that, on every rank and
-  every iteration, ``let.report()`` (a PP + DP collective) is added to the
-  iteration's ``loss_dict`` as ``let loss`` / ``let cos`` / ``let lambda``.
-  Megatron-LM then averages them over the log interval, prints them in its
-  log line next to ``lm loss`` and writes them to TensorBoard / W&B with its
-  own code. The loss function's report dict was not used: it exists only on
-  the last pipeline stage, while LET's numbers live on the stage of layer k.
+- arguments: LET's ``--let-*`` group after the script's own ``extra_args_provider`` (ModelOpt's when on);
+- model: every chunk goes through ``LateToEarlyTraining.attach`` before Megatron wraps it in DDP and builds
+  the optimizer (the model provider up to 0.18, the config container's pre-wrap hook from 0.19), so a
+  learned projector is trained and checkpointed like any other weight;
+- the registry entries below (groups ``let-script`` and ``let-megatron-lm``; each says what it changes and
+  why): the stage of ``--let-target-layer`` gets its micro-batch's tokens through the script's own "needs
+  the full batch" predicate (there for Multi-Token Prediction) and ``get_batch``; ``train_step`` begins LET's
+  iteration on every rank before the schedule (spread placement runs the teacher there); the optimizer step
+  ends it (non-finite policy); ``training_log`` adds LET's scalars to the loss dict, which Megatron-LM
+  averages, prints and writes to TensorBoard / W&B; ``--let-export-dir`` exports after the checkpoint is
+  loaded; a failed save into ``--save`` is one line;
+- checkpoint: LET's state is ``args.let_state``, which Megatron-LM saves with every checkpoint, and is read
+  back from ``--load`` before the model is built.
 
-  Megatron-LM prints a loss-dict entry only when its interval average is
-  > 0, so a negative ``let cos`` is put into the line by a wrapper of the
-  module's ``print_rank_last``, where Megatron-LM would have printed it;
-- stop step: resolved on Megatron-LM's schedule (``megatron_let.stop``:
-  iterations or samples, ``--rampup-batch-size`` included) before
-  Megatron-LM derives ``train_iters``, and kept in the checkpoint: LET's
-  state goes into ``args.let_state``, which Megatron-LM saves with every
-  checkpoint, and is read back from ``--load`` before the model is built;
-- ``setup_model_and_optimizer`` is wrapped: ``--let-on-nonfinite skip``
-  makes ``optimizer.step()`` report an unsuccessful update (Megatron-LM
-  then counts a skipped iteration and leaves its lr schedule alone), and
-  ``--let-export-dir`` saves the loaded model without the projector through
-  Megatron-LM's own ``save_checkpoint`` and ends the run;
-- checkpoint saves (with or without LET): ``training.save_checkpoint`` is wrapped so that a save into
-  ``--save`` that fails (disk full, file-size limit, read-only directory) ends the run with the lean
-  trainer's one line (``CheckpointWriteError``, exit 1) instead of torch's worker traceback, and the
-  partial ``iter_N`` is removed unless the tracker names it. ``--async-save`` without
-  ``--use-persistent-ckpt-worker`` is made synchronous by Megatron-LM, so it is covered; a background save
-  fails later, in ``maybe_finalize_async_save``, with Megatron-LM's own error, and its tracker is written
-  only after every rank's write succeeded.
-
-The patches touch only names in ``pretrain_gpt``'s and
-``megatron.training.training``'s module namespaces, for this process; no file
-is edited. Without ``--let-teacher`` every wrapper but the save's passes straight
-through and the run is plain ``pretrain_gpt.py``.
-
-On a machine without CUDA, ``enable_cpu_megatron_lm()`` is applied first
-(see :mod:`megatron_let.compat.cpu_megatron_lm`).
+Only names in the script's and ``megatron.training.training``'s namespaces are rebound, for this process; no
+file is edited. Without ``--let-teacher`` every wrapper passes straight through. Without CUDA the CPU entries
+(:mod:`megatron_let.compat.cpu_megatron_lm`) are applied first.
 """
 
 from __future__ import annotations
