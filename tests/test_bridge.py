@@ -1,0 +1,164 @@
+"""LET on Megatron-Bridge's own pretrain() (pretrain_bridge_let.py, megatron_let/integrations/bridge.py), on CPU
+with gloo.
+
+Bridge's vanilla GPT recipe (``megatron.bridge.recipes.gpt.vanilla_gpt``: the one recipe that needs no model hub)
+is shrunk to a 4-layer GPT with Bridge's own Hydra-style overrides; LET's settings are ``let.*`` overrides. Every
+layout loads the same initial weights (a one-step TP1 run saved as torch_dist, loaded with
+``checkpoint.finetune=true``: Bridge seeds each pipeline stage differently), then trains 4 iterations on Bridge's
+mock data with a tiny Hugging Face teacher; its per-iteration ``lm loss`` / ``let loss`` / ``let lambda`` /
+``grad norm`` (Bridge's log line: its totals are reset every log, so each line is one iteration) must equal one
+process's (rel 1e-5). Needs ``megatron.bridge`` (Python 3.12: .ci/run's stack 2; docs/bridge.md says how to
+install it).
+"""
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+from let_testing import REL_TOL, ROOT, parse_log, torchrun
+
+NEEDS_BRIDGE = ("needs Megatron-Bridge (Python 3.12): pip install --no-deps megatron-bridge==0.6.2 omegaconf "
+                "'hydra-core>=1.3.4,<1.4' einops datasets diffusers (docs/bridge.md; .ci/run's second stack)")
+
+
+def _bridge_installed() -> bool:
+    try:
+        return importlib.util.find_spec("megatron.bridge") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _bridge_installed(), reason=NEEDS_BRIDGE)
+
+SCRIPT = os.path.join(ROOT, "pretrain_bridge_let.py")
+PLAIN = os.path.join(ROOT, "tests", "workers", "bridge_plain.py")
+RECIPE = "megatron.bridge.recipes.gpt.vanilla_gpt:vanilla_gpt_pretrain_config"
+ITERS, TARGET_LAYER, LAMBDA0, STOP_ITER = 4, 3, 0.5, 3
+# the recipe shrunk to CPU size, in Bridge's own override syntax: fp32, gloo, megatron-core's local layers (the
+# CPU layer picks them: no TransformerEngine), vocabulary 127 padded to 128 for TP 1 and 2 alike
+CPU_OVERRIDES = [
+    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+    "model.seq_length=32", "dataset.seq_length=32", "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
+    "tokenizer.vocab_size=127", "model.make_vocab_size_divisible_by=64",
+    "train.global_batch_size=8", "train.micro_batch_size=2",
+    "mixed_precision=null", "optimizer.bf16=false", "model.pipeline_dtype=torch.float32",
+    "model.use_cpu_initialization=true", "model.bias_activation_fusion=false", "model.masked_softmax_fusion=false",
+    "model.persist_layer_norm=false", "model.gradient_accumulation_fusion=false", "model.bias_dropout_fusion=false",
+    "model.apply_rope_fusion=false", "dist.distributed_backend=gloo",
+    "checkpoint.save=null", "logger.tensorboard_dir=null", "validation.eval_iters=0", "logger.log_interval=1",
+]
+KEYS = ("lm loss", "let loss", "let lambda", "grad norm")
+
+
+def let_overrides(teacher, layer=TARGET_LAYER, stop=STOP_ITER):
+    return [f"let.teacher={teacher}", f"let.target_layer={layer}", f"let.lambda0={LAMBDA0}", f"let.stop_iter={stop}",
+            "let.projector=linear"]
+
+
+def bridge(nproc: int, *overrides, script: str = SCRIPT):
+    """A run of ``script`` under torchrun: (its parsed log, its stdout)."""
+    args = [RECIPE, *CPU_OVERRIDES, *overrides] if script == PLAIN else ["--recipe", RECIPE, *CPU_OVERRIDES, *overrides]
+    proc = torchrun(script, nproc, args, timeout=300)
+    logged = parse_log(proc.stdout)
+    assert logged and "lm loss" in logged[min(logged)], proc.stdout[-3000:] + proc.stderr[-3000:]
+    return logged, proc.stdout
+
+
+def assert_same(got: dict, reference: dict, what: str, keys=KEYS, iterations=None):
+    for it in iterations or sorted(reference):
+        for key in keys:
+            ref, value = reference[it].get(key, 0.0), got[it].get(key, 0.0)
+            assert value == pytest.approx(ref, rel=REL_TOL, abs=1e-7), f"{what}: iteration {it} {key}: {value} vs {ref}"
+
+
+@pytest.fixture(scope="module")
+def initial_checkpoint(tiny_teacher, tmp_path_factory):
+    """One TP1 step with LET saved as torch_dist: the common starting point of every layout."""
+    ckpt = tmp_path_factory.mktemp("bridge") / "init"
+    bridge(1, *let_overrides(tiny_teacher), "train.train_iters=1", f"checkpoint.save={ckpt}",
+           "checkpoint.save_interval=1")
+    return str(ckpt)
+
+
+def from_checkpoint(ckpt):
+    return [f"checkpoint.load={ckpt}", "checkpoint.finetune=true", f"train.train_iters={ITERS}"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_teacher, initial_checkpoint, tmp_path_factory):
+    """One process, LET at layer 3, logging to TensorBoard too: (parsed log, stdout, TensorBoard directory)."""
+    tensorboard = tmp_path_factory.mktemp("bridge_tb")
+    logged, stdout = bridge(1, *let_overrides(tiny_teacher), *from_checkpoint(initial_checkpoint),
+                            f"logger.tensorboard_dir={tensorboard}")
+    return logged, stdout, str(tensorboard)
+
+
+def test_recipe_trains_with_let(reference):
+    """LET's scalars in Bridge's log line and TensorBoard; lambda decays linearly to 0 at the stop step, where
+    LET ends and the teacher is released; the alignment loss is within (0, 2 lambda] while it runs."""
+    logged, stdout, tensorboard = reference
+    assert sorted(logged) == list(range(1, ITERS + 1))
+    lambdas = [logged[i]["let lambda"] for i in range(1, ITERS + 1)]
+    assert lambdas == pytest.approx([LAMBDA0 * max(0.0, 1 - i / STOP_ITER) for i in range(ITERS)], abs=1e-7)
+    for i in range(1, STOP_ITER + 1):
+        assert 0 < logged[i]["let loss"] <= 2 * logged[i]["let lambda"], logged[i]
+    assert logged[ITERS]["let loss"] == 0.0
+    assert f"LET stopped at iteration {STOP_ITER}: lambda 0, teacher released" in stdout, stdout[-3000:]
+    assert "let-bridge 2" in stdout  # the registry's start-up line names the Bridge entries
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tensorboard)
+    events.Reload()
+    assert {"lm loss", "let loss", "let lambda"} <= set(events.Tags()["scalars"]), events.Tags()["scalars"]
+
+
+def test_without_let_it_is_bridges_own_run(tmp_path):
+    """Without let.*: pretrain_bridge_let.py gives Bridge's own pretrain() with its own forward step, to the
+    printed digit (lm loss and grad norm of every iteration, no LET field)."""
+    plain, _ = bridge(1, "train.train_iters=3", script=PLAIN)
+    ours, stdout = bridge(1, "train.train_iters=3")
+    assert sorted(ours) == sorted(plain) == [1, 2, 3]
+    for it in plain:
+        assert {k: v for k, v in ours[it].items() if "time" not in k} == \
+            {k: v for k, v in plain[it].items() if "time" not in k}, it
+        assert not any(key.startswith("let") for key in ours[it])
+    assert "LET" not in stdout
+
+
+LAYOUTS = {  # name: (processes, overrides, target layer)
+    "tp2": (2, ["model.tensor_model_parallel_size=2"], TARGET_LAYER),
+    "pp2_last_stage": (2, ["model.pipeline_model_parallel_size=2"], TARGET_LAYER),
+    "pp2_first_stage": (2, ["model.pipeline_model_parallel_size=2"], 1),
+}
+
+
+@pytest.fixture(scope="module")
+def first_stage_reference(tiny_teacher, initial_checkpoint):
+    return bridge(1, *let_overrides(tiny_teacher, layer=1), *from_checkpoint(initial_checkpoint))[0]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_matches_one_process(layout, tiny_teacher, initial_checkpoint, reference, request):
+    """TP2, and PP2 with layer k on the last and on the first stage, equal one process on Bridge's loop."""
+    nproc, overrides, layer = LAYOUTS[layout]
+    expected = reference[0] if layer == TARGET_LAYER else request.getfixturevalue("first_stage_reference")
+    logged, stdout = bridge(nproc, *let_overrides(tiny_teacher, layer=layer), *from_checkpoint(initial_checkpoint),
+                            *overrides)
+    rows = re.search(r"teacher sequences per rank of the model-parallel group in the first iteration: \[([0-9, ]+)\]",
+                     stdout)
+    assert rows and sum(int(r) for r in rows.group(1).split(",")) == 8, stdout[-3000:]  # spread over both ranks
+    assert_same(logged, expected, layout)
+
+
+def test_resume_equals_a_straight_run(tiny_teacher, initial_checkpoint, reference, tmp_path):
+    """Save at iteration 2 (Bridge's own checkpoint, LET's state in its common part), resume to 4: the straight
+    run's numbers, across the stop step."""
+    ckpt = tmp_path / "resume"
+    first, _ = bridge(1, *let_overrides(tiny_teacher), *from_checkpoint(initial_checkpoint),
+                      f"checkpoint.save={ckpt}", "checkpoint.save_interval=2", "train.exit_interval=2")
+    second, stdout = bridge(1, *let_overrides(tiny_teacher), f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}",
+                            "checkpoint.save_interval=100", f"train.train_iters={ITERS}")
+    assert sorted(first) == [1, 2] and sorted(second) == [3, 4], (sorted(first), sorted(second))
+    assert_same({**first, **second}, reference[0], "resumed")
