@@ -29,6 +29,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import logging
 import sys
 import types
@@ -288,6 +289,61 @@ def _cpu_initialization(model_provider, context):
             return get_model(provider, *args, **kwargs)
 
     model_provider.get_model = get_model_on_cpu
+
+
+@register_patch("cpu.bridge.dist-optimizer-load-template", group=GROUP,
+                target="megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.sharded_state_dict",
+                why="Bridge resumes the recipes' distributed optimizer by building its sharded state dict before "
+                    "the first step; over plain torch Adam (no TransformerEngine / apex: every CPU run) its "
+                    "state_dict asserts on the missing Adam step: the state is materialised first (megatron-core's "
+                    "own dummy step, as for its fsdp_dtensor format, at lr 0 so weight decay leaves the weights "
+                    "alone), then overwritten by the load")
+def _dist_optimizer_load_template(distrib_optimizer, context):
+    cls = distrib_optimizer.DistributedOptimizer
+    sharded_state_dict = cls.sharded_state_dict
+
+    signature = inspect.signature(sharded_state_dict)
+
+    @functools.wraps(sharded_state_dict)
+    def with_state_to_overwrite(self, *args, **kwargs):
+        if signature.bind(self, *args, **kwargs).arguments.get("is_loading") and not self.optimizer.state:
+            groups = self.optimizer.param_groups
+            rates = [group["lr"] for group in groups]
+            for group in groups:  # the dummy step must not move the weights (weight decay): lr 0
+                group["lr"] = 0.0
+            try:
+                self._init_optimizer_states_with_dummy_values()
+            finally:
+                for group, rate in zip(groups, rates):
+                    group["lr"] = rate
+        return sharded_state_dict(self, *args, **kwargs)
+
+    cls.sharded_state_dict = with_state_to_overwrite
+
+
+@register_patch("cpu.bridge.dist-optimizer-adam-step", group=GROUP,
+                target="megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
+                why="over plain torch Adam the loaded iteration count ('step' of the saved param groups) does not "
+                    "reach the per-parameter Adam state (it keeps the dummy step's 1; megatron-core 0.19.2 also "
+                    "shares one step tensor between all parameters, which then counts every parameter's update): "
+                    "each parameter gets its own tensor holding the loaded step, so a resumed run's bias correction "
+                    "is the straight run's")
+def _dist_optimizer_adam_step(distrib_optimizer, context):
+    cls = distrib_optimizer.DistributedOptimizer
+    load_state_dict = cls.load_state_dict
+
+    @functools.wraps(load_state_dict)
+    def load_with_steps(self, state_dict, *args, **kwargs):
+        result = load_state_dict(self, state_dict, *args, **kwargs)
+        steps = {group["step"] for group in state_dict.get("optimizer", {}).get("param_groups", ()) if "step" in group}
+        if len(steps) == 1:
+            step = float(next(iter(steps)))
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step, dtype=torch.float32)
+        return result
+
+    cls.load_state_dict = load_with_steps
 
 
 def enable_cpu_bridge() -> bool:
