@@ -17,7 +17,7 @@ import re
 
 import pytest
 
-from let_testing import REL_TOL, ROOT, parse_log, torchrun
+from let_testing import MEGATRON_LM_MODEL, REL_TOL, ROOT, megatron_lm_source, parse_log, run_megatron_lm, torchrun
 
 NEEDS_BRIDGE = ("needs Megatron-Bridge (Python 3.12): pip install --no-deps megatron-bridge==0.6.2 omegaconf "
                 "'hydra-core>=1.3.4,<1.4' einops datasets diffusers (docs/bridge.md; .ci/run's second stack)")
@@ -48,6 +48,9 @@ CPU_OVERRIDES = [
     "model.persist_layer_norm=false", "model.gradient_accumulation_fusion=false", "model.bias_dropout_fusion=false",
     "model.apply_rope_fusion=false", "dist.distributed_backend=gloo",
     "checkpoint.save=null", "logger.tensorboard_dir=null", "validation.eval_iters=0", "logger.log_interval=1",
+    # the GPT of let_testing.MEGATRON_LM_MODEL (Megatron-LM's loop): RMSNorm, SwiGLU, RoPE, no biases, untied
+    "model.normalization=RMSNorm", "model.gated_linear_unit=true", "model.activation_func=silu",
+    "model.add_bias_linear=false", "model.position_embedding_type=rope", "model.share_embeddings_and_output_weights=false",
 ]
 KEYS = ("lm loss", "let loss", "let lambda", "grad norm")
 
@@ -162,3 +165,17 @@ def test_resume_equals_a_straight_run(tiny_teacher, initial_checkpoint, referenc
                             "checkpoint.save_interval=100", f"train.train_iters={ITERS}")
     assert sorted(first) == [1, 2] and sorted(second) == [3, 4], (sorted(first), sorted(second))
     assert_same({**first, **second}, reference[0], "resumed")
+
+
+@pytest.mark.skipif(megatron_lm_source() is None, reason="needs megatron.training (Megatron-LM's loop)")
+def test_bridge_and_megatron_lm_log_the_same_first_iteration(tiny_teacher, initial_checkpoint, reference):
+    """Same model (Bridge's initial checkpoint, loaded by both), same data (megatron-core's mock GPT dataset, seed
+    1234): Megatron-LM's loop (pretrain_gpt_let.py) logs Bridge's first-iteration lm loss, LET loss, cosine and
+    grad norm."""
+    megatron_lm = run_megatron_lm(1, [*MEGATRON_LM_MODEL, "--let-teacher", tiny_teacher, "--let-target-layer",
+                                      TARGET_LAYER, "--let-lambda", LAMBDA0, "--let-stop-iter", STOP_ITER,
+                                      "--let-projector", "linear", "--train-iters", 1, "--load", initial_checkpoint,
+                                      "--finetune", "--seed", 1234])
+    assert_same(megatron_lm, reference[0], "Megatron-LM vs Bridge", keys=("lm loss", "let loss", "let cos",
+                                                                            "let lambda", "grad norm"),
+                iterations=[1])
