@@ -12,7 +12,7 @@ setup(
     classifiers=["Programming Language :: Python :: 3.10", "Programming Language :: Python :: 3.11",
                  "Programming Language :: Python :: 3.12"],
     packages=find_packages(include=["megatron_let", "megatron_let.*"]),
-    py_modules=["pretrain_gpt_let"],
+    py_modules=["pretrain_gpt_let", "pretrain_bridge_let"],
     # the Megatron-LM patch (python -m megatron_let.integrations.patching) must ship with non-editable installs
     data_files=[("share/megatron-let/patches", ["patches/pretrain_gpt.core_v0.16.1.patch",
                                                 "patches/pretrain_gpt.core_v0.19.0.patch"])],
@@ -35,6 +35,11 @@ setup(
         "quickstart": ["matplotlib", "tensorboard"],
         "gguf": ["gguf", "accelerate"],  # transformers' gguf_file= loading needs both
         "eval": ["pyarrow"],  # python -m megatron_let.evaluation.downstream reads the OLMo eval sets' Arrow files
+        # Megatron-Bridge (Python 3.12; pretrain_bridge_let.py, docs/bridge.md): the version tested, with its own deps.
+        "bridge": ["megatron-bridge==0.6.2"],
+        # CPU machines and CI: pip install --no-deps megatron-bridge==0.6.2, then this: what Bridge's training path
+        # imports (TransformerEngine, ModelOpt, nvidia-resiliency-ext, energon: placeholders, compat/cpu_bridge.py)
+        "bridge-cpu": ["omegaconf>=2.3.0", "hydra-core>=1.3.4,<1.4", "einops", "datasets>=2.20.0", "diffusers>=0.36.0"],
         # GPU only: never installed on CPU machines or in CI.
         "gpu": ["transformer-engine[pytorch]"],
     },

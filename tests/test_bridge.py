@@ -14,6 +14,8 @@ install it).
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -74,6 +76,48 @@ def assert_same(got: dict, reference: dict, what: str, keys=KEYS, iterations=Non
         for key in keys:
             ref, value = reference[it].get(key, 0.0), got[it].get(key, 0.0)
             assert value == pytest.approx(ref, rel=REL_TOL, abs=1e-7), f"{what}: iteration {it} {key}: {value} vs {ref}"
+
+
+_CPU_LAYER_CHECK = """
+import importlib.util, sys
+from megatron_let import patch_registry
+from megatron_let.compat.cpu_bridge import enable_cpu_bridge
+import megatron_let.integrations.bridge  # declares let-bridge
+assert enable_cpu_bridge()
+groups = ("cpu-bridge-imports", "cpu-bridge", "let-bridge")
+for group in groups:
+    entries = patch_registry.patches(group)
+    assert entries, group
+    for entry in entries:
+        assert entry.why and entry.applies(), entry
+        entry.resolve()
+# the placeholders are gone again: megatron-core, Megatron-LM and later imports see the packages as absent
+for package in ("transformer_engine", "modelopt", "nvidia_resiliency_ext", "megatron.energon"):
+    assert importlib.util.find_spec(package) is None, package
+    assert not [name for name in sys.modules if name == package or name.startswith(package + ".")], package
+import megatron.training.training as training, megatron.training.checkpointing as checkpointing
+from megatron.core.extensions import transformer_engine as te_extension
+assert not training.has_nvidia_modelopt and not checkpointing.has_nvidia_modelopt
+assert not te_extension.HAVE_TE
+import megatron.bridge.peft.lora_layers as lora  # imported with TransformerEngine's placeholder, which refuses to run
+try:
+    lora.te.Linear()
+except RuntimeError as error:
+    assert "CPU import placeholder" in str(error)
+else:
+    raise AssertionError("a placeholder ran")
+print("ok", patch_registry.summary())
+"""
+
+
+def test_cpu_layer_is_registry_entries_and_leaves_no_placeholder():
+    """Every Bridge CPU redirection and LET wiring is a registry entry whose target exists in Bridge 0.6.2 with a
+    why; the import placeholders (TransformerEngine, ModelOpt, nvidia-resiliency-ext, megatron-energon) are gone
+    once Bridge's modules are imported: megatron-core still sees TransformerEngine absent, Megatron-LM ModelOpt
+    absent, and a placeholder refuses to run."""
+    run = subprocess.run([sys.executable, "-c", _CPU_LAYER_CHECK], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT))
+    assert run.returncode == 0 and "ok" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
