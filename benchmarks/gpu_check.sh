@@ -10,6 +10,9 @@
 #   5. HybridModel with Mamba (docs/hybrid.md): pattern 'M*-M-' on TransformerEngine's hybrid spec, bf16,
 #      pretrain_hybrid_let.py (Megatron-LM's pretrain() from the megatron-core 0.19 wheel) 30 iterations
 #      with LET at layer 3 (SmolLM2-135M-shaped random teacher) and without: the step-time ratio (about 2 minutes)
+#   6. Megatron-Bridge (docs/bridge.md): Bridge's vanilla GPT recipe at the 1.4B shape in its own bf16 with
+#      TransformerEngine's layer spec, pretrain_bridge_let.py 30 iterations with LET at layer 4 (the same
+#      SmolLM2-135M-shaped random teacher) and without: the step-time ratio (about 2 minutes)
 #
 # The device machine has torch + transformers but no registry and at most 64 MiB of files per call, so
 # prepare on a CPU machine first (repo root; .gpu/ is git-ignored via .git/info/exclude):
@@ -31,6 +34,13 @@
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .gpu/wheels19 megatron-core==0.19.2
 # Without them, step 5 is skipped and says what is missing.
+# Step 6 needs megatron-bridge 0.6.2 with its real dependencies (on a GPU the CPU import placeholders of
+# megatron_let/compat/cpu_bridge.py are never used): NVIDIA ModelOpt, nvidia-resiliency-ext >= 0.6 (PyPI's cp312
+# wheel is 0.4.1, which megatron-core 0.19 refuses), megatron-energon, omegaconf, hydra-core, einops, datasets,
+# diffusers, plus TransformerEngine: an NGC NeMo / Megatron-Bridge container has them; the bare lent machine
+# does not (energon alone brings ~40 packages, over one call's 64 MiB). A wheel set that fits can be carried in
+# .gpu/wheels-bridge (installed with --no-deps next to megatron-core 0.19); otherwise step 6 is skipped and says
+# what is missing.
 set -uo pipefail
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -116,5 +126,59 @@ if base is None or let is None:
     print(f"hybrid 'M*-M-': no step times (baseline {base}, LET {let}): see hybrid_mamba_*.txt")
 else:
     print(f"hybrid 'M*-M-' bf16 TE: step time baseline {base:.1f} ms, LET {let:.1f} ms, LET / baseline {let / base:.3f}")
+PY
+fi
+
+echo "== 6. Megatron-Bridge recipe (vanilla GPT at the 1.4B shape), bf16 + TransformerEngine: LET vs no LET step time"
+bridge_site=/tmp/site_bridge
+if ls .gpu/wheels-bridge/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$bridge_site" .gpu/wheels-bridge/*.whl || exit 1
+fi
+BRIDGE_PATH=$PWD:$bridge_site:$hybrid_site  # megatron-core 0.19 (step 5's wheels), Bridge and its dependencies
+found=$(PYTHONPATH=$BRIDGE_PATH python3 -c "
+import importlib
+gone = []
+for m in ('transformer_engine.pytorch', 'megatron.training', 'megatron.bridge.training.pretrain'):
+    try:
+        importlib.import_module(m)
+    except Exception as e:
+        gone.append(f'{m} ({type(e).__name__}: {e})')
+print('missing:', '; '.join(gone))" 2>/dev/null | grep '^missing:' | tail -1)
+missing=${found#missing:}
+[ -z "$found" ] && missing=" (python3 could not check)"
+if [ -n "${missing// /}" ]; then
+    echo "skipped: not importable here:$missing (see the header)" | tee "$OUT/bridge.txt"
+else
+    [ -f /tmp/hybrid_teacher/config.json ] || PYTHONPATH=$BRIDGE_PATH python3 -c "import sys; sys.path.insert(0, 'benchmarks')
+from overhead import PRESETS, make_teacher; make_teacher(PRESETS['gpu-1.4b'], '/tmp/hybrid_teacher')"
+    # the recipe's own bf16_mixed, TE layer spec and distributed optimizer; 24 x 2048 like step 1's target
+    BRIDGE_OVERRIDES=(model.num_layers=24 model.hidden_size=2048 model.num_attention_heads=16
+        model.num_query_groups=8 model.ffn_hidden_size=8192 model.normalization=RMSNorm model.gated_linear_unit=true
+        model.activation_func=silu model.add_bias_linear=false model.position_embedding_type=rope
+        model.seq_length=2048 dataset.seq_length=2048 tokenizer.vocab_size=49151
+        train.train_iters=30 train.global_batch_size=8 train.micro_batch_size=4 scheduler.lr_warmup_iters=0
+        validation.eval_iters=0 checkpoint.save=null logger.tensorboard_dir=null logger.log_interval=10)
+    for arm in baseline let; do
+        let_overrides=()
+        [ "$arm" = let ] && let_overrides=(let.teacher=/tmp/hybrid_teacher let.target_layer=4 let.lambda0=0.1
+            let.stop_iter=100 let.projector=linear)
+        PYTHONPATH=$BRIDGE_PATH timeout 240 python3 -m torch.distributed.run --nproc-per-node 1 pretrain_bridge_let.py \
+            --recipe megatron.bridge.recipes.gpt.vanilla_gpt:vanilla_gpt_pretrain_config "${BRIDGE_OVERRIDES[@]}" \
+            "${let_overrides[@]}" 2>&1 | tee "$OUT/bridge_$arm.txt" | grep -E "LET teacher|iteration +(10|20|30)/|rror"
+    done
+    # Bridge's 'elapsed time per iteration (ms)' over iterations 11-30 (the first 10 warm up)
+    python3 - "$OUT" <<'PY' | tee "$OUT/bridge.txt"
+import re, sys
+def ms(arm):
+    text = open(f"{sys.argv[1]}/bridge_{arm}.txt").read()
+    times = [float(t) for i, t in re.findall(r"iteration\s+(\d+)/.*?elapsed time per iteration \(ms\): ([0-9.]+)", text)
+             if int(i) > 10]
+    return sum(times) / len(times) if times else None
+base, let = ms("baseline"), ms("let")
+if base is None or let is None:
+    print(f"Bridge vanilla GPT 1.4B: no step times (baseline {base}, LET {let}): see bridge_*.txt")
+else:
+    print(f"Bridge vanilla GPT 1.4B bf16 TE: step time baseline {base:.1f} ms, LET {let:.1f} ms, "
+          f"LET / baseline {let / base:.3f}")
 PY
 fi
