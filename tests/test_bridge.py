@@ -19,7 +19,8 @@ import sys
 
 import pytest
 
-from let_testing import MEGATRON_LM_MODEL, REL_TOL, ROOT, megatron_lm_source, parse_log, run_megatron_lm, torchrun
+from let_testing import (MEGATRON_LM_MODEL, REL_TOL, ROOT, launch, megatron_lm_source, parse_log, run_megatron_lm,
+                         torchrun)
 
 NEEDS_BRIDGE = ("needs Megatron-Bridge (Python 3.12): pip install --no-deps megatron-bridge==0.6.2 omegaconf "
                 "'hydra-core>=1.3.4,<1.4' einops datasets diffusers (docs/bridge.md; .ci/run's second stack)")
@@ -63,9 +64,14 @@ def let_overrides(teacher, layer=TARGET_LAYER, stop=STOP_ITER):
 
 
 def bridge(nproc: int, *overrides, script: str = SCRIPT):
-    """A run of ``script`` under torchrun: (its parsed log, its stdout)."""
+    """A run of ``script`` (one process: with torchrun's environment, without its start-up; more: under torchrun):
+    (its parsed log, its stdout)."""
     args = [RECIPE, *CPU_OVERRIDES, *overrides] if script == PLAIN else ["--recipe", RECIPE, *CPU_OVERRIDES, *overrides]
-    proc = torchrun(script, nproc, args, timeout=300)
+    if nproc == 1:
+        proc = launch(args, script=os.path.relpath(script, ROOT))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    else:
+        proc = torchrun(script, nproc, args, timeout=300)
     logged = parse_log(proc.stdout)
     assert logged and "lm loss" in logged[min(logged)], proc.stdout[-3000:] + proc.stderr[-3000:]
     return logged, proc.stdout
@@ -135,17 +141,19 @@ def from_checkpoint(ckpt):
 
 @pytest.fixture(scope="module")
 def reference(tiny_teacher, initial_checkpoint, tmp_path_factory):
-    """One process, LET at layer 3, logging to TensorBoard too: (parsed log, stdout, TensorBoard directory)."""
-    tensorboard = tmp_path_factory.mktemp("bridge_tb")
+    """One process, LET at layer 3, logging to TensorBoard and saving at iteration 2 (which the resume test
+    resumes from): (parsed log, stdout, TensorBoard directory, checkpoint directory)."""
+    tensorboard, ckpt = tmp_path_factory.mktemp("bridge_tb"), tmp_path_factory.mktemp("bridge_resume") / "ckpt"
     logged, stdout = bridge(1, *let_overrides(tiny_teacher), *from_checkpoint(initial_checkpoint),
-                            f"logger.tensorboard_dir={tensorboard}")
-    return logged, stdout, str(tensorboard)
+                            f"logger.tensorboard_dir={tensorboard}", f"checkpoint.save={ckpt}",
+                            "checkpoint.save_interval=2")
+    return logged, stdout, str(tensorboard), str(ckpt)
 
 
 def test_recipe_trains_with_let(reference):
     """LET's scalars in Bridge's log line and TensorBoard; lambda decays linearly to 0 at the stop step, where
     LET ends and the teacher is released; the alignment loss is within (0, 2 lambda] while it runs."""
-    logged, stdout, tensorboard = reference
+    logged, stdout, tensorboard, _ = reference
     assert sorted(logged) == list(range(1, ITERS + 1))
     lambdas = [logged[i]["let lambda"] for i in range(1, ITERS + 1)]
     assert lambdas == pytest.approx([LAMBDA0 * max(0.0, 1 - i / STOP_ITER) for i in range(ITERS)], abs=1e-7)
@@ -199,16 +207,14 @@ def test_layout_matches_one_process(layout, tiny_teacher, initial_checkpoint, re
     assert_same(logged, expected, layout)
 
 
-def test_resume_equals_a_straight_run(tiny_teacher, initial_checkpoint, reference, tmp_path):
-    """Save at iteration 2 (Bridge's own checkpoint, LET's state in its common part), resume to 4: the straight
-    run's numbers, across the stop step."""
-    ckpt = tmp_path / "resume"
-    first, _ = bridge(1, *let_overrides(tiny_teacher), *from_checkpoint(initial_checkpoint),
-                      f"checkpoint.save={ckpt}", "checkpoint.save_interval=2", "train.exit_interval=2")
-    second, stdout = bridge(1, *let_overrides(tiny_teacher), f"checkpoint.load={ckpt}", f"checkpoint.save={ckpt}",
-                            "checkpoint.save_interval=100", f"train.train_iters={ITERS}")
-    assert sorted(first) == [1, 2] and sorted(second) == [3, 4], (sorted(first), sorted(second))
-    assert_same({**first, **second}, reference[0], "resumed")
+def test_resume_equals_a_straight_run(tiny_teacher, reference):
+    """Resume from the straight run's save at iteration 2 (Bridge's own checkpoint: distributed optimizer, LET's
+    state in its common part) and train to 4: the straight run's numbers, across the stop step."""
+    straight, _, _, ckpt = reference
+    resumed, stdout = bridge(1, *let_overrides(tiny_teacher), f"checkpoint.load={ckpt}", "checkpoint.ckpt_step=2",
+                             f"train.train_iters={ITERS}")
+    assert sorted(resumed) == [3, 4], sorted(resumed)
+    assert_same(resumed, straight, "resumed", iterations=[3, 4])
 
 
 @pytest.mark.skipif(megatron_lm_source() is None, reason="needs megatron.training (Megatron-LM's loop)")
