@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 
     from megatron_let.errors import LETConfigError, LETNonFiniteError, print_error
-    from megatron_let.integrations.bridge import Exported, let_forward_step_and_callbacks, with_let
+    from megatron_let.integrations.bridge import let_forward_step_and_callbacks, with_let
     from megatron_let.patch_registry import announce
 
     program = "pretrain_bridge_let.py"
@@ -55,8 +55,6 @@ def main(argv=None) -> int:
         step, callbacks = let_forward_step_and_callbacks(cfg, forward_step)
         announce()
         pretrain(cfg, step, callbacks=callbacks)
-    except Exported:
-        return 0
     except (LETConfigError, LETNonFiniteError) as error:
         print_error(program, error)
         return 2 if isinstance(error, LETConfigError) else 1

@@ -229,3 +229,28 @@ def test_bridge_and_megatron_lm_log_the_same_first_iteration(tiny_teacher, initi
     assert_same(megatron_lm, reference[0], "Megatron-LM vs Bridge", keys=("lm loss", "let loss", "let cos",
                                                                             "let lambda", "grad norm"),
                 iterations=[1])
+
+
+def test_export_writes_a_plain_bridge_checkpoint(tiny_teacher, initial_checkpoint, tmp_path):
+    """let.export_dir with checkpoint.load: Bridge's own save of the loaded model, without LET's projector, LET
+    state or optimizer; the loop runs no iteration and the run ends cleanly."""
+    export = tmp_path / "export"
+    args = ["--recipe", RECIPE, *CPU_OVERRIDES, *let_overrides(tiny_teacher), f"checkpoint.load={initial_checkpoint}",
+            f"let.export_dir={export}", "train.train_iters=4"]
+    proc = launch(args, script=os.path.relpath(SCRIPT, ROOT))
+    assert proc.returncode == 0 and "Pretrain failed" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"exported iteration 1 without LET state to {export}" in proc.stdout
+    assert not parse_log(proc.stdout)  # no training iteration
+    check = subprocess.run([sys.executable, "-c", f"""
+import glob, torch.distributed.checkpoint as dcp
+from megatron_let.compat.cpu import enable_cpu_megatron
+enable_cpu_megatron()
+from megatron.core import dist_checkpointing
+(directory,) = glob.glob('{export}/iter_*')
+common = dist_checkpointing.load_common_state_dict(directory)
+keys = list(dcp.FileSystemReader(directory).read_metadata().state_dict_metadata)
+assert 'let' not in common and not [k for k in keys if 'let_alignment' in k or 'optimizer' in k], (common, keys)
+assert any('decoder.layers' in k for k in keys), keys
+print('ok')
+"""], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT))
+    assert check.returncode == 0 and "ok" in check.stdout, check.stdout[-2000:] + check.stderr[-2000:]

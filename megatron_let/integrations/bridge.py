@@ -27,7 +27,7 @@ LET is a thin adapter over :class:`megatron_let.driver.LETDriver`, attached thro
   ``checkpoint.load`` before the model is built.
 
 Export (``let.export_dir``, with ``checkpoint.load``): the loaded model without LET's projector, saved with
-Bridge's own ``save_checkpoint`` (no optimizer, no RNG), and the run ends before training.
+Bridge's own ``save_checkpoint`` (no optimizer, no RNG), and the loop runs no iteration.
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ from megatron_let.megatron_versions import batch_on_this_cp_rank
 from megatron_let.patch_registry import apply_patches, register_patch
 from megatron_let.resume import read_saved_let_state
 
-__all__ = ["LETSection", "with_let", "let_forward_step_and_callbacks", "LETBridge", "let_args", "GROUP",
-           "Exported"]
+__all__ = ["LETSection", "with_let", "let_forward_step_and_callbacks", "LETBridge", "let_args", "GROUP"]
 
 GROUP = "let-bridge"
 
@@ -108,17 +107,17 @@ def let_args(cfg) -> argparse.Namespace:
             except (TypeError, ValueError) as error:
                 raise LETConfigError(f"let.{f.name}={value!r}: {error}") from None
         values[dest_of(f.name)] = value
-    model, train, ckpt = cfg.model, cfg.train, cfg.checkpoint
+    model, schedule, ckpt = cfg.model, cfg.train, cfg.checkpoint
     return argparse.Namespace(
         **values,
         hidden_size=model.hidden_size, num_layers=model.num_layers, seq_length=model.seq_length,
         tensor_model_parallel_size=model.tensor_model_parallel_size,
         pipeline_model_parallel_size=model.pipeline_model_parallel_size,
         context_parallel_size=model.context_parallel_size, sequence_parallel=model.sequence_parallel,
-        micro_batch_size=train.micro_batch_size, global_batch_size=train.global_batch_size,
-        train_iters=train.train_iters, train_samples=getattr(train, "train_samples", None),
-        rampup_batch_size=getattr(train, "rampup_batch_size", None),
-        decrease_batch_size_if_needed=getattr(train, "decrease_batch_size_if_needed", False),
+        micro_batch_size=schedule.micro_batch_size, global_batch_size=schedule.global_batch_size,
+        train_iters=schedule.train_iters, train_samples=schedule.train_samples,
+        rampup_batch_size=schedule.rampup_batch_size,
+        decrease_batch_size_if_needed=schedule.decrease_batch_size_if_needed,
         data_parallel_size=getattr(cfg, "data_parallel_size", None) or 1,
         seed=cfg.rng.seed, load=ckpt.load, ckpt_step=ckpt.ckpt_step, finetune=ckpt.finetune,
         cuda_graph_impl=getattr(model, "cuda_graph_impl", None),
@@ -188,7 +187,7 @@ class LETBridge:
                 integration._on_train_start(context)
                 if let_args(integration.cfg).let_export_dir:
                     integration.export(context.state, context.model)
-                    raise Exported()
+                    integration.end_before_training(context.state)
 
             def on_train_step_end(self, context):
                 integration._on_train_step_end(context)
@@ -259,6 +258,14 @@ class LETBridge:
         from megatron.bridge.utils.common_utils import print_rank_last
 
         print_rank_last(f" exported iteration {state.train_state.step} without LET state to {export_dir}")
+
+
+    @staticmethod
+    def end_before_training(state) -> None:
+        """After the export: Bridge's loop runs no iteration (its train_iters is the loaded step), nor validation or
+        test, and pretrain() returns normally."""
+        state.cfg.train.train_iters = state.train_state.step
+        state.train_state.do_valid = state.train_state.do_test = False
 
 
 class _LETForwardStep:
@@ -362,10 +369,6 @@ def _let_state_in_checkpoint(checkpointing, context) -> None:
         return state_dict
 
     checkpointing.generate_state_dict = with_let_state
-
-
-class Exported(Exception):
-    """let.export_dir is done: leave pretrain() before training (pretrain_bridge_let.py exits 0)."""
 
 
 _CURRENT: List[LETBridge] = []  # this process's integration, which the registry's wrappers serve
