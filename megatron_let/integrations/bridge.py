@@ -148,6 +148,9 @@ class LETBridge:
             from megatron.bridge.utils.common_utils import print_rank_last
 
             args = let_args(self.cfg)
+            if args.let_reset_projector:  # Bridge's load_checkpoint reads every saved tensor, as Megatron-LM's
+                raise LETConfigError("let.reset_projector is implemented by the lean trainer only; under Bridge "
+                                     "resume with the checkpoint's let.teacher and let.projector settings.")
             tokenizer = getattr(self.cfg.dataset, "tokenizer", None) or build_tokenizer(self.cfg.tokenizer)
             tok = self.cfg.tokenizer
             name = f"tokenizer.tokenizer_model={tok.tokenizer_model}" if getattr(tok, "tokenizer_model", None) \
@@ -275,8 +278,8 @@ class _LETForwardStep:
     def __init__(self, integration: LETBridge, base: Callable):
         from megatron.bridge.training.utils.train_utils import prepare_forward_step_func
 
+        # no functools.update_wrapper: Bridge inspects this functor's own signature (``state`` first: injected)
         self.integration, self.base, self._prepare = integration, base, prepare_forward_step_func
-        functools.update_wrapper(self, base, updated=())
 
     def __call__(self, state, data_iterator, model, return_schedule_plan: bool = False):
         integration = self.integration
