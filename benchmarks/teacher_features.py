@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_let.teacher_norm import feature_energy_report  # noqa: E402
+from megatron_let.loss.teacher_norm import feature_energy_report  # noqa: E402
 from megatron_let.teachers.huggingface import HFTeacher  # noqa: E402
 
 

@@ -19,12 +19,12 @@ PROJECTORS = ("interp", "linear", "mlp")
 TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
 TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")  # megatron_let/teachers/token_alignment.py
-TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
-TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
-LAMBDA_AUTO = "auto"  # --let-lambda auto: megatron_let/auto_lambda.py
+TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/loss/placement.py
+TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/loss/teacher_norm.py
+LAMBDA_AUTO = "auto"  # --let-lambda auto: megatron_let/weight/auto_lambda.py
 DEFAULT_LAMBDA_AUTO_FRACTION = 3.0  # from issue 27's convergence sweep (docs/convergence.md, docs/auto-lambda.md)
 TEACHER_NONE = "none"  # --let-teacher none: LET off on purpose for this run (ends a resumed LET: preflight/resume_state.py)
-STOP_MODES = ("schedule", "auto")  # --let-stop auto: megatron_let/auto_stop.py
+STOP_MODES = ("schedule", "auto")  # --let-stop auto: megatron_let/weight/auto_stop.py
 STOP_AUTO = "auto"
 DEFAULT_STOP_AUTO = {"threshold": 0.0, "window": 20, "warmup": 100}  # provisional: never fired in the sweep
 # (each list lives only here, imported where a module checks it: config stays torch-free)
@@ -57,7 +57,7 @@ class LETConfig:
     ``target_layer`` is 1-based and global, like megatron-core's ``layer_number``.
     ``teacher_layer`` indexes the teacher's ``hidden_states`` tuple (``None`` = final).
     The stop step is ``stop_iter``, ``stop_samples`` or ``stop_fraction`` of training (default 0.25),
-    resolved on Megatron-LM's schedule by :func:`megatron_let.stop.resolve_stop`; after it lambda is 0
+    resolved on Megatron-LM's schedule by :func:`megatron_let.weight.stop.resolve_stop`; after it lambda is 0
     and the teacher is released.
     """
 
@@ -191,12 +191,12 @@ class LETConfig:
 
     def resolve_stop_iter(self, train_iters: Optional[int]) -> int:
         """The stop iteration of an iteration-based run with a constant batch size (default: a quarter
-        of training); :func:`megatron_let.stop.resolve_stop` handles every schedule."""
+        of training); :func:`megatron_let.weight.stop.resolve_stop` handles every schedule."""
         if self.stop_iter is not None:
             return self.stop_iter
         if self.stop_samples is not None or train_iters is None:
             raise LETConfigError("the stop step of --let-stop-samples or --train-samples needs the batch schedule: "
-                                 "megatron_let.stop.resolve_stop")
+                                 "megatron_let.weight.stop.resolve_stop")
         fraction = 0.25 if self.stop_fraction is None else self.stop_fraction
         return max(1, int(round(fraction * train_iters)))
 

@@ -183,7 +183,7 @@ def rampup_calculator_class():
 
 
 def build_calculator(schedule):
-    """megatron-core's num-microbatches calculator for a :class:`~megatron_let.stop.TrainingSchedule`."""
+    """megatron-core's num-microbatches calculator for a :class:`~megatron_let.weight.stop.TrainingSchedule`."""
     from megatron.core.num_microbatches_calculator import _build_num_microbatches_calculator
 
     kwargs = dict(rank=-1, global_batch_size=schedule.global_batch_size, micro_batch_size=schedule.micro_batch_size,

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from megatron_let.config import TEACHER_NONE, LETConfig, let_config_from_args
 from megatron_let.errors import LETConfigError
 from megatron_let.resume import aligning_at, changed_settings, refuse_unusable_projector, refuse_unusable_width
-from megatron_let.stop import TrainingSchedule, resolve_stop
+from megatron_let.weight.stop import TrainingSchedule, resolve_stop
 from megatron_let.teachers.huggingface import output_width, preflight_teacher
 from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
 
@@ -113,7 +113,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
                                  ) from None
     log(_placement_line(config, args))
     if getattr(args, "hybrid_layer_pattern", None):  # what k counts on a HybridModel (alignment.target_layer_of)
-        from megatron_let.alignment import describe_target_layer
+        from megatron_let.loss.alignment import describe_target_layer
 
         log(f" LET target: {describe_target_layer(config.target_layer, args.hybrid_layer_pattern)}")
     for warning in config.warnings(args.num_layers, train_iters, stop.iteration):
@@ -139,8 +139,8 @@ def _teacher_layers(config: LETConfig, saved_config: dict) -> Optional[int]:
 
 
 def _placement_line(config: LETConfig, args) -> str:
-    """Where the teacher lives and how much of its work each rank does (megatron_let/placement.py)."""
-    from megatron_let.placement import describe, teacher_weight_bytes
+    """Where the teacher lives and how much of its work each rank does (megatron_let/loss/placement.py)."""
+    from megatron_let.loss.placement import describe, teacher_weight_bytes
     from megatron_let.teachers.huggingface import resolve_teacher, resolve_teacher_dtype
 
     source = resolve_teacher(config.teacher)

@@ -452,7 +452,7 @@ def _check_supported(args) -> None:
     """Settings LET cannot honour under Megatron-LM yet."""
     if getattr(args, "use_legacy_models", False):
         raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
-    refuse_unsupported_features(args)  # CUDA graphs, FSDP (full recompute works: megatron_let/recompute.py)
+    refuse_unsupported_features(args)  # CUDA graphs, FSDP (full recompute works: megatron_let/loss/recompute.py)
     if args.let_reset_projector:  # Megatron-LM's own load_checkpoint reads every saved tensor
         raise LETConfigError("--let-reset-projector is implemented by the lean trainer only; under Megatron-LM "
                              "resume with the checkpoint's teacher and --let-projector settings.")

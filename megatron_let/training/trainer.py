@@ -16,7 +16,7 @@ from megatron_let.errors import LETConfigError
 from megatron_let.driver import LETDriver
 from megatron_let.integrations.launch import build_let
 from megatron_let.resume import read_saved_let_state
-from megatron_let.stop import TrainingSchedule
+from megatron_let.weight.stop import TrainingSchedule
 from megatron_let.training import checkpoint as ckpt
 from megatron_let.training.arguments import vocab_size_with_padding
 from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp
