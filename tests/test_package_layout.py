@@ -4,7 +4,7 @@
 Groups: the base (errors, flags, version facts, patch registry: importable from anywhere, importing nothing
 else), the LET core (the other top-level modules: controller, driver, resume), ``loss`` (the alignment loss and
 its placement), ``weight`` (lambda and stop policies), ``teachers``, ``data``, ``integrations`` (the Megatron
-side), ``preflight``, ``training``, ``evaluation``, ``experiments``, ``compat``. The core, the loss, the weight
+side), ``preflight``, ``training``, ``evaluation``, ``compat``. The core, the loss, the weight
 and the teachers never import a driver or a tool; ``compat`` (the CPU redirections) is imported only by
 launchers, benchmarks and tests.
 """
@@ -36,7 +36,6 @@ ALLOWED = {
     "training": {CORE, "loss", "weight", "teachers", "data", "integrations", "preflight"},
     "evaluation": {"teachers"},
     "compat": set(),
-    "experiments": {"data"},
 }
 COMPAT_LAUNCHERS = {"megatron_let.training.cli", "megatron_let.integrations.megatron_lm",
                     "megatron_let.integrations.selection"}
