@@ -9,15 +9,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_let.loss.alignment import LETAlignment, target_layer_of
-from megatron_let.weight.auto_lambda import AutoLambda
-from megatron_let.weight.auto_stop import AutoStop
 from megatron_let.config import LAMBDA_AUTO, STOP_AUTO, LETConfig
+from megatron_let.loss.alignment import LETAlignment, target_layer_of
 from megatron_let.loss.metrics import IntervalMean, LETMetrics
 from megatron_let.loss.placement import SpreadPlacement, SpreadStates, TeacherWork
 from megatron_let.loss.probe import SLOTS as PROBE_SLOTS, GradientProbe, pull_ratio
-from megatron_let.weight.schedule import let_lambda
 from megatron_let.teachers.huggingface import HFTeacher, resolve_teacher_dtype, teacher_hidden_size
+from megatron_let.weight.auto_lambda import AutoLambda
+from megatron_let.weight.auto_stop import AutoStop
+from megatron_let.weight.schedule import let_lambda
 
 
 class LateToEarlyTraining:

@@ -12,10 +12,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from let_testing import LOSS_SCALE, M, MBS, SEQ, VOCAB, alignment_grad, microbatches, tiny_transformer_config
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError, add_let_args, let_config_from_args
-from megatron_let.weight.auto_lambda import EMA_BETA
 from megatron_let.config import DEFAULT_LAMBDA_AUTO_FRACTION
 from megatron_let.training.model import build_gpt_chunks
 from megatron_let.training.step import forward_step
+from megatron_let.weight.auto_lambda import EMA_BETA
 
 FRACTION, STOP = 0.2, 4
 

@@ -16,8 +16,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from let_testing import (LEAN_MODEL as MODEL, LOSS_SCALE, M, MBS, SCRIPT, SEQ, VOCAB, alignment_grad, make_tiny_llama,
                          microbatches, parse_log, tiny_transformer_config, torchrun)
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError, add_let_args, let_config_from_args
-from megatron_let.loss.autoscaler import MeasuredLETLossAutoScaler
 from megatron_let.config import DEFAULT_STOP_AUTO
+from megatron_let.loss.autoscaler import MeasuredLETLossAutoScaler
 from megatron_let.training.model import build_gpt_chunks
 from megatron_let.training.step import forward_step
 

@@ -85,8 +85,8 @@ def _train(chunk, let, batches):
     (lm loss, let loss, grad norm)."""
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_let.training.components import build_optimizer, wrap_ddp
     from megatron_let.driver import LETDriver
+    from megatron_let.training.components import build_optimizer, wrap_ddp
     from megatron_let.training.step import train_step
 
     let.attach(chunk)

@@ -10,9 +10,9 @@ from typing import Callable, Optional
 from megatron_let.config import TEACHER_NONE, LETConfig, let_config_from_args
 from megatron_let.errors import LETConfigError
 from megatron_let.resume import aligning_at, changed_settings, refuse_unusable_projector, refuse_unusable_width
-from megatron_let.weight.stop import TrainingSchedule, resolve_stop
 from megatron_let.teachers.huggingface import output_width, preflight_teacher
 from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
+from megatron_let.weight.stop import TrainingSchedule, resolve_stop
 
 
 def refuse_unsupported_features(args) -> None:

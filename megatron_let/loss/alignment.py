@@ -16,8 +16,8 @@ from megatron_let.loss.autoscaler import LETLossAutoScaler, MeasuredLETLossAutoS
 from megatron_let.loss.parallel import cp_shard, cp_unshard, sp_shard
 from megatron_let.loss.probe import GradientProbe
 from megatron_let.loss.projector import build_projector, cosine_alignment_terms
-from megatron_let.loss.teacher_norm import TeacherFeatureNorm, feature_energy_report
 from megatron_let.loss.recompute import RecomputeStash, in_checkpointed_forward
+from megatron_let.loss.teacher_norm import TeacherFeatureNorm, feature_energy_report
 
 
 def target_layer_of(model, target_layer: int) -> Optional[torch.nn.Module]:
