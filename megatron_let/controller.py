@@ -9,15 +9,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_let.alignment import LETAlignment, target_layer_of
-from megatron_let.auto_lambda import AutoLambda
-from megatron_let.auto_stop import AutoStop
 from megatron_let.config import LAMBDA_AUTO, STOP_AUTO, LETConfig
-from megatron_let.metrics import IntervalMean, LETMetrics
-from megatron_let.placement import SpreadPlacement, SpreadStates, TeacherWork
-from megatron_let.probe import SLOTS as PROBE_SLOTS, GradientProbe, pull_ratio
-from megatron_let.schedule import let_lambda
+from megatron_let.loss.alignment import LETAlignment, target_layer_of
+from megatron_let.loss.metrics import IntervalMean, LETMetrics
+from megatron_let.loss.placement import SpreadPlacement, SpreadStates, TeacherWork
+from megatron_let.loss.probe import SLOTS as PROBE_SLOTS, GradientProbe, pull_ratio
 from megatron_let.teachers.huggingface import HFTeacher, resolve_teacher_dtype, teacher_hidden_size
+from megatron_let.weight.auto_lambda import AutoLambda
+from megatron_let.weight.auto_stop import AutoStop
+from megatron_let.weight.schedule import let_lambda
 
 
 class LateToEarlyTraining:
@@ -35,7 +35,7 @@ class LateToEarlyTraining:
                  seed: int = 1234, teacher_hidden_size: Optional[int] = None, target_tokenizer=None,
                  eod_id: Optional[int] = None, saved: Optional[dict] = None):
         """``stop_iter`` / ``stop_samples``: the stop step resolved on the run's schedule
-        (:func:`megatron_let.stop.resolve_stop`; default: ``config.stop_iter``). ``saved``: a checkpoint's LET
+        (:func:`megatron_let.weight.stop.resolve_stop`; default: ``config.stop_iter``). ``saved``: a checkpoint's LET
         state (:meth:`checkpoint_state`), whose --let-lambda auto EMA and --let-stop auto window continue here."""
         self.config = config
         self.target_tokenizer, self.eod_id = target_tokenizer, eod_id
@@ -44,14 +44,14 @@ class LateToEarlyTraining:
         self._teacher_hidden_size = teacher_hidden_size
         self.stop_iter = config.stop_iter if stop_iter is None else stop_iter
         if self.stop_iter is None:
-            raise ValueError("LateToEarlyTraining needs its stop step: resolve it with megatron_let.stop.resolve_stop")
+            raise ValueError("LateToEarlyTraining needs its stop step: resolve it with megatron_let.weight.stop.resolve_stop")
         self.stop_samples = stop_samples
         self.seed = seed
         saved = saved or {}
         self.metrics = LETMetrics()
         self.alignments: List[LETAlignment] = []
         self.current_lambda = 0.0
-        # --let-lambda auto: the weight follows the measured pulls at layer k (megatron_let/auto_lambda.py)
+        # --let-lambda auto: the weight follows the measured pulls at layer k (megatron_let/weight/auto_lambda.py)
         self.auto_lambda: Optional[AutoLambda] = \
             AutoLambda(config.auto_fraction) if config.lambda0 == LAMBDA_AUTO else None
         # --let-stop auto: also stop once cos(g_A, g_LM) at layer k stays below a threshold (auto_stop.py); a
@@ -63,7 +63,7 @@ class LateToEarlyTraining:
             self.auto_lambda.load_state_dict(saved.get("auto_lambda"))
         if self.auto_stop is not None:
             self.auto_stop.load_state_dict(saved.get("auto_stop"))
-        # both measure the two gradients at layer k's output (megatron_let/probe.py); neither: nothing runs
+        # both measure the two gradients at layer k's output (megatron_let/loss/probe.py); neither: nothing runs
         self.probe: Optional[GradientProbe] = GradientProbe(dot=self.auto_stop is not None) \
             if self.auto_lambda is not None or self.auto_stop is not None else None
         # logged with the probe, fixed lambda too: "let ratio" = lambda * ||g_A|| / ||g_LM|| at layer k, the
@@ -145,7 +145,7 @@ class LateToEarlyTraining:
         stop (its first iteration measures at weight 0)."""
         return not self.finished and (self.current_lambda != 0.0 or self.auto_lambda is not None)
 
-    # -- spread placement (megatron_let/placement.py) --------------------------------------------
+    # -- spread placement (megatron_let/loss/placement.py) --------------------------------------------
     @property
     def spreads_teacher(self) -> bool:
         """True when this iteration's teacher work is to be precomputed over the model-parallel group."""

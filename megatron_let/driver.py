@@ -71,7 +71,7 @@ class LETDriver:
         that read them (Megatron-LM reads batches on some stages and TP ranks only)."""
         from megatron.core import parallel_state
 
-        from megatron_let.placement import replica_group
+        from megatron_let.loss.placement import replica_group
 
         device = _device()
         group = replica_group(parallel_state.get_context_parallel_world_size())
@@ -91,7 +91,7 @@ class LETDriver:
             return
         from megatron.core import parallel_state
 
-        from megatron_let.placement import gather_counts, replica_group
+        from megatron_let.loss.placement import gather_counts, replica_group
 
         self._placement_reported = True
         group = replica_group(parallel_state.get_context_parallel_world_size())

@@ -148,39 +148,6 @@ def script_model_provider(script) -> Optional[Callable]:
     return functools.partial(script.model_provider, script.gpt_builder)
 
 
-def wrap_script_pretrain(pretrain: Callable, script, integration) -> Callable:
-    """``pretrain`` of a patched ``pretrain_gpt.py`` with LET's wrappers (patches/, ``enable_let``).
-
-    Up to 0.17 ``pretrain()`` parses the arguments, so its ``extra_args_provider`` gets LET's flags; from 0.18
-    the script parses them first with ``parse_and_validate_args``, which is wrapped in the script's namespace,
-    and LET attaches through the config container's pre-wrap hooks."""
-    parameters = inspect.signature(pretrain).parameters
-    if "cfg_container" in parameters:
-        parse = script.parse_and_validate_args
-
-        def parse_with_let(*args, extra_args_provider=None, **kwargs):
-            return parse(*args, extra_args_provider=integration.extra_args_provider(extra_args_provider), **kwargs)
-
-        script.parse_and_validate_args = parse_with_let
-    elif "extra_args_provider" not in parameters:
-        raise ImportError(f"this Megatron-LM's pretrain() takes neither a config container nor extra_args_provider; "
-                          f"LET supports Megatron-LM {supported_range()}.")
-    signature = inspect.signature(pretrain)
-
-    def pretrain_with_let(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs).arguments
-        arguments["forward_step_func"] = integration.forward_step(arguments["forward_step_func"])
-        if arguments.get("model_provider") is not None:
-            arguments["model_provider"] = integration.model_provider(arguments["model_provider"])
-        if "cfg_container" in arguments:
-            arguments["cfg_container"].model.pre_wrap_hooks.append(integration.attach)
-        else:
-            arguments["extra_args_provider"] = integration.extra_args_provider(arguments.get("extra_args_provider"))
-        return pretrain(**arguments)
-
-    return pretrain_with_let
-
-
 # -- 0.19: HybridModel (megatron.core.models.hybrid, Megatron-LM's pretrain_hybrid.py) ------------------------
 def has_hybrid_model() -> bool:
     """True where megatron-core has HybridModel (0.19; 0.16's closest is MambaModel, which LET does not drive)."""
@@ -216,7 +183,7 @@ def rampup_calculator_class():
 
 
 def build_calculator(schedule):
-    """megatron-core's num-microbatches calculator for a :class:`~megatron_let.stop.TrainingSchedule`."""
+    """megatron-core's num-microbatches calculator for a :class:`~megatron_let.weight.stop.TrainingSchedule`."""
     from megatron.core.num_microbatches_calculator import _build_num_microbatches_calculator
 
     kwargs = dict(rank=-1, global_batch_size=schedule.global_batch_size, micro_batch_size=schedule.micro_batch_size,

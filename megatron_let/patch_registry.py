@@ -12,7 +12,10 @@ Groups (declared where their entries live):
 - ``cpu-core``: megatron-core on a machine without CUDA (:mod:`megatron_let.compat.cpu`);
 - ``cpu-training``: Megatron-LM's ``megatron.training`` on such a machine (:mod:`megatron_let.compat.cpu_megatron_lm`);
 - ``cpu-script``: the CUDA calls of a ``pretrain_gpt.py`` script module, same condition;
-- ``let-megatron-lm``: LET's wiring into ``pretrain()`` (:mod:`megatron_let.integrations.megatron_lm`).
+- ``let-script``: LET's wiring into a ``pretrain_gpt.py``'s batch functions, ``let-megatron-lm``: into
+  megatron.training's loop (:mod:`megatron_let.integrations.megatron_lm`);
+- ``let-patched-script``: a user's patched ``pretrain_gpt.py``'s own ``pretrain()`` call
+  (:mod:`megatron_let.integrations.patching`).
 
 How to add a Megatron version: run the tests against it; each entry whose target moved fails by its id; add
 an entry with ``since`` = the version that moved it, and give the old one ``until`` = the same version.
@@ -61,6 +64,9 @@ class Patch:
             for name in self.target.partition(":")[2].split(".") if ":" in self.target else ():
                 owner = getattr(owner, name)
         except (ImportError, AttributeError) as error:
+            if isinstance(error, ModuleNotFoundError) and error.name and \
+                    not self.module_name.startswith(error.name):  # a dependency is missing, not the target
+                raise
             where = f"megatron-core {megatron_versions.core_version()}" if self.module_name else \
                 getattr(context, "__name__", repr(context))
             raise PatchTargetMissing(

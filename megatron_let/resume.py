@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 from megatron_let.config import DEFAULT_STOP_AUTO, LAMBDA_AUTO, STOP_AUTO, LETConfig, resolved_settings
 from megatron_let.errors import LETConfigError
 
-ESTIMATED_NORMS = ("center", "standardize")  # megatron_let/teacher_norm.py: width-shaped, checkpointed
+ESTIMATED_NORMS = ("center", "standardize")  # megatron_let/loss/teacher_norm.py: width-shaped, checkpointed
 
 
 def changed_settings(saved_config: dict, config: LETConfig, hidden_size: Optional[int] = None,

@@ -17,9 +17,10 @@ import sys
 
 import pytest
 
-from megatron_let.experiments.runs import CPU_FLAGS  # noqa: F401 (Megatron-LM's loop on a CPU; shared with the tools)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))  # the quickstart's experiment tools (examples/experiments)
+
+from experiments.runs import CPU_FLAGS  # noqa: E402,F401 (Megatron-LM's loop on a CPU; shared with the tools)
 WORKERS = os.path.join(ROOT, "tests", "workers")
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_let.py")
 HYBRID_SCRIPT = os.path.join(ROOT, "pretrain_hybrid_let.py")

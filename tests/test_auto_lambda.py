@@ -1,5 +1,5 @@
 """--let-lambda auto (issue 27): the weight is fraction x the smoothed ratio of the LM loss's to the alignment's
-gradient norm at layer k's output, decayed by the schedule (megatron_let/auto_lambda.py). Here: the rule by
+gradient norm at layer k's output, decayed by the schedule (megatron_let/weight/auto_lambda.py). Here: the rule by
 hand on one process through megatron-core's schedule, and the flags. The layouts, full recompute, the stop at
 iteration 0 and resume are in test_auto_lambda_layouts.py."""
 
@@ -12,10 +12,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from let_testing import LOSS_SCALE, M, MBS, SEQ, VOCAB, alignment_grad, microbatches, tiny_transformer_config
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError, add_let_args, let_config_from_args
-from megatron_let.auto_lambda import EMA_BETA
 from megatron_let.config import DEFAULT_LAMBDA_AUTO_FRACTION
 from megatron_let.training.model import build_gpt_chunks
 from megatron_let.training.step import forward_step
+from megatron_let.weight.auto_lambda import EMA_BETA
 
 FRACTION, STOP = 0.2, 4
 
@@ -124,7 +124,7 @@ def test_checkpoint_holds_the_live_ema(megatron_world1, tiny_teacher):
 
 
 def test_iterations_without_a_usable_measurement_leave_the_ema_alone():
-    from megatron_let.auto_lambda import AutoLambda
+    from megatron_let.weight.auto_lambda import AutoLambda
 
     auto = AutoLambda(0.1)
     assert auto.update([0.0, 0.0]) is None  # nothing measured (a second call in the same iteration)

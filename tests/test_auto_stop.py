@@ -1,5 +1,5 @@
 """--let-stop auto (issue 27): LET stops once cos(g_A, g_LM) at layer k's output stays below a threshold for a
-window of iterations, never later than the given stop step (megatron_let/auto_stop.py). Here: the cosine by hand
+window of iterations, never later than the given stop step (megatron_let/weight/auto_stop.py). Here: the cosine by hand
 on one process through megatron-core's schedule (fixed lambda and --let-lambda auto), the stop decision and the
 teacher's release, the stop step as the upper bound, the flags, and a resume past the automatic stop that
 never reads the teacher (build_let, and pretrain_gpt_let.py end to end). Under the layouts: test_auto_lambda_layouts."""
@@ -16,8 +16,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from let_testing import (LEAN_MODEL as MODEL, LOSS_SCALE, M, MBS, SCRIPT, SEQ, VOCAB, alignment_grad, make_tiny_llama,
                          microbatches, parse_log, tiny_transformer_config, torchrun)
 from megatron_let import LateToEarlyTraining, LETConfig, LETConfigError, add_let_args, let_config_from_args
-from megatron_let.autoscaler import MeasuredLETLossAutoScaler
 from megatron_let.config import DEFAULT_STOP_AUTO
+from megatron_let.loss.autoscaler import MeasuredLETLossAutoScaler
 from megatron_let.training.model import build_gpt_chunks
 from megatron_let.training.step import forward_step
 
@@ -169,7 +169,7 @@ def test_flags():
 
 
 def test_unusable_iterations_neither_count_nor_break_the_window():
-    from megatron_let.auto_stop import AutoStop
+    from megatron_let.weight.auto_stop import AutoStop
 
     stop = AutoStop(threshold=0.0, window=2, warmup=0)
     assert stop.update([4.0, 1.0, -1.0], 0, stop_iter=10) == -0.5 and stop.state["below"] == 1

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_let.data import prepare_corpus as pc
+from experiments import corpus as pc
 
 SEQ = 128
 

@@ -46,7 +46,7 @@ PATTERN = "*-" * GPT_BLOCKS
 
 # ------------------------------------------------------------------ layer k on a pattern
 def test_target_layer_counts_pattern_symbols():
-    from megatron_let.alignment import describe_target_layer
+    from megatron_let.loss.alignment import describe_target_layer
 
     assert describe_target_layer(6, "*-*-|*-*-") == "hybrid layer 6 of '*-*-|*-*-' ('-'), the output of GPT block 3"
     assert "between GPT block 2's attention and its MLP" in describe_target_layer(3, "*-*-*-*-")
@@ -85,8 +85,8 @@ def _train(chunk, let, batches):
     (lm loss, let loss, grad norm)."""
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_let.training.components import build_optimizer, wrap_ddp
     from megatron_let.driver import LETDriver
+    from megatron_let.training.components import build_optimizer, wrap_ddp
     from megatron_let.training.step import train_step
 
     let.attach(chunk)

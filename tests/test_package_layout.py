@@ -1,9 +1,12 @@
 """The package layout states the architecture: dependencies point one way, and every documented
 ``python -m megatron_let...`` command exists.
 
-Groups: the LET core (top-level modules), ``teachers``, ``data``, ``integrations``, ``training``,
-``evaluation``, ``experiments``, ``compat``. The core and the teachers never import a driver or a tool; ``compat`` (the
-CPU redirections) is imported only by launchers, benchmarks and tests.
+Groups: the base (errors, flags, version facts, patch registry: importable from anywhere, importing nothing
+else), the LET core (the other top-level modules: controller, driver, resume), ``loss`` (the alignment loss and
+its placement), ``weight`` (lambda and stop policies), ``teachers``, ``data``, ``integrations`` (the Megatron
+side), ``preflight``, ``training``, ``evaluation``, ``compat``. The core, the loss, the weight
+and the teachers never import a driver or a tool; ``compat`` (the CPU redirections) is imported only by
+launchers, benchmarks and tests.
 """
 
 import ast
@@ -18,17 +21,21 @@ from conftest import ROOT
 
 PACKAGE = os.path.join(ROOT, "megatron_let")
 CORE = "core"
-# group -> groups it may import (besides itself)
+BASE = "base"  # what every group may import: the errors, the flags, the version facts, the patch registry
+BASE_MODULES = {"megatron_let.errors", "megatron_let.config", "megatron_let.megatron_versions",
+                "megatron_let.patch_registry"}
+# group -> groups it may import (besides itself and the base)
 ALLOWED = {
-    CORE: {"teachers"},
-    "teachers": {"errors", "data"},
+    CORE: {"loss", "weight", "teachers"},
+    "loss": set(),
+    "weight": {"loss"},
+    "teachers": {"data"},
     "data": set(),
     "preflight": {CORE, "teachers"},
-    "integrations": {CORE, "teachers", "preflight"},
-    "training": {CORE, "teachers", "data", "integrations", "preflight"},
-    "evaluation": {"errors", "teachers"},
+    "integrations": {CORE, "loss", "weight", "teachers", "preflight"},
+    "training": {CORE, "loss", "weight", "teachers", "data", "integrations", "preflight"},
+    "evaluation": {"teachers"},
     "compat": set(),
-    "experiments": {"data"},
 }
 COMPAT_LAUNCHERS = {"megatron_let.training.cli", "megatron_let.integrations.megatron_lm",
                     "megatron_let.integrations.selection"}
@@ -44,8 +51,8 @@ def group_of(module: str) -> str:
     parts = module.split(".")
     if len(parts) >= 2 and os.path.isdir(os.path.join(PACKAGE, parts[1])):
         return parts[1]
-    if module == "megatron_let.errors":
-        return "errors"
+    if module in BASE_MODULES:
+        return BASE
     return CORE
 
 
@@ -82,13 +89,13 @@ def test_dependencies_point_one_way():
                 if module not in COMPAT_LAUNCHERS:
                     violations.append(f"{module} imports {imported} (compat is for launchers and tests only)")
                 continue
+            if other == BASE:
+                continue
+            if own == BASE:  # the base imports nothing else of the package
+                violations.append(f"{module} (base) imports {imported} ({other})")
+                continue
             assert own in ALLOWED, f"new folder megatron_let/{own}: state what it may import in ALLOWED"
-            allowed = ALLOWED[own] | {own, "errors"}
-            if own == "teachers" and imported == "megatron_let.config":
-                continue  # the flag names of LETConfigError messages
-            if own == "compat" and imported in ("megatron_let.megatron_versions", "megatron_let.patch_registry"):
-                continue  # its redirections are registry entries; their version ranges are data
-            if other not in allowed:
+            if other not in ALLOWED[own] | {own}:
                 violations.append(f"{module} ({own}) imports {imported} ({other})")
     assert not violations, "\n".join(violations)
 
@@ -97,7 +104,7 @@ def test_layout_checker_catches_a_reverse_import(tmp_path):
     """The rule above can fail: a teacher module importing a driver is a violation."""
     assert group_of("megatron_let.teachers.huggingface") == "teachers"
     assert group_of("megatron_let.integrations.launch") == "integrations"
-    assert "integrations" not in ALLOWED["teachers"] | {"teachers", "errors"}
+    assert "integrations" not in ALLOWED["teachers"] | {"teachers"}
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from megatron_let.integrations.launch import build_let\n")
     assert list(imports_of(str(bad))) == ["megatron_let.integrations.launch"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megatron_let import LETConfig, LETConfigError, add_let_args, let_config_from_args
-from megatron_let.parallel import cp_shard, sp_shard
-from megatron_let.placement import describe, expected_share, local_positions, row_partition
+from megatron_let.loss.parallel import cp_shard, sp_shard
+from megatron_let.loss.placement import describe, expected_share, local_positions, row_partition
 
 
 @pytest.mark.parametrize("rows,ranks", [(8, 2), (8, 4), (6, 4), (2, 4), (128, 8), (7, 3), (0, 2)])

@@ -129,7 +129,7 @@ def _load_quickstart():
 
 def test_loss_axis_holds_every_point():
     """The plot's loss axis comes from the data: the first train losses (~ln vocab) are not cut off."""
-    from megatron_let.experiments.compare import loss_axis_limits
+    from experiments.compare import loss_axis_limits
 
     base = {"train": {10: {"lm loss": 8.31}, 20: {"lm loss": 6.9}}, "valid": {20: 6.65, 200: 5.51}}
     let = {"train": {10: {"lm loss": 8.30}, 20: {"lm loss": 6.8}}, "valid": {20: 6.56, 200: 5.39}}

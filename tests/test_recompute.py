@@ -104,7 +104,7 @@ def test_lean_trainer_moe_expert_parallel_with_recompute(cli_teacher, tmp_path):
 def test_stash_left_over_at_iteration_start_is_refused():
     """A no-grad training-mode forward under full recompute without its backward must not hand its
     teacher states to the next iteration's micro-batches."""
-    from megatron_let.recompute import RecomputeStash
+    from megatron_let.loss.recompute import RecomputeStash
 
     stash = RecomputeStash()
     stash.push("mb0")

@@ -108,7 +108,7 @@ def test_reset_projector_resumes_with_the_new_teacher_and_trains_it(tmp_path, te
     assert "WARNING: LET settings differ from the checkpoint's: teacher" in proc.stdout
     weight = _saved_projector_weight(os.path.join(saved, "iter_0000004"))
     assert weight.shape == (96, 32)  # the new teacher's width ...
-    from megatron_let.projector import build_projector
+    from megatron_let.loss.projector import build_projector
 
     fresh = build_projector("linear", 32, 96, seed=1234).weight  # ... trained from a fresh projector
     assert not torch.equal(weight, fresh.detach())
@@ -248,7 +248,7 @@ def test_teacher_without_tokenizer_files_is_checked_by_size_and_says_so(tokenize
 
 
 def test_target_layer_inside_a_fully_recomputed_block_trains(teachers):
-    """Full recompute runs layer k twice (megatron_let/recompute.py counts it once): nothing to refuse.
+    """Full recompute runs layer k twice (megatron_let/loss/recompute.py counts it once): nothing to refuse.
     A layer in a virtual-pipeline chunk is covered by test_parallel_equivalence (pp2_vpp2_k_on_*)."""
     proc = run(*BASE, "--train-iters", 2, *let(teachers["narrow"], 2, "--let-stop-iter", 3),
                "--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", 4)

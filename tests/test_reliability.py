@@ -219,7 +219,7 @@ def test_refused_features_with_let(teacher, flags, fragments):
     ({"use_torch_fsdp2": True}, "--use-torch-fsdp2"),
 ])
 def test_refusals_shared_by_both_trainers(settings, flag):
-    """The check both trainers run (Megatron-LM's _check_supported and the lean trainer's arguments)."""
+    """The check both trainers run (launch.build_let, and the lean trainer's arguments before LET is built)."""
     import argparse
 
     from megatron_let.errors import LETConfigError
@@ -229,3 +229,18 @@ def test_refusals_shared_by_both_trainers(settings, flag):
     with pytest.raises(LETConfigError) as error:
         refuse_unsupported_features(argparse.Namespace(**{"cuda_graph_impl": "none", **settings}))
     assert str(error.value).startswith(flag) and "\n" not in str(error.value)
+
+
+def test_refusals_that_depend_on_the_loop():
+    """--let-reset-projector needs the lean trainer's loader (Megatron-LM's reads every saved tensor); legacy
+    models have no layer-k hook on either loop."""
+    import argparse
+
+    from megatron_let.errors import LETConfigError
+    from megatron_let.integrations.launch import refuse_unsupported_features
+
+    refuse_unsupported_features(argparse.Namespace(let_reset_projector=True))  # the lean trainer implements it
+    with pytest.raises(LETConfigError, match="--let-reset-projector is implemented by the lean trainer only"):
+        refuse_unsupported_features(argparse.Namespace(let_reset_projector=True), megatron_lm=True)
+    with pytest.raises(LETConfigError, match="drop --use-legacy-models"):
+        refuse_unsupported_features(argparse.Namespace(use_legacy_models=True))

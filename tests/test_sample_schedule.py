@@ -32,7 +32,7 @@ def let(teacher, *extra):
 
 def test_schedule_matches_megatron_lm_update_train_iters():
     from megatron_let.megatron_versions import rampup_calculator_class
-    from megatron_let.stop import TrainingSchedule
+    from megatron_let.weight.stop import TrainingSchedule
 
     if rampup_calculator_class() is not None:  # up to 0.18: --rampup-batch-size 4 4 16
         ramp = TrainingSchedule(None, 48, 8, 2, 1, [4, 4, 16])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_let import LateToEarlyTraining, LETConfig
-from megatron_let.teacher_norm import TeacherFeatureNorm, feature_energy_report
+from megatron_let.loss.teacher_norm import TeacherFeatureNorm, feature_energy_report
 from let_testing import (LEAN_LAYOUTS as LAYOUTS, assert_same_logs, lean_let_flags as let_flags, make_tiny_llama,
                          tiny_transformer_config, train_lean as train)
 

@@ -1,7 +1,7 @@
 """Causal-span token alignment (--let-token-alignment causal-span): a teacher with another tokenizer.
 
 Two real, different byte-level tokenizers: GPT-2's BPE (rebuilt offline from whisper's gpt2.tiktoken by
-megatron_let.data.prepare_corpus; skipped when pip cannot fetch it) and a BPE trained here. Property-based
+experiments.corpus; skipped when pip cannot fetch it) and a BPE trained here. Property-based
 (hypothesis) checks that every target position gets the LAST teacher token ending at or before its end,
 in bytes, document by document; identity for identical tokenizers; EOD and BOS handling; truncation;
 padding with an attention mask; and that LET with a mismatched teacher gives the single-process numbers
@@ -28,7 +28,7 @@ _UNBYTE = {c: b for b, c in bytes_to_unicode().items()}
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    from megatron_let.data.prepare_corpus import DownloadError, build_tokenizer
+    from experiments.corpus import DownloadError, build_tokenizer
 
     cache = Path(os.environ.get("MEGATRON_LET_CACHE", os.path.expanduser("~/.cache/megatron-let/downloads")))
     try:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_let.config import LETConfigError, add_let_args, let_config_from_args
-from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
-from megatron_let.projector import build_projector
-from megatron_let.schedule import let_lambda
+from megatron_let.loss.parallel import cp_shard, cp_unshard, sp_shard
+from megatron_let.loss.projector import build_projector
+from megatron_let.weight.schedule import let_lambda
 
 
 def test_linear_schedule_is_the_papers():

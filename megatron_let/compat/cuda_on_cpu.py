@@ -151,7 +151,7 @@ def as_if_cuda_entry(group: str, target: str, why: str, type_names: bool = False
 
     def apply(megatron_module, context):
         owner = functools.reduce(getattr, owner_path, megatron_module)
-        raw = vars(owner)[name]
+        raw = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)  # a class: static/classmethod
         if isinstance(raw, (staticmethod, classmethod)):
             setattr(owner, name, type(raw)(as_if_cuda(raw.__func__, type_names)))
         else:

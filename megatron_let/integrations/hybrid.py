@@ -20,7 +20,7 @@ The final norm of ``HybridStack`` is TransformerEngine's ``TENorm`` whatever the
 ``megatron_let.compat.cpu`` substitutes megatron-core's torch norm for it.
 
 Where LET takes layer k's output on a HybridModel is decided in one place,
-:func:`megatron_let.alignment.target_layer_of` (docs/hybrid.md).
+:func:`megatron_let.loss.alignment.target_layer_of` (docs/hybrid.md).
 """
 
 from __future__ import annotations

@@ -10,19 +10,27 @@ from typing import Callable, Optional
 from megatron_let.config import TEACHER_NONE, LETConfig, let_config_from_args
 from megatron_let.errors import LETConfigError
 from megatron_let.resume import aligning_at, changed_settings, refuse_unusable_projector, refuse_unusable_width
-from megatron_let.stop import TrainingSchedule, resolve_stop
 from megatron_let.teachers.huggingface import output_width, preflight_teacher
 from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
+from megatron_let.weight.stop import TrainingSchedule, resolve_stop
 
 
-def refuse_unsupported_features(args) -> None:
-    """Features LET cannot honour, refused in one line before training, under both trainers.
+def refuse_unsupported_features(args, megatron_lm: bool = False) -> None:
+    """Settings LET cannot honour, refused in one line before training (both trainers; ``megatron_lm``: the run
+    is Megatron-LM's loop).
 
     CUDA graphs replay a captured forward: LET's hook on layer k computes a new, data-dependent loss
     from the teacher each micro-batch in Python, which a replayed graph would skip or replay stale.
     FSDP: LET's learned projector (and the hook on a sharded layer) has not been run under
     Megatron-FSDP or torch FSDP2; megatron-core 0.16's FSDP wrappers hard-code CUDA
-    (``DeviceMesh(..., "cuda")``, CUDA buffers), so no CPU test can check it here. (Full activation recomputation, MoE and expert parallelism are supported.)"""
+    (``DeviceMesh(..., "cuda")``, CUDA buffers), so no CPU test can check it here. Legacy models have no
+    layer-k hook. ``--let-reset-projector`` needs a loader that skips saved tensors: the lean trainer's.
+    (Full activation recomputation, MoE and expert parallelism are supported.)"""
+    if getattr(args, "use_legacy_models", False):
+        raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
+    if megatron_lm and getattr(args, "let_reset_projector", False):  # Megatron-LM's load_checkpoint reads all
+        raise LETConfigError("--let-reset-projector is implemented by the lean trainer only; under Megatron-LM "
+                             "resume with the checkpoint's teacher and --let-projector settings.")
     impl = getattr(args, "cuda_graph_impl", None)
     graph_flags = [flag for flag, on in (("--enable-cuda-graph", getattr(args, "enable_cuda_graph", False)),
                                          ("--external-cuda-graph", getattr(args, "external_cuda_graph", False)),
@@ -44,9 +52,10 @@ def refuse_unsupported_features(args) -> None:
 
 
 def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
-              saved: Optional[dict] = None, resume_iteration: Optional[int] = None):
-    """The LateToEarlyTraining for ``args`` (None without --let-teacher), validated against the
-    target's tokenizer, the teacher files and, when resuming, the checkpoint's LET state.
+              saved: Optional[dict] = None, resume_iteration: Optional[int] = None, megatron_lm: bool = False):
+    """The LateToEarlyTraining for ``args`` (None without --let-teacher), validated against the loop
+    (``megatron_lm``: Megatron-LM's), the target's tokenizer, the teacher files and, when resuming, the
+    checkpoint's LET state.
     ``log`` prints one line on the logging rank (warnings get a WARNING prefix here)."""
 
     def warn(message: str) -> None:
@@ -61,7 +70,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
             log(f" LET ended at iteration {resume_iteration} by --let-teacher none (the checkpoint's stop step was "
                 f"{saved.get('stop_iter')})")
         return None
-    refuse_unsupported_features(args)
+    refuse_unsupported_features(args, megatron_lm)
     reset_projector = config.reset_projector
     hidden_size = getattr(args, "hidden_size", None)
     refuse_unusable_projector(saved, config, reset_projector, hidden_size)  # megatron_let/resume.py
@@ -113,7 +122,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
                                  ) from None
     log(_placement_line(config, args))
     if getattr(args, "hybrid_layer_pattern", None):  # what k counts on a HybridModel (alignment.target_layer_of)
-        from megatron_let.alignment import describe_target_layer
+        from megatron_let.loss.alignment import describe_target_layer
 
         log(f" LET target: {describe_target_layer(config.target_layer, args.hybrid_layer_pattern)}")
     for warning in config.warnings(args.num_layers, train_iters, stop.iteration):
@@ -139,8 +148,8 @@ def _teacher_layers(config: LETConfig, saved_config: dict) -> Optional[int]:
 
 
 def _placement_line(config: LETConfig, args) -> str:
-    """Where the teacher lives and how much of its work each rank does (megatron_let/placement.py)."""
-    from megatron_let.placement import describe, teacher_weight_bytes
+    """Where the teacher lives and how much of its work each rank does (megatron_let/loss/placement.py)."""
+    from megatron_let.loss.placement import describe, teacher_weight_bytes
     from megatron_let.teachers.huggingface import resolve_teacher, resolve_teacher_dtype
 
     source = resolve_teacher(config.teacher)

@@ -37,11 +37,11 @@ from typing import Callable, Optional, Set
 
 import torch
 
-from megatron_let.config import add_let_args, let_requested
+from megatron_let.config import add_let_args
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.driver import LETDriver
 from megatron_let.errors import CheckpointWriteError, LETConfigError, LETNonFiniteError, print_error
-from megatron_let.integrations.launch import build_let, refuse_unsupported_features
+from megatron_let.integrations.launch import build_let
 from megatron_let.megatron_versions import call_pretrain, script_model_provider, tokens_and_loss_mask
 from megatron_let.patch_registry import announce as announce_patches, apply_patches, register_patch
 from megatron_let.resume import read_saved_let_state
@@ -160,12 +160,10 @@ class LETMegatronLM:
             from megatron.training import get_args, get_tokenizer, print_rank_last
 
             args = get_args()
-            if let_requested(args):  # not for --let-teacher none
-                _check_supported(args)
             name = f"--tokenizer-model {args.tokenizer_model}" if getattr(args, "tokenizer_model", None) \
                 else f"--tokenizer-type {args.tokenizer_type}"
             saved, resume_iteration = read_saved_let_state(args)  # megatron_let/resume.py: shared with the lean trainer
-            let = build_let(args, get_tokenizer(), name, print_rank_last, saved, resume_iteration)
+            let = build_let(args, get_tokenizer(), name, print_rank_last, saved, resume_iteration, megatron_lm=True)
             self.driver = LETDriver(let, args.micro_batch_size, args.seq_length, print_rank_last)
             if let is not None:
                 args.let_state = self.driver.checkpoint_state()  # Megatron-LM saves args in every checkpoint
@@ -446,16 +444,6 @@ class _LoggedOSError(logging.Handler):
         found = re.search(r"\[Errno (\d+)\] ([^\n]*)", record.getMessage())
         if found and self.error is None:
             self.error = OSError(int(found.group(1)), found.group(2))
-
-
-def _check_supported(args) -> None:
-    """Settings LET cannot honour under Megatron-LM yet."""
-    if getattr(args, "use_legacy_models", False):
-        raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
-    refuse_unsupported_features(args)  # CUDA graphs, FSDP (full recompute works: megatron_let/recompute.py)
-    if args.let_reset_projector:  # Megatron-LM's own load_checkpoint reads every saved tensor
-        raise LETConfigError("--let-reset-projector is implemented by the lean trainer only; under Megatron-LM "
-                             "resume with the checkpoint's teacher and --let-projector settings.")
 
 
 def main(extra_args_provider: Optional[Callable] = None, model: str = "gpt") -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 import py_compile
 import shutil
@@ -35,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 from typing import Callable, Optional
+
+from megatron_let.patch_registry import register_patch
 
 __all__ = ["enable_let", "default_patch", "is_patched", "apply_patch", "revert_patch", "main"]
 
@@ -72,20 +75,22 @@ class _Namespace:
 def enable_let(namespace, pretrain: Callable) -> Callable:
     """Wire LET into the calling ``pretrain_gpt.py`` and return its ``pretrain`` with LET's wrappers.
 
-    ``namespace`` is the script's ``globals()`` (or the module). ``get_batch`` and
-    ``mtp_on_this_rank`` are replaced there and ``megatron.training.training.training_log`` is wrapped
-    (see :mod:`megatron_let.integrations.megatron_lm`); the returned function wraps ``model_provider``,
-    ``forward_step_func`` and ``extra_args_provider`` of each call. LET flag errors end the run
+    ``namespace`` is the script's ``globals()`` (or the module). The registry's ``let-script`` entries replace
+    ``get_batch`` and the full-batch predicate there, the ``let-megatron-lm`` entries wrap megatron.training's
+    loop (see :mod:`megatron_let.integrations.megatron_lm`), and the ``let-patched-script`` entries below wrap
+    the script's ``pretrain`` (and, from 0.18, its ``parse_and_validate_args``). LET flag errors end the run
     with one line and exit code 2 (1 for a non-finite alignment loss), as in ``pretrain_gpt_let.py``.
     """
     from megatron_let.errors import LETConfigError, LETNonFiniteError
     from megatron_let.integrations.megatron_lm import LETMegatronLM, _on_this_device
-    from megatron_let.megatron_versions import wrap_script_pretrain
+    from megatron_let.patch_registry import apply_patches
 
     module = _on_this_device(_Namespace(namespace) if isinstance(namespace, dict) else namespace)
     integration = LETMegatronLM(module)
     integration.install()
-    pretrain_wrapped = wrap_script_pretrain(pretrain, module, integration)
+    module.pretrain = pretrain
+    apply_patches(PATCHED_SCRIPT_GROUP, integration, module=module)
+    pretrain_wrapped = module.pretrain
 
     @functools.wraps(pretrain)
     def pretrain_with_let(*args, **kwargs):
@@ -99,6 +104,54 @@ def enable_let(namespace, pretrain: Callable) -> Callable:
 
     pretrain_with_let.let_integration = integration
     return pretrain_with_let
+
+
+# -- the registry's entries for a patched script's own pretrain() call -------------------------------------------
+PATCHED_SCRIPT_GROUP = "let-patched-script"
+
+
+def _wrap_pretrain(script, integration, with_container: bool) -> None:
+    """The script's ``pretrain`` with LET's forward step and model hook: up to 0.17 the model provider and
+    ``extra_args_provider`` (pretrain() parses the arguments), from 0.18 the config container's pre-wrap hook."""
+    pretrain = script.pretrain
+    signature = inspect.signature(pretrain)
+
+    @functools.wraps(pretrain)
+    def pretrain_with_let(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs).arguments
+        arguments["forward_step_func"] = integration.forward_step(arguments["forward_step_func"])
+        if arguments.get("model_provider") is not None:  # up to 0.18
+            arguments["model_provider"] = integration.model_provider(arguments["model_provider"])
+        if with_container:
+            arguments["cfg_container"].model.pre_wrap_hooks.append(integration.attach)
+        else:
+            arguments["extra_args_provider"] = integration.extra_args_provider(arguments.get("extra_args_provider"))
+        return pretrain(**arguments)
+
+    script.pretrain = pretrain_with_let
+
+
+register_patch("let.patched-script.pretrain", group=PATCHED_SCRIPT_GROUP, target=":pretrain", until="0.18",
+               why="pretrain() parses the arguments and builds the model: LET's flags join its "
+                   "extra_args_provider, the model provider attaches LET, the forward step notes train/eval"
+               )(functools.partial(_wrap_pretrain, with_container=False))
+register_patch("let.patched-script.pretrain-container", group=PATCHED_SCRIPT_GROUP, target=":pretrain",
+               since="0.18", why="pretrain(cfg_container, ...): LET attaches through the model config's pre-wrap "
+                                 "hooks, the forward step notes train/eval"
+               )(functools.partial(_wrap_pretrain, with_container=True))
+
+
+@register_patch("let.patched-script.parse-args", group=PATCHED_SCRIPT_GROUP, target=":parse_and_validate_args",
+                since="0.18", why="from 0.18 the script parses the arguments before pretrain(): LET's --let-* "
+                                  "group joins the extra_args_provider there")
+def _let_flags_in_parse(script, integration) -> None:
+    parse = script.parse_and_validate_args
+
+    @functools.wraps(parse)
+    def parse_with_let(*args, extra_args_provider=None, **kwargs):
+        return parse(*args, extra_args_provider=integration.extra_args_provider(extra_args_provider), **kwargs)
+
+    script.parse_and_validate_args = parse_with_let
 
 
 # -- applying the patch ------------------------------------------------------------------------------

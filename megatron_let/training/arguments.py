@@ -315,7 +315,7 @@ def _validate(args, world_size):
 def _validate_schedule(args) -> None:
     """Iteration- or sample-based training, with Megatron-LM's rules; sets ``train_iters`` (as
     Megatron-LM's update_train_iters) and the lr schedule in samples (``lr_*_steps``)."""
-    from megatron_let.stop import TrainingSchedule
+    from megatron_let.weight.stop import TrainingSchedule
 
     if (args.train_iters is None) == (args.train_samples is None):
         raise ArgumentError("give exactly one of --train-iters N (iteration-based training) and "

@@ -12,11 +12,10 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_let.checkpoint_files import latest_iteration
 from megatron_let.controller import LateToEarlyTraining
-from megatron_let.errors import LETConfigError
 from megatron_let.driver import LETDriver
+from megatron_let.errors import LETConfigError
 from megatron_let.integrations.launch import build_let
 from megatron_let.resume import read_saved_let_state
-from megatron_let.stop import TrainingSchedule
 from megatron_let.training import checkpoint as ckpt
 from megatron_let.training.arguments import vocab_size_with_padding
 from megatron_let.training.components import build_optimizer, initialize_parallel, wrap_ddp
@@ -24,6 +23,7 @@ from megatron_let.training.data import build_datasets, build_tokenizer, microbat
 from megatron_let.training.logger import TrainingLogger, print_rank_last
 from megatron_let.training.model import build_gpt_chunks, layer_spec
 from megatron_let.training.step import run_schedule, train_step
+from megatron_let.weight.stop import TrainingSchedule
 
 
 def transformer_config_from_args(args) -> TransformerConfig:

@@ -20,7 +20,7 @@ ratio is known before a backward pass, and no extra backward is run to get one).
 autograd call per micro-batch and one all-reduce of a few numbers per iteration, riding on the end-of-
 iteration collective both trainers already run (``LateToEarlyTraining.nonfinite_ranks``).
 
-Reduction (megatron_let/probe.py measures both gradients: ``GradientProbe.contribution``): the norms are
+Reduction (megatron_let/loss/probe.py measures both gradients: ``GradientProbe.contribution``): the norms are
 sums of squares over the whole global batch, as the gradient norm is a sum of squares over every parameter
 shard, then one all-reduce over all ranks:
 
@@ -49,13 +49,13 @@ import math
 from typing import Dict, Optional
 
 from megatron_let.config import DEFAULT_LAMBDA_AUTO_FRACTION
-from megatron_let.probe import pull_ratio
+from megatron_let.loss.probe import pull_ratio
 
 EMA_BETA = 0.9  # weight of the history per iteration (~10 iterations of memory); not a flag
 
 
 class AutoLambda:
-    """Keeps the smoothed ratio of the two pulls at layer k (measured by megatron_let/probe.py), gives the weight."""
+    """Keeps the smoothed ratio of the two pulls at layer k (measured by megatron_let/loss/probe.py), gives the weight."""
 
     def __init__(self, fraction: float = DEFAULT_LAMBDA_AUTO_FRACTION, beta: float = EMA_BETA):
         self.fraction = float(fraction)

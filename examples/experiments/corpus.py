@@ -25,7 +25,7 @@ DIR/manifest.json -> self-check through Megatron's GPTDataset.
 
 Re-running with the same arguments finds the manifest and only re-verifies.
 
-    python -m megatron_let.data.prepare_corpus --output-dir DIR \
+    python examples/experiments/corpus.py --output-dir DIR \
         [--tokenizer gpt2|train-bpe|HF_DIR] [--vocab-size N] [--max-mb M]
 """
 

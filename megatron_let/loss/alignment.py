@@ -12,12 +12,12 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import make_viewless_tensor
 
-from megatron_let.autoscaler import LETLossAutoScaler, MeasuredLETLossAutoScaler, aux_loss_scale
-from megatron_let.parallel import cp_shard, cp_unshard, sp_shard
-from megatron_let.probe import GradientProbe
-from megatron_let.projector import build_projector, cosine_alignment_terms
-from megatron_let.teacher_norm import TeacherFeatureNorm, feature_energy_report
-from megatron_let.recompute import RecomputeStash, in_checkpointed_forward
+from megatron_let.loss.autoscaler import LETLossAutoScaler, MeasuredLETLossAutoScaler, aux_loss_scale
+from megatron_let.loss.parallel import cp_shard, cp_unshard, sp_shard
+from megatron_let.loss.probe import GradientProbe
+from megatron_let.loss.projector import build_projector, cosine_alignment_terms
+from megatron_let.loss.recompute import RecomputeStash, in_checkpointed_forward
+from megatron_let.loss.teacher_norm import TeacherFeatureNorm, feature_energy_report
 
 
 def target_layer_of(model, target_layer: int) -> Optional[torch.nn.Module]:
@@ -145,7 +145,7 @@ class LETAlignment(MegatronModule):
                                parallel_state.get_context_parallel_world_size(), hidden.device)
         if let.probe is None:
             injected = LETLossAutoScaler.apply(hidden, aux_loss, scale)
-        else:  # --let-lambda auto / --let-stop auto: measure both gradients at this output (megatron_let/probe.py)
+        else:  # --let-lambda auto / --let-stop auto: measure both gradients at this output (megatron_let/loss/probe.py)
             injected = self._measured(hidden, loss_sum, tokens_in_batch, aux_loss, scale, let.probe)
         # viewless, as megatron-core keeps layer outputs: pipeline stages free them after sending
         hidden = make_viewless_tensor(injected, requires_grad=True, keep_graph=True)

@@ -46,7 +46,7 @@ def row_partition(num_rows: int, group_size: int) -> List[Tuple[int, int]]:
 def local_positions(seq_length: int, cp_size: int, cp_rank: int, tp_size: int, tp_rank: int,
                     sequence_parallel: bool) -> torch.Tensor:
     """Sequence positions one rank's layer-k activations hold: its CP chunks, then its SP slice."""
-    from megatron_let.parallel import cp_shard, sp_shard
+    from megatron_let.loss.parallel import cp_shard, sp_shard
 
     positions = cp_shard(torch.arange(seq_length), cp_size, cp_rank, seq_dim=0)
     if sequence_parallel and tp_size > 1:

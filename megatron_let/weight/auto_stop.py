@@ -1,6 +1,6 @@
 """``--let-stop auto``: stop LET once the alignment no longer helps the LM objective.
 
-The rule (docs/auto-lambda.md, "Automatic stop"). At layer k's output h_k the probe (megatron_let/probe.py)
+The rule (docs/auto-lambda.md, "Automatic stop"). At layer k's output h_k the probe (megatron_let/loss/probe.py)
 measures, over every micro-batch of the global batch, the alignment loss's gradient ``g_A`` (at unit weight) and
 the LM loss's ``g_LM`` (from the layers above). Everything the alignment does to layers 1..k goes through h_k, and
 to first order a step along -g_A (what the alignment asks of layers 1..k) lowers the LM loss iff
@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
-from megatron_let.metrics import IntervalMean
-from megatron_let.probe import ALIGN_SQ, DOT, LM_SQ
+from megatron_let.loss.metrics import IntervalMean
+from megatron_let.loss.probe import ALIGN_SQ, DOT, LM_SQ
 
 
 class AutoStop:
