@@ -55,11 +55,11 @@ CPU_OVERRIDES = [
     "model.normalization=RMSNorm", "model.gated_linear_unit=true", "model.activation_func=silu",
     "model.add_bias_linear=false", "model.position_embedding_type=rope", "model.share_embeddings_and_output_weights=false",
 ]
-KEYS = ("lm loss", "let loss", "let lambda", "grad norm")
+KEYS = ("lm loss", "let loss", "let lambda", "let ratio", "grad norm")  # let ratio: let.lambda0=auto only
 
 
-def let_overrides(teacher, layer=TARGET_LAYER, stop=STOP_ITER):
-    return [f"let.teacher={teacher}", f"let.target_layer={layer}", f"let.lambda0={LAMBDA0}", f"let.stop_iter={stop}",
+def let_overrides(teacher, layer=TARGET_LAYER, stop=STOP_ITER, lambda0=LAMBDA0):
+    return [f"let.teacher={teacher}", f"let.target_layer={layer}", f"let.lambda0={lambda0}", f"let.stop_iter={stop}",
             "let.projector=linear"]
 
 
@@ -185,22 +185,27 @@ def test_without_let_it_is_bridges_own_run(tmp_path):
 LAYOUTS = {  # name: (processes, overrides, target layer)
     "tp2": (2, ["model.tensor_model_parallel_size=2"], TARGET_LAYER),
     "pp2_last_stage": (2, ["model.pipeline_model_parallel_size=2"], TARGET_LAYER),
-    "pp2_first_stage": (2, ["model.pipeline_model_parallel_size=2"], 1),
+    "pp2_first_stage_auto_lambda": (2, ["model.pipeline_model_parallel_size=2"], 1),
 }
 
 
 @pytest.fixture(scope="module")
 def first_stage_reference(tiny_teacher, initial_checkpoint):
-    return bridge(1, *let_overrides(tiny_teacher, layer=1), *from_checkpoint(initial_checkpoint))[0]
+    """Layer 1 (PP2: the first stage) with the default let.lambda0=auto: the weight measured every iteration."""
+    logged = bridge(1, *let_overrides(tiny_teacher, layer=1, lambda0="auto"), *from_checkpoint(initial_checkpoint))[0]
+    assert logged[1]["let lambda"] == 0.0 and logged[2]["let lambda"] > 0 and "let ratio" in logged[2], logged
+    return logged
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_one_process(layout, tiny_teacher, initial_checkpoint, reference, request):
-    """TP2, and PP2 with layer k on the last and on the first stage, equal one process on Bridge's loop."""
+    """TP2, and PP2 with layer k on the last and on the first stage (there with let.lambda0=auto, measured every
+    iteration), equal one process on Bridge's loop."""
     nproc, overrides, layer = LAYOUTS[layout]
     expected = reference[0] if layer == TARGET_LAYER else request.getfixturevalue("first_stage_reference")
-    logged, stdout = bridge(nproc, *let_overrides(tiny_teacher, layer=layer), *from_checkpoint(initial_checkpoint),
-                            *overrides)
+    lambda0 = LAMBDA0 if layer == TARGET_LAYER else "auto"
+    logged, stdout = bridge(nproc, *let_overrides(tiny_teacher, layer=layer, lambda0=lambda0),
+                            *from_checkpoint(initial_checkpoint), *overrides)
     rows = re.search(r"teacher sequences per rank of the model-parallel group in the first iteration: \[([0-9, ]+)\]",
                      stdout)
     assert rows and sum(int(r) for r in rows.group(1).split(",")) == 8, stdout[-3000:]  # spread over both ranks
