@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 
     from megatron_let.errors import LETConfigError, LETNonFiniteError, print_error
-    from megatron_let.integrations.bridge import let_forward_step_and_callbacks, with_let
+    from megatron_let.integrations.bridge import bridge_names, let_forward_step_and_callbacks, with_let
     from megatron_let.patch_registry import announce
 
     program = "pretrain_bridge_let.py"
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         announce()
         pretrain(cfg, step, callbacks=callbacks)
     except (LETConfigError, LETNonFiniteError) as error:
-        print_error(program, error)
+        print_error(program, bridge_names(str(error)))
         return 2 if isinstance(error, LETConfigError) else 1
     return 0
 

@@ -112,6 +112,16 @@ except RuntimeError as error:
     assert "CPU import placeholder" in str(error)
 else:
     raise AssertionError("a placeholder ran")
+# a let.* setting LET cannot use is refused before pretrain(), named as the override
+from megatron.bridge.recipes.gpt.vanilla_gpt import vanilla_gpt_pretrain_config
+from megatron_let.errors import LETConfigError
+from megatron_let.integrations.bridge import bridge_names, let_forward_step_and_callbacks, with_let
+try:
+    let_forward_step_and_callbacks(with_let(vanilla_gpt_pretrain_config(), target_layer=3))
+except LETConfigError as error:
+    assert bridge_names(str(error)).startswith("let.target_layer given without let.teacher"), error
+else:
+    raise AssertionError("let.target_layer without let.teacher was accepted")
 print("ok", patch_registry.summary())
 """
 

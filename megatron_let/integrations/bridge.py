@@ -41,7 +41,7 @@ from typing import Any, Callable, List, Optional, Set, Tuple
 
 import torch
 
-from megatron_let.config import LETConfig, dest_of
+from megatron_let.config import LETConfig, dest_of, flag_of, let_config_from_args
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.driver import LETDriver
 from megatron_let.errors import LETConfigError
@@ -50,7 +50,8 @@ from megatron_let.megatron_versions import batch_on_this_cp_rank
 from megatron_let.patch_registry import apply_patches, register_patch
 from megatron_let.resume import read_saved_let_state
 
-__all__ = ["LETSection", "with_let", "let_forward_step_and_callbacks", "LETBridge", "let_args", "GROUP"]
+__all__ = ["LETSection", "with_let", "let_forward_step_and_callbacks", "LETBridge", "let_args", "bridge_names",
+           "GROUP"]
 
 GROUP = "let-bridge"
 
@@ -374,6 +375,13 @@ def _let_state_in_checkpoint(checkpointing, context) -> None:
     checkpointing.generate_state_dict = with_let_state
 
 
+def bridge_names(message: str) -> str:
+    """A LET message in Bridge's terms: each ``--let-*`` flag named as its ``let.*`` override."""
+    for f in sorted(fields(LETConfig), key=lambda f: -len(flag_of(f.name))):
+        message = message.replace(flag_of(f.name), f"let.{f.name}")
+    return message
+
+
 _CURRENT: List[LETBridge] = []  # this process's integration, which the registry's wrappers serve
 
 
@@ -385,6 +393,7 @@ def let_forward_step_and_callbacks(cfg, forward_step: Optional[Callable] = None)
     default). Registers LET's pre-wrap hook on ``cfg.model`` and applies the ``let-bridge`` registry entries."""
     if forward_step is None:
         from megatron.bridge.training.gpt_step import forward_step
+    let_config_from_args(let_args(cfg))  # a wrong let.* setting is refused here, before any process group
     integration = LETBridge(cfg)
     cfg.model.register_pre_wrap_hook(integration.pre_wrap_hook)
     integration.install()
