@@ -22,8 +22,8 @@ import pytest
 from let_testing import (MEGATRON_LM_MODEL, REL_TOL, ROOT, launch, megatron_lm_source, parse_log, run_megatron_lm,
                          torchrun)
 
-NEEDS_BRIDGE = ("needs Megatron-Bridge (Python 3.12): pip install --no-deps megatron-bridge==0.6.2 omegaconf "
-                "'hydra-core>=1.3.4,<1.4' einops datasets diffusers (docs/bridge.md; .ci/run's second stack)")
+NEEDS_BRIDGE = ("needs Megatron-Bridge (Python 3.12): pip install --no-deps megatron-bridge==0.6.2 && pip install -e "
+                "'.[bridge-cpu]' (docs/bridge.md; .ci/run's second stack)")
 
 
 def _bridge_installed() -> bool:
