@@ -169,9 +169,10 @@ def test_recipe_trains_with_let(reference):
     assert lambdas == pytest.approx([LAMBDA0 * max(0.0, 1 - i / STOP_ITER) for i in range(ITERS)], abs=1e-7)
     for i in range(1, STOP_ITER + 1):
         assert 0 < logged[i]["let loss"] <= 2 * logged[i]["let lambda"], logged[i]
+        assert "let cos" in logged[i], logged[i]  # also when negative (Bridge itself prints only values >= 0)
     assert logged[ITERS]["let loss"] == 0.0
     assert f"LET stopped at iteration {STOP_ITER}: lambda 0, teacher released" in stdout, stdout[-3000:]
-    assert "let-bridge 2" in stdout  # the registry's start-up line names the Bridge entries
+    assert "let-bridge 3" in stdout  # the registry's start-up line names the Bridge entries
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(tensorboard)

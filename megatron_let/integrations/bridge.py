@@ -54,6 +54,9 @@ __all__ = ["LETSection", "with_let", "let_forward_step_and_callbacks", "LETBridg
            "GROUP"]
 
 GROUP = "let-bridge"
+# LET scalars that may be <= 0; Bridge's log line prints a loss-dict entry only when its interval average is >= 0
+SIGNED_SCALARS = ("let loss", "let cos", "let lambda", "let grad cos")
+_REPORT_ORDER = ("let loss", "let cos", "let lambda", "let ratio", "let grad cos")
 
 
 def _section_field(f: dataclasses.Field):
@@ -137,6 +140,7 @@ class LETBridge:
         self._owner_vp_stages: Set[Optional[int]] = set()
         self._wrapped_optimizers: Set[int] = set()
         self.exporting = False
+        self.signed = {key: [0.0, 0] for key in SIGNED_SCALARS}  # [sum, iterations] over the log interval
 
     @property
     def let(self) -> Optional[LateToEarlyTraining]:
@@ -224,6 +228,9 @@ class LETBridge:
             else torch.device("cpu")
         for key, value in self.driver.scalars().items():
             context.loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=device)
+            if key in self.signed and not context.skipped_iter:
+                self.signed[key][0] += value
+                self.signed[key][1] += 1
 
     # -- run -----------------------------------------------------------------------------------
     def install(self) -> None:
@@ -373,6 +380,28 @@ def _let_state_in_checkpoint(checkpointing, context) -> None:
         return state_dict
 
     checkpointing.generate_state_dict = with_let_state
+
+
+@register_patch("let.bridge.log-line", group=GROUP, target="megatron.bridge.training.utils.train_utils:print_rank_last",
+                why="Bridge's training_log prints a loss-dict entry only if its interval average is >= 0: a negative "
+                    "'let cos' (or 'let grad cos') is put back where Bridge would have printed it (TensorBoard and "
+                    "W&B get every value from Bridge itself)")
+def _signed_scalars_in_line(train_utils, context) -> None:
+    print_rank_last = train_utils.print_rank_last
+
+    @functools.wraps(print_rank_last)
+    def print_with_signed_let_scalars(message, *args, **kwargs):
+        integration = _CURRENT[0] if _CURRENT else None
+        if integration is not None and isinstance(message, str) and " consumed samples:" in message:
+            for key, (total, count) in integration.signed.items():
+                if count and f" {key}:" not in message:
+                    later = _REPORT_ORDER[_REPORT_ORDER.index(key) + 1:]
+                    anchor = next((f" {k}:" for k in later if f" {k}:" in message), " loss scale:")
+                    message = message.replace(anchor, f" {key}: {total / count:.6E} |{anchor}", 1)
+                integration.signed[key] = [0.0, 0]
+        return print_rank_last(message, *args, **kwargs)
+
+    train_utils.print_rank_last = print_with_signed_let_scalars
 
 
 def bridge_names(message: str) -> str:
