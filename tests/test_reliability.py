@@ -241,6 +241,6 @@ def test_refusals_that_depend_on_the_loop():
 
     refuse_unsupported_features(argparse.Namespace(let_reset_projector=True))  # the lean trainer implements it
     with pytest.raises(LETConfigError, match="--let-reset-projector is implemented by the lean trainer only"):
-        refuse_unsupported_features(argparse.Namespace(let_reset_projector=True), megatron_lm=True)
+        refuse_unsupported_features(argparse.Namespace(let_reset_projector=True), loop="Megatron-LM")
     with pytest.raises(LETConfigError, match="drop --use-legacy-models"):
         refuse_unsupported_features(argparse.Namespace(use_legacy_models=True))

@@ -14,10 +14,12 @@ from megatron_let.teachers.huggingface import output_width, preflight_teacher
 from megatron_let.teachers.vocabulary import check_vocabulary, hf_tokenizer_of
 from megatron_let.weight.stop import TrainingSchedule, resolve_stop
 
+LEAN = "the lean trainer"  # the loop a build_let caller names (Megatron-LM's: "Megatron-LM")
 
-def refuse_unsupported_features(args, megatron_lm: bool = False) -> None:
-    """Settings LET cannot honour, refused in one line before training (both trainers; ``megatron_lm``: the run
-    is Megatron-LM's loop).
+
+def refuse_unsupported_features(args, loop: str = LEAN) -> None:
+    """Settings LET cannot honour, refused in one line before training, under every loop (``loop``: its name,
+    for the messages).
 
     CUDA graphs replay a captured forward: LET's hook on layer k computes a new, data-dependent loss
     from the teacher each micro-batch in Python, which a replayed graph would skip or replay stale.
@@ -28,8 +30,8 @@ def refuse_unsupported_features(args, megatron_lm: bool = False) -> None:
     (Full activation recomputation, MoE and expert parallelism are supported.)"""
     if getattr(args, "use_legacy_models", False):
         raise LETConfigError("--let-teacher needs megatron-core models; drop --use-legacy-models.")
-    if megatron_lm and getattr(args, "let_reset_projector", False):  # Megatron-LM's load_checkpoint reads all
-        raise LETConfigError("--let-reset-projector is implemented by the lean trainer only; under Megatron-LM "
+    if loop != LEAN and getattr(args, "let_reset_projector", False):  # its load_checkpoint reads every tensor
+        raise LETConfigError(f"--let-reset-projector is implemented by the lean trainer only; under {loop} "
                              "resume with the checkpoint's teacher and --let-projector settings.")
     impl = getattr(args, "cuda_graph_impl", None)
     graph_flags = [flag for flag, on in (("--enable-cuda-graph", getattr(args, "enable_cuda_graph", False)),
@@ -52,9 +54,9 @@ def refuse_unsupported_features(args, megatron_lm: bool = False) -> None:
 
 
 def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
-              saved: Optional[dict] = None, resume_iteration: Optional[int] = None, megatron_lm: bool = False):
+              saved: Optional[dict] = None, resume_iteration: Optional[int] = None, loop: str = LEAN):
     """The LateToEarlyTraining for ``args`` (None without --let-teacher), validated against the loop
-    (``megatron_lm``: Megatron-LM's), the target's tokenizer, the teacher files and, when resuming, the
+    (``loop``: its name), the target's tokenizer, the teacher files and, when resuming, the
     checkpoint's LET state.
     ``log`` prints one line on the logging rank (warnings get a WARNING prefix here)."""
 
@@ -70,7 +72,7 @@ def build_let(args, tokenizer, tokenizer_name: str, log: Callable[[str], None],
             log(f" LET ended at iteration {resume_iteration} by --let-teacher none (the checkpoint's stop step was "
                 f"{saved.get('stop_iter')})")
         return None
-    refuse_unsupported_features(args, megatron_lm)
+    refuse_unsupported_features(args, loop)
     reset_projector = config.reset_projector
     hidden_size = getattr(args, "hidden_size", None)
     refuse_unusable_projector(saved, config, reset_projector, hidden_size)  # megatron_let/resume.py

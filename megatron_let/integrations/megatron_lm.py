@@ -163,7 +163,7 @@ class LETMegatronLM:
             name = f"--tokenizer-model {args.tokenizer_model}" if getattr(args, "tokenizer_model", None) \
                 else f"--tokenizer-type {args.tokenizer_type}"
             saved, resume_iteration = read_saved_let_state(args)  # megatron_let/resume.py: shared with the lean trainer
-            let = build_let(args, get_tokenizer(), name, print_rank_last, saved, resume_iteration, megatron_lm=True)
+            let = build_let(args, get_tokenizer(), name, print_rank_last, saved, resume_iteration, loop="Megatron-LM")
             self.driver = LETDriver(let, args.micro_batch_size, args.seq_length, print_rank_last)
             if let is not None:
                 args.let_state = self.driver.checkpoint_state()  # Megatron-LM saves args in every checkpoint
