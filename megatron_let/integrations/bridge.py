@@ -45,7 +45,7 @@ from megatron_let.config import LETConfig, dest_of, flag_of, let_config_from_arg
 from megatron_let.controller import LateToEarlyTraining
 from megatron_let.driver import LETDriver
 from megatron_let.errors import LETConfigError
-from megatron_let.integrations.launch import build_let
+from megatron_let.integrations.launch import build_let, refuse_unsupported_features
 from megatron_let.megatron_versions import batch_on_this_cp_rank
 from megatron_let.patch_registry import apply_patches, register_patch
 from megatron_let.resume import read_saved_let_state
@@ -54,6 +54,7 @@ __all__ = ["LETSection", "with_let", "let_forward_step_and_callbacks", "LETBridg
            "GROUP"]
 
 GROUP = "let-bridge"
+LOOP = "Megatron-Bridge"  # the loop build_let names in its refusals (let.reset_projector: Bridge's load reads all)
 # LET scalars that may be <= 0; Bridge's log line prints a loss-dict entry only when its interval average is >= 0
 SIGNED_SCALARS = ("let loss", "let cos", "let lambda", "let grad cos")
 _REPORT_ORDER = ("let loss", "let cos", "let lambda", "let ratio", "let grad cos")
@@ -153,15 +154,12 @@ class LETBridge:
             from megatron.bridge.utils.common_utils import print_rank_last
 
             args = let_args(self.cfg)
-            if args.let_reset_projector:  # Bridge's load_checkpoint reads every saved tensor, as Megatron-LM's
-                raise LETConfigError("let.reset_projector is implemented by the lean trainer only; under Bridge "
-                                     "resume with the checkpoint's let.teacher and let.projector settings.")
             tokenizer = getattr(self.cfg.dataset, "tokenizer", None) or build_tokenizer(self.cfg.tokenizer)
             tok = self.cfg.tokenizer
             name = f"tokenizer.tokenizer_model={tok.tokenizer_model}" if getattr(tok, "tokenizer_model", None) \
                 else f"tokenizer.tokenizer_type={tok.tokenizer_type}"
             saved, resume_iteration = read_saved_let_state(args)  # megatron_let/resume.py, as both other trainers
-            let = build_let(args, tokenizer, name, print_rank_last, saved, resume_iteration)
+            let = build_let(args, tokenizer, name, print_rank_last, saved, resume_iteration, loop=LOOP)
             self.driver = LETDriver(let, args.micro_batch_size, args.seq_length, print_rank_last)
         return self.let
 
@@ -408,7 +406,16 @@ def bridge_names(message: str) -> str:
     """A LET message in Bridge's terms: each ``--let-*`` flag named as its ``let.*`` override."""
     for f in sorted(fields(LETConfig), key=lambda f: -len(flag_of(f.name))):
         message = message.replace(flag_of(f.name), f"let.{f.name}")
+    for flag, override in _BRIDGE_NAMES.items():
+        message = message.replace(flag, override)
     return message
+
+
+# Megatron-LM flags LET's messages name, as the Bridge settings let_args reads them from
+_BRIDGE_NAMES = {"--num-layers": "model.num_layers", "--hidden-size": "model.hidden_size",
+                 "--seq-length": "model.seq_length", "--train-iters": "train.train_iters",
+                 "--train-samples": "train.train_samples", "--global-batch-size": "train.global_batch_size",
+                 "--micro-batch-size": "train.micro_batch_size"}
 
 
 _CURRENT: List[LETBridge] = []  # this process's integration, which the registry's wrappers serve
@@ -422,7 +429,9 @@ def let_forward_step_and_callbacks(cfg, forward_step: Optional[Callable] = None)
     default). Registers LET's pre-wrap hook on ``cfg.model`` and applies the ``let-bridge`` registry entries."""
     if forward_step is None:
         from megatron.bridge.training.gpt_step import forward_step
-    let_config_from_args(let_args(cfg))  # a wrong let.* setting is refused here, before any process group
+    args = let_args(cfg)  # a let.* setting LET cannot use is refused here, before any process group
+    if let_config_from_args(args) is not None:
+        refuse_unsupported_features(args, LOOP)
     integration = LETBridge(cfg)
     cfg.model.register_pre_wrap_hook(integration.pre_wrap_hook)
     integration.install()
