@@ -1,6 +1,6 @@
 """LETDriver: LET's per-iteration work, written once for every training loop.
 
-A loop (Megatron-LM's ``pretrain()``, the lean trainer; next, Megatron-Bridge) calls on every rank::
+A loop (Megatron-LM's ``pretrain()``, the lean trainer, Megatron-Bridge's ``pretrain()``) calls on every rank::
 
     data_iterator = driver.begin_iteration(iteration, num_microbatches, data_iterator)  # before the schedule
     ...the schedule's forward step hands layer k's stage its micro-batch (let.set_microbatch)...

@@ -16,6 +16,8 @@ Groups (declared where their entries live):
   megatron.training's loop (:mod:`megatron_let.integrations.megatron_lm`);
 - ``let-patched-script``: a user's patched ``pretrain_gpt.py``'s own ``pretrain()`` call
   (:mod:`megatron_let.integrations.patching`).
+- ``cpu-bridge-imports``, ``cpu-bridge``: Megatron-Bridge on a machine without CUDA (:mod:`megatron_let.compat.cpu_bridge`);
+- ``let-bridge``: LET's wiring into Bridge's ``train()`` and checkpoint (:mod:`megatron_let.integrations.bridge`).
 
 How to add a Megatron version: run the tests against it; each entry whose target moved fails by its id; add
 an entry with ``since`` = the version that moved it, and give the old one ``until`` = the same version.

@@ -37,7 +37,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from megatron_let.compat.cuda_on_cpu import _cuda_calls_return_self, as_if_cuda_entry, torch_on_cpu
+from megatron_let.compat.cuda_on_cpu import cuda_calls_return_self, as_if_cuda_entry, torch_on_cpu
 from megatron_let.patch_registry import apply_patches, register_patch
 
 __all__ = ["enable_cpu_bridge", "BRIDGE_MODULES"]
@@ -285,7 +285,7 @@ def _cpu_initialization(model_provider, context):
     def get_model_on_cpu(provider, *args, **kwargs):
         kwargs["use_cpu_initialization"] = bool(kwargs.get("use_cpu_initialization")
                                                 or provider.use_cpu_initialization)
-        with _cuda_calls_return_self(type_names=False):
+        with cuda_calls_return_self(type_names=False):
             return get_model(provider, *args, **kwargs)
 
     model_provider.get_model = get_model_on_cpu

@@ -21,7 +21,7 @@ import torch
 
 from megatron_let.patch_registry import register_patch
 
-__all__ = ["TORCH", "is_cuda_device", "as_if_cuda", "torch_on_cpu", "as_if_cuda_entry"]
+__all__ = ["TORCH", "is_cuda_device", "as_if_cuda", "torch_on_cpu", "as_if_cuda_entry", "cuda_calls_return_self"]
 
 
 def is_cuda_device(device) -> bool:
@@ -90,7 +90,7 @@ TORCH = _TorchOnCpu()  # the ``torch`` of every redirected module
 
 
 @contextlib.contextmanager
-def _cuda_calls_return_self(type_names: bool):
+def cuda_calls_return_self(type_names: bool):
     targets = [(torch.Tensor, "cuda"), (torch.nn.Module, "cuda")] + ([(torch.Tensor, "type")] if type_names else [])
     saved = [(owner, name, owner.__dict__.get(name)) for owner, name in targets]
     real_type = torch.Tensor.type
@@ -119,7 +119,7 @@ def as_if_cuda(fn, type_names: bool = False):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _cuda_calls_return_self(type_names):
+        with cuda_calls_return_self(type_names):
             return fn(*args, **kwargs)
 
     return wrapper
