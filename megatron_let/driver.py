@@ -25,6 +25,13 @@ from megatron_let.controller import LateToEarlyTraining
 from megatron_let.errors import LETNonFiniteError
 
 
+# LET scalars that may be <= 0, which the loops' log lines drop (Megatron-LM up to 0.18 prints a loss-dict entry
+# only when its interval average is > 0; 0.19 and Bridge >= 0): "let lambda" and so "let loss" are 0 in
+# --let-lambda auto's first iteration (it only measures), the cosines may be negative.
+SIGNED_SCALARS = ("let loss", "let cos", "let lambda", "let grad cos")
+_REPORT_ORDER = ("let loss", "let cos", "let lambda", "let ratio", "let grad cos")
+
+
 class LETDriver:
     """The loop-facing side of one process's :class:`LateToEarlyTraining` (``let``; None: LET off, every call
     passes through)."""
@@ -35,6 +42,7 @@ class LETDriver:
         self.micro_batch_size, self.seq_length = micro_batch_size, seq_length
         self.log = log  # one line on the logging rank (Megatron-LM's print_rank_last)
         self._placement_reported = False
+        self._signed = {key: [0.0, 0] for key in SIGNED_SCALARS}  # [sum, iterations] over the log interval
 
     @property
     def active(self) -> bool:
@@ -122,6 +130,30 @@ class LETDriver:
         """LET's scalars since the last call, the same on every rank (a collective over PP and DP); after the stop
         step only ``let lambda`` (0). Empty without LET."""
         return self.let.report() if self.let is not None else {}
+
+    def scalars_into(self, loss_dict: dict, skipped: bool) -> None:
+        """:meth:`scalars` as tensors in the iteration's ``loss_dict`` (while LET runs), which Megatron-LM's and
+        Bridge's ``training_log`` average over the log interval into their line, TensorBoard and W&B."""
+        if not self.active:
+            return
+        for key, value in self.scalars().items():
+            loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=_device())
+            if key in self._signed and not skipped:
+                self._signed[key][0] += value
+                self._signed[key][1] += 1
+
+    def signed_scalars_into_line(self, message):
+        """The log line with the interval averages of :data:`SIGNED_SCALARS` the loop's ``training_log`` dropped,
+        where it would have printed them (in ``LateToEarlyTraining.report``'s order); other messages unchanged."""
+        if not (isinstance(message, str) and " consumed samples:" in message):
+            return message
+        for key, (total, count) in self._signed.items():
+            if count and f" {key}:" not in message:
+                later = _REPORT_ORDER[_REPORT_ORDER.index(key) + 1:]
+                anchor = next((f" {k}:" for k in later if f" {k}:" in message), " loss scale:")
+                message = message.replace(anchor, f" {key}: {total / count:.6E} |{anchor}", 1)
+            self._signed[key] = [0.0, 0]
+        return message
 
     def checkpoint_state(self) -> Optional[dict]:
         """What a checkpoint keeps of LET (:meth:`LateToEarlyTraining.checkpoint_state`); None without LET."""

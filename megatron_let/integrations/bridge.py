@@ -56,8 +56,6 @@ __all__ = ["LETSection", "with_let", "let_forward_step_and_callbacks", "LETBridg
 GROUP = "let-bridge"
 LOOP = "Megatron-Bridge"  # the loop build_let names in its refusals (let.reset_projector: Bridge's load reads all)
 # LET scalars that may be <= 0; Bridge's log line prints a loss-dict entry only when its interval average is >= 0
-SIGNED_SCALARS = ("let loss", "let cos", "let lambda", "let grad cos")
-_REPORT_ORDER = ("let loss", "let cos", "let lambda", "let ratio", "let grad cos")
 
 
 def _section_field(f: dataclasses.Field):
@@ -141,7 +139,6 @@ class LETBridge:
         self._owner_vp_stages: Set[Optional[int]] = set()
         self._wrapped_optimizers: Set[int] = set()
         self.exporting = False
-        self.signed = {key: [0.0, 0] for key in SIGNED_SCALARS}  # [sum, iterations] over the log interval
 
     @property
     def let(self) -> Optional[LateToEarlyTraining]:
@@ -220,15 +217,8 @@ class LETBridge:
     def _on_train_step_end(self, context) -> None:
         """LET's scalars (a PP + DP collective, every rank, every iteration) join the step's loss dict, which
         Bridge's training_log averages over the log interval and writes to its line, TensorBoard and W&B."""
-        if self.driver is None or not self.driver.active:
-            return
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-        for key, value in self.driver.scalars().items():
-            context.loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=device)
-            if key in self.signed and not context.skipped_iter:
-                self.signed[key][0] += value
-                self.signed[key][1] += 1
+        if self.driver is not None:
+            self.driver.scalars_into(context.loss_dict, bool(context.skipped_iter))
 
     # -- run -----------------------------------------------------------------------------------
     def install(self) -> None:
@@ -390,13 +380,8 @@ def _signed_scalars_in_line(train_utils, context) -> None:
     @functools.wraps(print_rank_last)
     def print_with_signed_let_scalars(message, *args, **kwargs):
         integration = _CURRENT[0] if _CURRENT else None
-        if integration is not None and isinstance(message, str) and " consumed samples:" in message:
-            for key, (total, count) in integration.signed.items():
-                if count and f" {key}:" not in message:
-                    later = _REPORT_ORDER[_REPORT_ORDER.index(key) + 1:]
-                    anchor = next((f" {k}:" for k in later if f" {k}:" in message), " loss scale:")
-                    message = message.replace(anchor, f" {key}: {total / count:.6E} |{anchor}", 1)
-                integration.signed[key] = [0.0, 0]
+        if integration is not None and integration.driver is not None:
+            message = integration.driver.signed_scalars_into_line(message)
         return print_rank_last(message, *args, **kwargs)
 
     train_utils.print_rank_last = print_with_signed_let_scalars

@@ -49,14 +49,6 @@ from megatron_let.resume import read_saved_let_state
 __all__ = ["LETMegatronLM", "import_pretrain_gpt", "import_pretrain_script", "main", "megatron_lm_available"]
 
 _PROGRAM_START_TIME = time.time()
-# LET scalars that may be <= 0, which Megatron-LM's log line drops up to 0.18 (it prints an entry only when its
-# interval average is > 0; 0.19 prints >= 0): "let lambda" and so "let loss" are 0 in --let-lambda auto's first
-# iteration (it only measures), the cosines may be negative. print_with_let_cos puts them back while LET runs, in
-# LateToEarlyTraining.report's order.
-SIGNED_SCALARS = ("let loss", "let cos", "let lambda", "let grad cos")
-_REPORT_ORDER = ("let loss", "let cos", "let lambda", "let ratio", "let grad cos")
-
-
 def _prepare_runtime() -> None:
     """CPU redirections (only without CUDA), before anything imports megatron.training."""
     if not torch.cuda.is_available():
@@ -138,7 +130,6 @@ class LETMegatronLM:
         self.driver: Optional[LETDriver] = None  # built with the first model chunk (the args are parsed by then)
         self._owner_vp_stages: Set[Optional[int]] = set()
         self._training = False  # the model's mode in the current forward step
-        self._signed = {key: [0.0, 0] for key in SIGNED_SCALARS}  # [sum, iterations] over the log interval
 
     @property
     def let(self) -> Optional[LateToEarlyTraining]:
@@ -359,17 +350,8 @@ def _log_let_scalars(training, integration: LETMegatronLM) -> None:
 
     @functools.wraps(training_log)
     def training_log_with_let(loss_dict, total_loss_dict, *args, **kwargs):
-        skipped_iter = kwargs.get("skipped_iter", args[4] if len(args) > 4 else 0)
-        driver = integration.driver
-        if driver is not None and driver.active:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-                else torch.device("cpu")
-            for key, value in driver.scalars().items():
-                loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=device)
-            for key in SIGNED_SCALARS:
-                if key in loss_dict and not skipped_iter:
-                    integration._signed[key][0] += float(loss_dict[key])
-                    integration._signed[key][1] += 1
+        if integration.driver is not None:
+            integration.driver.scalars_into(loss_dict, bool(kwargs.get("skipped_iter", args[4] if len(args) > 4 else 0)))
         return training_log(loss_dict, total_loss_dict, *args, **kwargs)
 
     training.training_log = training_log_with_let
@@ -383,14 +365,8 @@ def _signed_scalars_in_line(training, integration: LETMegatronLM) -> None:
     print_rank_last = training.print_rank_last
 
     def print_with_let_cos(message, *args, **kwargs):
-        if isinstance(message, str) and " consumed samples:" in message:
-            for key, (total, count) in integration._signed.items():
-                if count and f" {key}:" not in message:
-                    field = f" {key}: {total / count:.6E} |"
-                    later = _REPORT_ORDER[_REPORT_ORDER.index(key) + 1:]
-                    anchor = next((f" {k}:" for k in later if f" {k}:" in message), " loss scale:")
-                    message = message.replace(anchor, field + anchor, 1)
-                integration._signed[key] = [0.0, 0]
+        if integration.driver is not None:
+            message = integration.driver.signed_scalars_into_line(message)
         return print_rank_last(message, *args, **kwargs)
 
     training.print_rank_last = print_with_let_cos
