@@ -7,14 +7,37 @@ same layout, so what a failed write leaves, and what still loads, is decided her
 
 import os
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 TRACKER = "latest_checkpointed_iteration.txt"
+PARTIAL_SUFFIX = ".partial"  # an export is written to <dir>.partial and renamed to <dir> once complete
 # A failed save: torch.distributed.checkpoint's gathered write failures derive from BaseException, not Exception.
 SAVE_ERRORS = (Exception, CheckpointException)
+
+
+def export_partial_dir(export_dir: str) -> str:
+    """Where an export is written until it is complete (a sibling of ``--let-export-dir``): a run killed
+    midway leaves this, never a ``--let-export-dir`` that looks complete."""
+    return os.path.normpath(os.path.abspath(export_dir)) + PARTIAL_SUFFIX
+
+
+def write_export(export_dir: str, write: Callable[[str], None]) -> str:
+    """--let-export-dir, for every loop: ``write(directory)`` (the loop's own save) into
+    :func:`export_partial_dir`, renamed to ``export_dir`` by rank 0 once every rank has finished (over an empty
+    directory too: the preflight refused a non-empty one), so an export killed midway never looks finished
+    (preflight/paths.py refuses to start over its leftover and says to remove it). Returns the final path."""
+    final, partial = os.path.normpath(os.path.abspath(export_dir)), export_partial_dir(export_dir)
+    write(partial)
+    if dist.is_initialized():
+        dist.barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.replace(partial, final)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
 
 
 def iteration_dir(root: str, iteration: int) -> str:

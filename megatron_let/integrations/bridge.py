@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any, Callable, List, Optional, Set, Tuple
 
@@ -229,31 +228,28 @@ class LETBridge:
             apply_patches(GROUP)
 
     def export(self, state, model) -> None:
-        """let.export_dir: the loaded model without LET's projector, saved with Bridge's own save_checkpoint under a
-        sibling temporary name (no optimizer, no RNG), renamed once every rank has finished; then the run ends."""
+        """let.export_dir: the loaded model without LET's projector, saved with Bridge's own save_checkpoint (no
+        optimizer, no RNG) through :func:`~megatron_let.checkpoint_files.write_export`; then the run ends."""
         from megatron.bridge.training.checkpointing import save_checkpoint
 
-        from megatron_let.preflight.paths import export_partial_dir
+        from megatron_let.checkpoint_files import write_export
 
         export_dir = let_args(self.cfg).let_export_dir
         self.driver.strip_for_export(model)
-        partial = export_partial_dir(export_dir)
         ckpt = state.cfg.checkpoint
-        saved = {name: getattr(ckpt, name) for name in ("save", "save_optim", "save_rng", "async_save")}
-        ckpt.save, ckpt.save_optim, ckpt.save_rng, ckpt.async_save = partial, False, False, False
-        self.exporting = True
-        try:
-            save_checkpoint(state, model, None, None, state.train_state.floating_point_operations_so_far)
-        finally:
-            self.exporting = False
-            for name, value in saved.items():
-                setattr(ckpt, name, value)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            os.replace(partial, os.path.normpath(os.path.abspath(export_dir)))
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+
+        def save(partial: str) -> None:
+            saved = {name: getattr(ckpt, name) for name in ("save", "save_optim", "save_rng", "async_save")}
+            ckpt.save, ckpt.save_optim, ckpt.save_rng, ckpt.async_save = partial, False, False, False
+            self.exporting = True
+            try:
+                save_checkpoint(state, model, None, None, state.train_state.floating_point_operations_so_far)
+            finally:
+                self.exporting = False
+                for name, value in saved.items():
+                    setattr(ckpt, name, value)
+
+        write_export(export_dir, save)
         from megatron.bridge.utils.common_utils import print_rank_last
 
         print_rank_last(f" exported iteration {state.train_state.step} without LET state to {export_dir}")

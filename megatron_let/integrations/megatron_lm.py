@@ -218,32 +218,28 @@ class LETMegatronLM:
 
     def export(self, model, args) -> None:
         """--let-export-dir: the loaded model without LET's projector, saved with Megatron-LM's own
-        save_checkpoint (no optimizer, no RNG), then the run ends (_Exported). Written under a sibling
-        temporary name (synchronously) and renamed once every rank has finished, so an export killed midway
-        never looks finished (preflight/paths.py refuses to start over its leftover and says to remove it)."""
+        save_checkpoint (no optimizer, no RNG, synchronously) through :func:`~megatron_let.checkpoint_files.write_export`,
+        then the run ends (_Exported)."""
         from megatron.training import checkpointing, print_rank_last
 
-        from megatron_let.preflight.paths import export_partial_dir
+        from megatron_let.checkpoint_files import write_export
 
         self.driver.strip_for_export(model)
-        partial = export_partial_dir(args.let_export_dir)
-        saved = {name: getattr(args, name, None) for name in ("save", "no_save_optim", "no_save_rng", "async_save")}
-        args.save, args.no_save_optim, args.no_save_rng, args.async_save = partial, True, True, False
-        let_state = args.__dict__.pop("let_state", None)  # the export carries no LET state
-        if let_state is not None:
-            saved["let_state"] = let_state
-        try:
-            checkpointing.save_checkpoint(args.iteration, model, None, None,
-                                          getattr(args, "num_floating_point_operations_so_far", 0))
-        finally:
-            for name, value in saved.items():
-                setattr(args, name, value)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            os.replace(partial, os.path.normpath(os.path.abspath(args.let_export_dir)))  # over an empty one too
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+
+        def save(partial: str) -> None:
+            saved = {name: getattr(args, name, None) for name in ("save", "no_save_optim", "no_save_rng", "async_save")}
+            args.save, args.no_save_optim, args.no_save_rng, args.async_save = partial, True, True, False
+            let_state = args.__dict__.pop("let_state", None)  # the export carries no LET state
+            if let_state is not None:
+                saved["let_state"] = let_state
+            try:
+                checkpointing.save_checkpoint(args.iteration, model, None, None,
+                                              getattr(args, "num_floating_point_operations_so_far", 0))
+            finally:
+                for name, value in saved.items():
+                    setattr(args, name, value)
+
+        write_export(args.let_export_dir, save)
         print_rank_last(f" exported iteration {args.iteration} without LET state to {args.let_export_dir}")
         raise _Exported()
 

@@ -14,17 +14,10 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Tuple
 
+from megatron_let.checkpoint_files import export_partial_dir
 from megatron_let.errors import LETConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's and the lean trainer's name
-PARTIAL_SUFFIX = ".partial"  # an export is written to <dir>.partial and renamed to <dir> once complete
-
-
-def export_partial_dir(export_dir: str) -> str:
-    """Where an export is written until it is complete (a sibling of ``--let-export-dir``): a run killed
-    midway leaves this, never a ``--let-export-dir`` that looks complete."""
-    return os.path.normpath(os.path.abspath(export_dir)) + PARTIAL_SUFFIX
-
 
 def check_directories(args) -> None:
     """Refuse a launch whose writes could overwrite or pollute what the user saved, in one line naming the

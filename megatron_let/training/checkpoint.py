@@ -76,25 +76,21 @@ def save_checkpoint(root: str, iteration: int, model: List, optimizer, common: d
 
 
 def save_export(export_dir: str, iteration: int, model: List, common: dict) -> str:
-    """--let-export-dir: the model without LET state or optimizer, written under a sibling temporary name and
-    renamed once every rank has finished, so an export killed midway never looks finished (the preflight then
-    refuses to start over its leftover and says to remove it)."""
-    from megatron_let.preflight.paths import export_partial_dir
+    """--let-export-dir: the model without LET state or optimizer, through
+    :func:`~megatron_let.checkpoint_files.write_export`; a failed write removes its partial files."""
+    from megatron_let.checkpoint_files import write_export
 
-    final, partial = os.path.normpath(os.path.abspath(export_dir)), export_partial_dir(export_dir)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    try:
-        save_checkpoint(partial, iteration, model, None, common, save_optimizer=False, include_let=False)
-    except CheckpointWriteError as error:
-        if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointWriteError(f"exporting iteration {iteration} to --let-export-dir {export_dir} failed "
-                                   f"({error.__cause__ or error}); its partial files were removed. Free space or "
-                                   f"fix the error, then run the export again.") from error
-    if rank == 0:
-        os.replace(partial, final)  # over an empty directory too (the preflight refused a non-empty one)
-    _barrier()
-    return final
+    def save(partial: str) -> None:
+        try:
+            save_checkpoint(partial, iteration, model, None, common, save_optimizer=False, include_let=False)
+        except CheckpointWriteError as error:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointWriteError(f"exporting iteration {iteration} to --let-export-dir {export_dir} failed "
+                                       f"({error.__cause__ or error}); its partial files were removed. Free space "
+                                       f"or fix the error, then run the export again.") from error
+
+    return write_export(export_dir, save)
 
 
 def load_common(root: str, iteration: int) -> dict:
