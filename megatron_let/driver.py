@@ -81,7 +81,7 @@ class LETDriver:
 
         from megatron_let.loss.placement import replica_group
 
-        device = _device()
+        device = current_device()
         group = replica_group(parallel_state.get_context_parallel_world_size())
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         source = torch.tensor([rank if tokens is not None else size], device=device)
@@ -103,7 +103,7 @@ class LETDriver:
 
         self._placement_reported = True
         group = replica_group(parallel_state.get_context_parallel_world_size())
-        rows = [int(r) for r in gather_counts(self.let.work.rows, group, _device())]
+        rows = [int(r) for r in gather_counts(self.let.work.rows, group, current_device())]
         self.log(f" LET spread placement: teacher sequences per rank of the model-parallel group in the first "
                  f"iteration: {rows}")
 
@@ -137,7 +137,7 @@ class LETDriver:
         if not self.active:
             return
         for key, value in self.scalars().items():
-            loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=_device())
+            loss_dict[key] = torch.tensor(value, dtype=torch.float32, device=current_device())
             if key in self._signed and not skipped:
                 self._signed[key][0] += value
                 self._signed[key][1] += 1
@@ -171,5 +171,6 @@ class LETDriver:
                 del chunk.let_alignment
 
 
-def _device() -> torch.device:
+def current_device() -> torch.device:
+    """This rank's device: its GPU, or the CPU without CUDA."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

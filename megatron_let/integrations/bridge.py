@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any, Callable, List, Optional, Set, Tuple
 
@@ -42,7 +43,7 @@ import torch
 
 from megatron_let.config import LETConfig, dest_of, flag_of, let_config_from_args
 from megatron_let.controller import LateToEarlyTraining
-from megatron_let.driver import LETDriver
+from megatron_let.driver import LETDriver, current_device
 from megatron_let.errors import LETConfigError
 from megatron_let.integrations.launch import build_let, refuse_unsupported_features
 from megatron_let.megatron_versions import batch_on_this_cp_rank
@@ -280,24 +281,11 @@ class _LETForwardStep:
             batch = next(data_iterator)
             tokens, loss_mask = _tokens_and_loss_mask(batch, integration.cfg.model.context_parallel_size)
             integration.let.set_microbatch(tokens, loss_mask, None)
-            data_iterator = _Replay(batch, data_iterator)
+            data_iterator = itertools.chain([batch], data_iterator)  # the user's step reads it again
         step = self._prepare(self.base, state)
         if return_schedule_plan:
             return step(data_iterator, model, return_schedule_plan=True)
         return step(data_iterator, model)
-
-
-class _Replay:
-    """An iterator that yields ``first`` once, then continues with ``rest``."""
-
-    def __init__(self, first, rest):
-        self.first, self.rest = [first], rest
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.first.pop() if self.first else next(self.rest)
 
 
 def _unwrapped(model):
@@ -309,7 +297,7 @@ def _unwrapped(model):
 def _tokens_and_loss_mask(batch: dict, cp_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(tokens, loss_mask) of a Bridge micro-batch as this rank feeds them to the model: on its device, the
     context-parallel slice (Bridge's get_batch slices the same way)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = current_device()
     if batch.get("tokens") is None or batch.get("loss_mask") is None:
         raise RuntimeError("LET: the micro-batch on the stage of let.target_layer has no tokens / loss_mask.")
     fields_ = {"tokens": batch["tokens"].to(device, non_blocking=True),
