@@ -270,3 +270,18 @@ assert any('decoder.layers' in k for k in keys), keys
 print('ok')
 """], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT))
     assert check.returncode == 0 and "ok" in check.stdout, check.stdout[-2000:] + check.stderr[-2000:]
+
+
+def test_export_over_the_checkpoint_it_reads_is_refused_first(tiny_teacher, initial_checkpoint):
+    """let.export_dir = checkpoint.load: one line naming both settings, before pretrain() (the same preflight as
+    the other loops, which reads Bridge's own tracker file), and the checkpoint is untouched."""
+    before = sorted(os.listdir(initial_checkpoint))
+    args = ["--recipe", RECIPE, *CPU_OVERRIDES, *let_overrides(tiny_teacher), f"checkpoint.load={initial_checkpoint}",
+            f"let.export_dir={initial_checkpoint}", "train.train_iters=4"]
+    proc = launch(args, script=os.path.relpath(SCRIPT, ROOT))
+    last = proc.stderr.strip().splitlines()[-1]  # (Bridge's own import logs its optional-TE lookups before)
+    assert proc.returncode == 2 and last.startswith("pretrain_bridge_let.py: error: let.export_dir "), proc.stderr[-3000:]
+    assert f"{initial_checkpoint} is the checkpoint.load directory" in last
+    assert "the export would overwrite the checkpoint it reads" in last
+    assert not parse_log(proc.stdout)  # no iteration ran
+    assert sorted(os.listdir(initial_checkpoint)) == before

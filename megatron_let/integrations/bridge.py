@@ -48,6 +48,7 @@ from megatron_let.errors import LETConfigError
 from megatron_let.integrations.launch import build_let, refuse_unsupported_features
 from megatron_let.megatron_versions import batch_on_this_cp_rank
 from megatron_let.patch_registry import apply_patches, register_patch
+from megatron_let.preflight.paths import check_directories
 from megatron_let.resume import read_saved_let_state
 
 __all__ = ["LETSection", "with_let", "let_forward_step_and_callbacks", "LETBridge", "let_args", "bridge_names",
@@ -122,7 +123,7 @@ def let_args(cfg) -> argparse.Namespace:
         rampup_batch_size=schedule.rampup_batch_size,
         decrease_batch_size_if_needed=schedule.decrease_batch_size_if_needed,
         data_parallel_size=getattr(cfg, "data_parallel_size", None) or 1,
-        seed=cfg.rng.seed, load=ckpt.load, ckpt_step=ckpt.ckpt_step, finetune=ckpt.finetune,
+        seed=cfg.rng.seed, load=ckpt.load, save=ckpt.save, ckpt_step=ckpt.ckpt_step, finetune=ckpt.finetune,
         cuda_graph_impl=getattr(model, "cuda_graph_impl", None),
         use_megatron_fsdp=cfg.dist.use_megatron_fsdp, use_torch_fsdp2=cfg.dist.use_torch_fsdp2,
         hybrid_layer_pattern=None)
@@ -384,7 +385,8 @@ def bridge_names(message: str) -> str:
 _BRIDGE_NAMES = {"--num-layers": "model.num_layers", "--hidden-size": "model.hidden_size",
                  "--seq-length": "model.seq_length", "--train-iters": "train.train_iters",
                  "--train-samples": "train.train_samples", "--global-batch-size": "train.global_batch_size",
-                 "--micro-batch-size": "train.micro_batch_size"}
+                 "--micro-batch-size": "train.micro_batch_size", "--load": "checkpoint.load",
+                 "--save": "checkpoint.save"}
 
 
 _CURRENT: List[LETBridge] = []  # this process's integration, which the registry's wrappers serve
@@ -401,6 +403,7 @@ def let_forward_step_and_callbacks(cfg, forward_step: Optional[Callable] = None)
     args = let_args(cfg)  # a let.* setting LET cannot use is refused here, before any process group
     if let_config_from_args(args) is not None:
         refuse_unsupported_features(args, LOOP)
+    check_directories(args)  # an export over the checkpoint it reads, a save into the teacher, ... (preflight)
     integration = LETBridge(cfg)
     cfg.model.register_pre_wrap_hook(integration.pre_wrap_hook)
     integration.install()

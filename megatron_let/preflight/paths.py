@@ -18,6 +18,7 @@ from megatron_let.checkpoint_files import export_partial_dir
 from megatron_let.errors import LETConfigError
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's and the lean trainer's name
+BRIDGE_TRACKER = "latest_train_state.pt"  # Megatron-Bridge's
 
 def check_directories(args) -> None:
     """Refuse a launch whose writes could overwrite or pollute what the user saved, in one line naming the
@@ -90,6 +91,8 @@ def _no_checkpoint(load: str, ckpt_step) -> Optional[str]:
         return None if os.path.isdir(os.path.join(load, name)) else f"has no {name} (--ckpt-step {ckpt_step})"
     tracker = os.path.join(load, TRACKER)
     if not os.path.isfile(tracker):
+        if os.path.isfile(os.path.join(load, BRIDGE_TRACKER)):
+            return None  # Megatron-Bridge's tracker (a torch file naming the iteration its loader resumes)
         return f"holds no {TRACKER}"
     with open(tracker) as handle:
         text = handle.read().strip()
